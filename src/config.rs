@@ -1,0 +1,719 @@
+//! Configuration in two stages: [`FileConfig`] mirrors the TOML file and
+//! refuses unknown fields; [`Config::parse`] turns it into the validated
+//! runtime [`Config`]. Every error names the file, the line and the field.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration problem, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line, when the problem has one.
+    pub line: Option<usize>,
+    /// Dotted path of the field, such as `backend[1].address`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The validated configuration sluice runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub services: Vec<ServiceConfig>,
+    pub backends: Vec<BackendConfig>,
+    /// Global cap on proxied connections; over it clients are closed at once.
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    /// A connection with no byte in either direction for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// How long live connections may run on after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Where backend admin states are kept across restarts.
+    pub state_file: Option<PathBuf>,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Port used for backends whose address has no port.
+    pub backend_port: u16,
+    /// Names of the backends this service spreads clients over.
+    pub backends: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: BackendAddress,
+    pub weight: u32,
+    /// Per-backend health check; `None` when checks are off for it.
+    pub health: Option<HealthCheck>,
+}
+
+/// A backend's address: an IP literal or a host name resolved at connect
+/// time, with a port or without one (then the service's `backend_port`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendAddress {
+    Ip(IpAddr, Option<u16>),
+    Host(String, Option<u16>),
+}
+
+impl BackendAddress {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("address is empty".into());
+        }
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(Self::Ip(sa.ip(), Some(sa.port())));
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Self::Ip(ip, None));
+        }
+        if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            return inner
+                .parse::<std::net::Ipv6Addr>()
+                .map(|ip| Self::Ip(IpAddr::V6(ip), None))
+                .map_err(|_| format!("`{s}` is not an IPv6 address"));
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => {
+                let port = p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("`{p}` in `{s}` is not a port (1-65535)"))?;
+                (h, Some(port))
+            }
+            None => (s, None),
+        };
+        if !is_host_name(host) {
+            return Err(format!(
+                "`{s}` is not `host:port` or `host` (a host is an IP address or a DNS name)"
+            ));
+        }
+        Ok(Self::Host(host.to_string(), port))
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Self::Ip(_, p) | Self::Host(_, p) => *p,
+        }
+    }
+}
+
+impl fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip(ip, Some(p)) => write!(f, "{}", SocketAddr::new(*ip, *p)),
+            Self::Ip(IpAddr::V6(ip), None) => write!(f, "[{ip}]"),
+            Self::Ip(ip, None) => write!(f, "{ip}"),
+            Self::Host(h, Some(p)) => write!(f, "{h}:{p}"),
+            Self::Host(h, None) => write!(f, "{h}"),
+        }
+    }
+}
+
+fn is_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Health-check defaults shared by every backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passes in a row that bring a down backend up.
+    pub rise: u32,
+    /// Failures in a row that take an up backend down.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// What a health check does against one backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HealthCheck {
+    /// A TCP connect to the backend's port.
+    Tcp { port: Option<u16> },
+    /// `GET path` over HTTP/1.1, expecting `status`.
+    Http {
+        port: Option<u16>,
+        path: String,
+        status: u16,
+    },
+}
+
+/// Parses `1500ms`, `30s`, `5m`, `1h` (a whole number and a unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let bad = || format!("`{s}` is not a duration such as 1500ms, 30s, 5m or 1h");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    Ok(d)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+// ---- stage one: the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    admin: Option<FileAdmin>,
+    #[serde(default)]
+    service: Vec<FileService>,
+    #[serde(default)]
+    backend: Vec<FileBackend>,
+    max_connections: Option<Spanned<i64>>,
+    connect_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    shutdown_grace: Option<Spanned<String>>,
+    state_file: Option<String>,
+    health: Option<FileHealth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    backend_port: Option<Spanned<i64>>,
+    backends: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    health_check: Option<Spanned<String>>,
+    health_path: Option<Spanned<String>>,
+    health_status: Option<Spanned<i64>>,
+    health_port: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealth {
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+}
+
+// ---- stage two: validation ----
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: std::ops::Range<usize>, field: &str, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            line: Some(line_of(self.text, span.start)),
+            field: Some(field.to_string()),
+            message,
+        }
+    }
+
+    fn whole(&self, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            line: None,
+            field: None,
+            message,
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        v.as_ref()
+            .map(|s| parse_duration(s.get_ref()).map_err(|m| self.err(s.span(), field, m)))
+            .transpose()
+    }
+
+    fn int(
+        &self,
+        v: &Option<Spanned<i64>>,
+        field: &str,
+        min: i64,
+        max: i64,
+    ) -> Result<Option<i64>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) if (min..=max).contains(s.get_ref()) => Ok(Some(*s.get_ref())),
+            Some(s) => Err(self.err(
+                s.span(),
+                field,
+                format!("{} is out of range ({min} to {max})", s.get_ref()),
+            )),
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn socket_addr(ctx: &Ctx, v: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
+    v.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+        ctx.err(
+            v.span(),
+            field,
+            format!(
+                "`{}` is not an IP:port address such as 127.0.0.1:8080",
+                v.get_ref()
+            ),
+        )
+    })
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            field: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Validates configuration text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let ctx = Ctx { file, text };
+        let raw: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_string(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            field: None,
+            message: e.message().trim().to_string(),
+        })?;
+
+        let admin = match &raw.admin {
+            None => AdminConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+                token: None,
+            },
+            Some(a) => {
+                let listen = match &a.listen {
+                    Some(l) => socket_addr(&ctx, l, "admin.listen")?,
+                    None => SocketAddr::from(([127, 0, 0, 1], 9000)),
+                };
+                let token = match &a.token {
+                    Some(t) if t.get_ref().trim().is_empty() => {
+                        return Err(ctx.err(t.span(), "admin.token", "token is empty".into()));
+                    }
+                    Some(t) => Some(t.get_ref().clone()),
+                    None => None,
+                };
+                AdminConfig { listen, token }
+            }
+        };
+        if !admin.listen.ip().is_loopback() && admin.token.is_none() {
+            let line = raw
+                .admin
+                .as_ref()
+                .and_then(|a| a.listen.as_ref())
+                .map(|l| line_of(text, l.span().start));
+            return Err(ConfigError {
+                file: file.to_string(),
+                line,
+                field: Some("admin.listen".into()),
+                message: format!(
+                    "{} is not a loopback address; set [admin] token so that only holders of it can drain and stop backends",
+                    admin.listen
+                ),
+            });
+        }
+
+        let health_defaults = match &raw.health {
+            None => HealthConfig::default(),
+            Some(h) => {
+                let d = HealthConfig::default();
+                let interval = ctx
+                    .duration(&h.interval, "health.interval")?
+                    .unwrap_or(d.interval);
+                let timeout = ctx
+                    .duration(&h.timeout, "health.timeout")?
+                    .unwrap_or(d.timeout);
+                for (v, f) in [
+                    (&h.interval, "health.interval"),
+                    (&h.timeout, "health.timeout"),
+                ] {
+                    if let Some(s) = v {
+                        if parse_duration(s.get_ref()).ok() == Some(Duration::ZERO) {
+                            return Err(ctx.err(s.span(), f, "must be more than 0".into()));
+                        }
+                    }
+                }
+                HealthConfig {
+                    interval,
+                    timeout,
+                    rise: ctx
+                        .int(&h.rise, "health.rise", 1, 100)?
+                        .map_or(d.rise, |v| v as u32),
+                    fall: ctx
+                        .int(&h.fall, "health.fall", 1, 100)?
+                        .map_or(d.fall, |v| v as u32),
+                }
+            }
+        };
+
+        let mut backends = Vec::with_capacity(raw.backend.len());
+        let mut names = HashSet::new();
+        for (i, b) in raw.backend.iter().enumerate() {
+            let field = |f: &str| format!("backend[{i}].{f}");
+            let name = b.name.get_ref().trim();
+            check_name(&ctx, name, &b.name, &field("name"))?;
+            if !names.insert(name.to_string()) {
+                return Err(ctx.err(
+                    b.name.span(),
+                    &field("name"),
+                    format!("backend name `{name}` is used twice"),
+                ));
+            }
+            let address = BackendAddress::parse(b.address.get_ref())
+                .map_err(|m| ctx.err(b.address.span(), &field("address"), m))?;
+            let weight = ctx.int(&b.weight, &field("weight"), 0, 1000)?.unwrap_or(1) as u32;
+            let port = ctx
+                .int(&b.health_port, &field("health_port"), 1, 65535)?
+                .map(|p| p as u16);
+            let status = ctx.int(&b.health_status, &field("health_status"), 100, 599)?;
+            let kind = b
+                .health_check
+                .as_ref()
+                .map(|s| (s.get_ref().as_str(), s.span()));
+            let health = match kind {
+                None | Some(("tcp", _)) if b.health_path.is_none() => {
+                    Some(HealthCheck::Tcp { port })
+                }
+                None | Some(("http", _)) => {
+                    let path = b
+                        .health_path
+                        .as_ref()
+                        .map_or("/".to_string(), |p| p.get_ref().clone());
+                    if !path.starts_with('/') {
+                        let span = b.health_path.as_ref().unwrap().span();
+                        return Err(ctx.err(
+                            span,
+                            &field("health_path"),
+                            format!("`{path}` must start with /"),
+                        ));
+                    }
+                    Some(HealthCheck::Http {
+                        port,
+                        path,
+                        status: status.unwrap_or(200) as u16,
+                    })
+                }
+                Some(("none", _)) => None,
+                Some(("tcp", span)) => {
+                    return Err(ctx.err(
+                        span,
+                        &field("health_check"),
+                        "health_path goes with health_check = \"http\"".into(),
+                    ));
+                }
+                Some((other, span)) => {
+                    return Err(ctx.err(
+                        span,
+                        &field("health_check"),
+                        format!("`{other}` is not a check; use \"tcp\", \"http\" or \"none\""),
+                    ));
+                }
+            };
+            backends.push(BackendConfig {
+                name: name.to_string(),
+                address,
+                weight,
+                health,
+            });
+        }
+
+        if raw.service.is_empty() {
+            return Err(ctx.whole(
+                "no [[service]] is defined: sluice needs at least one listening service".into(),
+            ));
+        }
+        let mut services = Vec::with_capacity(raw.service.len());
+        let mut service_names = HashSet::new();
+        let mut listens = HashSet::new();
+        for (i, s) in raw.service.iter().enumerate() {
+            let field = |f: &str| format!("service[{i}].{f}");
+            let name = s.name.get_ref().trim();
+            check_name(&ctx, name, &s.name, &field("name"))?;
+            if !service_names.insert(name.to_string()) {
+                return Err(ctx.err(
+                    s.name.span(),
+                    &field("name"),
+                    format!("service name `{name}` is used twice"),
+                ));
+            }
+            let listen = socket_addr(&ctx, &s.listen, &field("listen"))?;
+            if listen.port() != 0 && !listens.insert(listen) {
+                return Err(ctx.err(
+                    s.listen.span(),
+                    &field("listen"),
+                    format!("{listen} is used by two services"),
+                ));
+            }
+            if listen.port() != 0 && listen == admin.listen {
+                return Err(ctx.err(
+                    s.listen.span(),
+                    &field("listen"),
+                    format!("{listen} is also the admin address"),
+                ));
+            }
+            let backend_port = ctx
+                .int(&s.backend_port, &field("backend_port"), 1, 65535)?
+                .map_or(listen.port(), |p| p as u16);
+            let chosen: Vec<String> = match &s.backends {
+                None => backends.iter().map(|b| b.name.clone()).collect(),
+                Some(list) => {
+                    let mut seen = HashSet::new();
+                    for n in list.get_ref() {
+                        if !names.contains(n.get_ref().as_str()) {
+                            return Err(ctx.err(
+                                n.span(),
+                                &field("backends"),
+                                format!("no [[backend]] is named `{}`", n.get_ref()),
+                            ));
+                        }
+                        if !seen.insert(n.get_ref().clone()) {
+                            return Err(ctx.err(
+                                n.span(),
+                                &field("backends"),
+                                format!("`{}` is listed twice", n.get_ref()),
+                            ));
+                        }
+                    }
+                    list.get_ref().iter().map(|n| n.get_ref().clone()).collect()
+                }
+            };
+            if chosen.is_empty() {
+                let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
+                return Err(ctx.err(
+                    span,
+                    &field("backends"),
+                    format!("service `{name}` has no backend to forward to; add a [[backend]]"),
+                ));
+            }
+            for b in backends.iter().filter(|b| chosen.contains(&b.name)) {
+                if b.address.port().is_none() && backend_port == 0 {
+                    return Err(ctx.err(
+                        s.listen.span(),
+                        &field("backend_port"),
+                        format!("backend `{}` has no port and this service listens on port 0; set backend_port", b.name),
+                    ));
+                }
+            }
+            services.push(ServiceConfig {
+                name: name.to_string(),
+                listen,
+                backend_port,
+                backends: chosen,
+            });
+        }
+
+        let positive =
+            |v: &Option<Spanned<String>>, f: &str, d: Duration| -> Result<Duration, ConfigError> {
+                let got = ctx.duration(v, f)?.unwrap_or(d);
+                if got.is_zero() {
+                    let span = v.as_ref().map(|s| s.span()).unwrap_or(0..0);
+                    return Err(ctx.err(span, f, "must be more than 0".into()));
+                }
+                Ok(got)
+            };
+        let connect_timeout = positive(
+            &raw.connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(3),
+        )?;
+        let idle_timeout = match ctx.duration(&raw.idle_timeout, "idle_timeout")? {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => None,
+        };
+        let shutdown_grace = ctx
+            .duration(&raw.shutdown_grace, "shutdown_grace")?
+            .unwrap_or(Duration::from_secs(30));
+        let max_connections = ctx
+            .int(&raw.max_connections, "max_connections", 1, 10_000_000)?
+            .unwrap_or(100_000) as usize;
+
+        Ok(Config {
+            admin,
+            services,
+            backends,
+            max_connections,
+            connect_timeout,
+            idle_timeout,
+            shutdown_grace,
+            state_file: raw.state_file.map(PathBuf::from),
+            health: health_defaults,
+        })
+    }
+}
+
+fn check_name(ctx: &Ctx, name: &str, v: &Spanned<String>, field: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ctx.err(
+            v.span(),
+            field,
+            format!("`{name}` is not a name: use 1-64 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "5", "s", "1.5s", "-1s", "5 m", "5d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+    }
+
+    #[test]
+    fn addresses() {
+        use BackendAddress::*;
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            BackendAddress::parse("10.0.0.1:80"),
+            Ok(Ip(v4("10.0.0.1"), Some(80)))
+        );
+        assert_eq!(
+            BackendAddress::parse("10.0.0.1"),
+            Ok(Ip(v4("10.0.0.1"), None))
+        );
+        assert_eq!(
+            BackendAddress::parse("[::1]:80"),
+            Ok(Ip(v4("::1"), Some(80)))
+        );
+        assert_eq!(BackendAddress::parse("[::1]"), Ok(Ip(v4("::1"), None)));
+        assert_eq!(
+            BackendAddress::parse("web1.lan:8080"),
+            Ok(Host("web1.lan".into(), Some(8080)))
+        );
+        assert_eq!(BackendAddress::parse("web1"), Ok(Host("web1".into(), None)));
+        for bad in [
+            "",
+            "web1:0",
+            "web1:99999",
+            "web 1",
+            "http://x",
+            "a..b",
+            ":80",
+        ] {
+            assert!(BackendAddress::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../config/sluice.toml");
+        let c = Config::parse("sluice.toml", text).unwrap();
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.services[0].backends, ["web1", "web2"]);
+    }
+}

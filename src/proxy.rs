@@ -1,0 +1,194 @@
+//! The hot path, top to bottom: accept a client, pick backends in fallback
+//! order, connect to the first that answers, splice bytes both ways, and
+//! give the connection's slot back when it ends, however it ends.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::backend::ConnGuard;
+use crate::pool::Target;
+use crate::server::{Service, Shared};
+
+/// Accepts clients of one service until `stop` is cancelled. Accept errors
+/// (EMFILE, ENFILE, ...) back off and are logged; they never end the loop.
+pub async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<Service>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (client, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(service = %service.name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+            shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
+            warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
+            continue;
+        };
+        let span = info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty);
+        let (service, shared) = (service.clone(), shared.clone());
+        tracker.spawn(
+            async move {
+                handle(client, peer, &service, &shared).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Errors that concern one connection only: accept the next.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// One client's life.
+async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
+    let _ = client.set_nodelay(true);
+    let route = service.route();
+    let settings = shared.settings();
+    for (backend, target) in route.pick() {
+        // The slot is held from before the connect, so a pending connect
+        // counts and a drain waits for it.
+        let Some(guard) = backend.try_acquire(peer, service.name.clone(), &shared.conn_root) else {
+            continue;
+        };
+        tracing::Span::current().record("backend", backend.name.as_str());
+        let connected = tokio::select! {
+            r = connect(target, settings.connect_timeout) => r,
+            _ = client_gone(&client) => {
+                debug!("client left while the backend connect was pending");
+                return;
+            }
+            _ = guard.info().cancel.cancelled() => return,
+        };
+        match connected {
+            Ok(server) => {
+                guard.established();
+                let _ = server.set_nodelay(true);
+                debug!("connected");
+                relay(client, server, guard, settings.idle_timeout).await;
+                return;
+            }
+            Err(e) => {
+                backend.connect_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(backend = %backend.name, address = %target, error = %e, "backend connect failed; trying the next");
+            }
+        }
+    }
+    shared
+        .stats
+        .rejected_no_backend
+        .fetch_add(1, Ordering::Relaxed);
+    warn!("no backend took the connection; closing client");
+}
+
+/// Splices until both sides are done, the connection is closed by the admin
+/// or shutdown, or it stays idle too long. The guard drops at the end.
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    guard: ConnGuard,
+    idle_timeout: Option<Duration>,
+) {
+    let info = guard.info();
+    tokio::select! {
+        r = crate::splice::splice(&client, &server, info, guard.backend()) => match r {
+            Ok(()) => debug!(bytes_in = info.bytes_in.load(Ordering::Relaxed), bytes_out = info.bytes_out.load(Ordering::Relaxed), "closed"),
+            Err(e) => debug!(error = %e, "closed on error"),
+        },
+        _ = info.cancel.cancelled() => debug!("closed by admin or shutdown"),
+        _ = idle_expired(info, idle_timeout) => debug!("closed after idle timeout"),
+    }
+}
+
+/// Resolves when the connection has moved no byte for `limit`.
+async fn idle_expired(info: &crate::backend::ConnInfo, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let idle = info.idle();
+        if idle >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - idle).await;
+    }
+}
+
+/// Resolves if the client closes or resets before sending anything. Once it
+/// has sent data it is plainly there, and this waits forever.
+async fn client_gone(client: &TcpStream) {
+    let mut b = [0u8; 1];
+    match client.peek(&mut b).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Connects to a target within `timeout`, trying each resolved address.
+async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        match target {
+            Target::Addr(a) => TcpStream::connect(a).await,
+            Target::Host(h, p) => {
+                let mut last = io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{h} resolved to no address"),
+                );
+                for a in tokio::net::lookup_host((h.as_str(), *p)).await? {
+                    match TcpStream::connect(a).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {}",
+                    crate::config::format_duration(timeout)
+                ),
+            ))
+        })
+}
