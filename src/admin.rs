@@ -39,8 +39,6 @@ use crate::server::Shared;
 
 /// Largest request body accepted; the API takes its input in the query.
 const MAX_BODY: usize = 4096;
-/// Time a client has to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle time after which `close_idle` counts a connection as idle, when
 /// nothing else says.
 const IDLE_REPORT: Duration = Duration::from_secs(10);
@@ -130,6 +128,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         };
         let shared = shared.clone();
         let stop = stop.clone();
+        let timeout = shared.admin_timeout;
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
@@ -137,7 +136,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
+                .header_read_timeout(timeout)
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
@@ -207,7 +206,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
         );
     }
     let body = tokio::time::timeout(
-        HEAD_TIMEOUT,
+        shared.admin_timeout,
         Limited::new(req.into_body(), MAX_BODY).collect(),
     )
     .await;

@@ -57,6 +57,8 @@ pub struct Config {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
+    /// Time an admin client has to send a request's head and body.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -211,11 +213,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 && ms > 0 {
+    if ms > 0 && ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
+    } else if ms > 0 && ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -246,6 +248,7 @@ struct FileConfig {
 struct FileAdmin {
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -351,7 +354,9 @@ fn socket_addr(ctx: &Ctx, v: &Spanned<String>, field: &str) -> Result<SocketAddr
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file. When the file sets no
+    /// `[admin] token`, a non-empty `SLUICE_TOKEN` in the environment is
+    /// used instead, so a container can take it from its environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -360,11 +365,23 @@ impl Config {
             field: None,
             message: format!("cannot read the file: {e}"),
         })?;
-        Self::parse(&file, &text)
+        let env_token = std::env::var("SLUICE_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty());
+        Self::parse_with_token(&file, &text, env_token)
     }
 
     /// Validates configuration text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        Self::parse_with_token(file, text, None)
+    }
+
+    /// As [`Config::parse`], with a token to use if the file sets none.
+    pub fn parse_with_token(
+        file: &str,
+        text: &str,
+        fallback_token: Option<String>,
+    ) -> Result<Config, ConfigError> {
         let ctx = Ctx { file, text };
         let raw: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
@@ -373,10 +390,11 @@ impl Config {
             message: e.message().trim().to_string(),
         })?;
 
-        let admin = match &raw.admin {
+        let mut admin = match &raw.admin {
             None => AdminConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
                 token: None,
+                request_timeout: Duration::from_secs(10),
             },
             Some(a) => {
                 let listen = match &a.listen {
@@ -390,9 +408,20 @@ impl Config {
                     Some(t) => Some(t.get_ref().clone()),
                     None => None,
                 };
-                AdminConfig { listen, token }
+                let request_timeout = ctx
+                    .duration(&a.request_timeout, "admin.request_timeout")?
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_secs(10));
+                AdminConfig {
+                    listen,
+                    token,
+                    request_timeout,
+                }
             }
         };
+        if admin.token.is_none() {
+            admin.token = fallback_token;
+        }
         if !admin.listen.ip().is_loopback() && admin.token.is_none() {
             let line = raw
                 .admin
@@ -404,7 +433,7 @@ impl Config {
                 line,
                 field: Some("admin.listen".into()),
                 message: format!(
-                    "{} is not a loopback address; set [admin] token so that only holders of it can drain and stop backends",
+                    "{} is not a loopback address; set [admin] token (or SLUICE_TOKEN in the environment) so that only holders of it can drain and stop backends",
                     admin.listen
                 ),
             });
@@ -424,10 +453,10 @@ impl Config {
                     (&h.interval, "health.interval"),
                     (&h.timeout, "health.timeout"),
                 ] {
-                    if let Some(s) = v {
-                        if parse_duration(s.get_ref()).ok() == Some(Duration::ZERO) {
-                            return Err(ctx.err(s.span(), f, "must be more than 0".into()));
-                        }
+                    if let Some(s) = v
+                        && parse_duration(s.get_ref()).ok() == Some(Duration::ZERO)
+                    {
+                        return Err(ctx.err(s.span(), f, "must be more than 0".into()));
                     }
                 }
                 HealthConfig {

@@ -10,7 +10,7 @@
 //! - [`pool`]: round-robin selection in fallback order.
 //! - [`backend`]: a backend's state machine and live-connection guard.
 //! - [`admin`]: the HTTP admin API.
-//! - [`shutdown`]: signals.
+//! - [`shutdown`]: the signals that end the process.
 //! - [`demo`]: built-in web servers for `sluice demo`.
 
 pub mod admin;

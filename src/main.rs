@@ -43,7 +43,6 @@ enum Command {
         /// The two built-in web servers.
         #[arg(
             long,
-            num_args = 2,
             value_delimiter = ',',
             default_value = "127.0.0.1:8081,127.0.0.1:8082"
         )]
@@ -58,6 +57,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match real_main(cli) {
         Ok(code) => code,
@@ -82,6 +82,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen, admin, web } => {
+            anyhow::ensure!(
+                web.len() == 2,
+                "--web takes two addresses, such as 127.0.0.1:8081,127.0.0.1:8082"
+            );
             runtime()?.block_on(demo(listen, admin, [web[0], web[1]]))?;
             Ok(ExitCode::SUCCESS)
         }

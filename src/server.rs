@@ -65,6 +65,8 @@ pub struct Shared {
     /// Set once shutdown has begun.
     pub shutting_down: AtomicBool,
     pub admin_token: Option<String>,
+    /// Time an admin client has to send its request.
+    pub admin_timeout: Duration,
 }
 
 impl Shared {
@@ -156,6 +158,7 @@ impl Sluice {
             conn_root: CancellationToken::new(),
             shutting_down: AtomicBool::new(false),
             admin_token: config.admin.token.clone(),
+            admin_timeout: config.admin.request_timeout,
         });
         Ok(Sluice {
             shared,

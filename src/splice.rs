@@ -36,10 +36,10 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if let (Some(b), Ok(mut p)) = (self.0.take(), POOL.lock()) {
-            if p.len() < POOL_MAX {
-                p.push(b);
-            }
+        if let (Some(b), Ok(mut p)) = (self.0.take(), POOL.lock())
+            && p.len() < POOL_MAX
+        {
+            p.push(b);
         }
     }
 }

@@ -1,0 +1,192 @@
+//! The admin API's answers to bad input, its token, and its limits.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn one() -> (Echo, Sluice) {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    (a, lb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_backends_and_health() {
+    let (_a, lb) = one().await;
+    let (status, v) = lb.get("/healthz").await;
+    assert_eq!((status, v["status"].as_str()), (200, Some("ok")));
+    let (status, v) = lb.get("/backends").await;
+    assert_eq!(status, 200);
+    let b = &v.as_array().unwrap()[0];
+    for field in [
+        "name",
+        "address",
+        "state",
+        "weight",
+        "active_connections",
+        "total_connections",
+        "bytes_in",
+        "bytes_out",
+        "healthy",
+    ] {
+        assert!(b.get(field).is_some(), "missing {field}: {b}");
+    }
+    assert_eq!(b["state"], "active");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_bytes_each_way() {
+    let (_a, lb) = one().await;
+    let (mut s, _) = lb.connect().await;
+    echo(&mut s, &[1u8; 1000]).await;
+    let b = lb.backend("a").await;
+    assert_eq!(b["bytes_in"], 1000);
+    assert_eq!(b["bytes_out"], 1002, "greeting plus echo");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_error_that_names_the_problem() {
+    let (_a, lb) = one().await;
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("GET", "/backends/nope", 404, "nope"),
+        ("POST", "/backends/nope/drain", 404, "nope"),
+        ("GET", "/nothing", 404, "/nothing"),
+        ("GET", "/backends/a/bogus", 404, "/backends/a/bogus"),
+        ("DELETE", "/backends", 405, "DELETE"),
+        ("GET", "/backends/a/drain", 405, "POST"),
+        ("POST", "/backends/a", 405, "GET"),
+        ("POST", "/backends/a/drain?wait=soon", 400, "wait"),
+        (
+            "POST",
+            "/backends/a/drain?force_after=-1s",
+            400,
+            "force_after",
+        ),
+        ("POST", "/backends/a/drain?close_idle=1d", 400, "close_idle"),
+        ("POST", "/backends/a/drain?hurry=1", 400, "hurry"),
+        ("POST", "/backends/a/drain?wait=1s&wait=2s", 400, "twice"),
+        ("POST", "/backends/a/stop?now=1", 400, "now"),
+    ];
+    for (method, path, want, mention) in cases {
+        let (status, v) = http(lb.admin, method, path, None).await;
+        assert_eq!(status, *want, "{method} {path}: {v}");
+        let msg = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path}: no error field in {v}"));
+        assert!(
+            msg.contains(mention),
+            "{method} {path}: `{msg}` should mention `{mention}`"
+        );
+    }
+    let (_, head, _) = http_raw(lb.admin, "DELETE", "/backends/a", "").await;
+    assert!(head.to_lowercase().contains("allow: get"), "{head}");
+    assert_eq!(
+        lb.state("a").await,
+        "active",
+        "no bad request changed anything"
+    );
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_are_refused() {
+    let (_a, lb) = one().await;
+    let (status, _, body) = http_raw(
+        lb.admin,
+        "POST",
+        "/backends/a/stop",
+        "Content-Length: 100000\r\n",
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(lb.state("a").await, "active");
+
+    // A chunked body that grows past the limit is refused too.
+    let mut s = TcpStream::connect(lb.admin).await.unwrap();
+    s.write_all(b"POST /backends/a/stop HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 8192, "x".repeat(8192));
+    let _ = s.write_all(chunk.as_bytes()).await;
+    let mut reply = String::new();
+    let _ = within("413 reply", s.read_to_string(&mut reply)).await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert_eq!(lb.state("a").await, "active");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_admin_clients_are_timed_out() {
+    let a = Echo::start("a").await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"300ms\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        a.addr
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let mut s = TcpStream::connect(lb.admin).await.unwrap();
+    s.write_all(b"GET /backends HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        r.is_ok(),
+        "the server closed a client that never finished its request"
+    );
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_required_when_set() {
+    let a = Echo::start("a").await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        a.addr
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let (status, v) = http(lb.admin, "POST", "/backends/a/stop", None).await;
+    assert_eq!(status, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("token"));
+    let (status, _) = http(
+        lb.admin,
+        "POST",
+        "/backends/a/stop",
+        Some("Authorization: Bearer wrong\r\n"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = http(
+        lb.admin,
+        "POST",
+        "/backends/a/stop",
+        Some("Authorization: Bearer s3cret2\r\n"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, v) = http(
+        lb.admin,
+        "GET",
+        "/backends/a",
+        Some("Authorization: Bearer s3cret\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["state"], "active", "the refused calls changed nothing");
+    let (status, v) = http(
+        lb.admin,
+        "POST",
+        "/backends/a/drain",
+        Some("Authorization: Bearer s3cret\r\n"),
+    )
+    .await;
+    assert_eq!((status, v["state"].as_str()), (200, Some("drained")));
+    lb.shutdown().await;
+}

@@ -1,0 +1,377 @@
+//! The real binary: `sluice check` on good and bad files, `sluice run` and
+//! SIGTERM with open connections, and `sluice demo`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn write_config(text: &str) -> (tempdir::Dir, PathBuf) {
+    let dir = tempdir::Dir::new();
+    let path = dir.path.join("sluice.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+/// A throwaway directory removed on drop.
+mod tempdir {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub struct Dir {
+        pub path: PathBuf,
+    }
+
+    impl Dir {
+        pub fn new() -> Dir {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "sluice-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir { path }
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn check(text: &str) -> (bool, String, String) {
+    let (_dir, path) = write_config(text);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD: &str = include_str!("../config/sluice.toml");
+
+#[test]
+fn check_accepts_the_example_and_prints_a_summary() {
+    let (ok, out, err) = check(GOOD);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("web1") && out.contains("web2") && out.contains("127.0.0.1:8080"),
+        "{out}"
+    );
+    assert!(out.contains("OK"), "{out}");
+}
+
+#[test]
+fn check_refuses_bad_files_naming_file_line_and_field() {
+    let base = "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\n[[backend]]\nname = \"web1\"\naddress = \"127.0.0.1:8081\"\n";
+    // (file text, line, words the error must contain)
+    let cases: Vec<(String, usize, Vec<&str>)> = vec![
+        (format!("{base}colour = \"red\"\n"), 8, vec!["colour"]),
+        (
+            format!("{base}\n[[backend]]\nname = \"web1\"\naddress = \"127.0.0.1:8082\"\n"),
+            10,
+            vec!["backend[1].name", "web1", "twice"],
+        ),
+        (
+            base.replace("127.0.0.1:8081", "web one:80"),
+            7,
+            vec!["backend[0].address", "web one:80"],
+        ),
+        (
+            base.replace("127.0.0.1:8081", "10.0.0.1:99999"),
+            7,
+            vec!["backend[0].address", "99999"],
+        ),
+        (
+            base.replace("127.0.0.1:8080", "localhost:80"),
+            3,
+            vec!["service[0].listen", "localhost:80"],
+        ),
+        (
+            "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n".into(),
+            2,
+            vec!["service[0].backends", "no backend"],
+        ),
+        (
+            base.replace("8080\"\n", "8080\"\nbackends = [\"web9\"]\n"),
+            4,
+            vec!["service[0].backends", "web9"],
+        ),
+        (
+            format!("{base}weight = -2\n"),
+            8,
+            vec!["backend[0].weight", "-2"],
+        ),
+        (
+            format!("connect_timeout = \"soon\"\n{base}"),
+            1,
+            vec!["connect_timeout", "soon"],
+        ),
+        (
+            format!("[admin]\nlisten = \"0.0.0.0:9000\"\n{base}"),
+            2,
+            vec!["admin.listen", "token"],
+        ),
+        (
+            format!("{base}\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8443\"\n"),
+            10,
+            vec!["service[1].name", "twice"],
+        ),
+        (
+            "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\n".into(),
+            3,
+            vec![],
+        ),
+    ];
+    for (text, line, words) in cases {
+        let (ok, _, err) = check(&text);
+        assert!(!ok, "accepted:\n{text}");
+        assert!(
+            err.contains(&format!("sluice.toml:{line}")),
+            "wrong or no line {line} in `{err}` for:\n{text}"
+        );
+        for w in words {
+            assert!(err.contains(w), "`{err}` should mention `{w}` for:\n{text}");
+        }
+    }
+    let (ok, _, err) = check("");
+    assert!(!ok);
+    assert!(err.contains("no [[service]]"), "{err}");
+}
+
+#[test]
+fn check_names_a_missing_file() {
+    let out = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/sluice.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/sluice.toml") && err.contains("cannot read"),
+        "{err}"
+    );
+}
+
+/// A child process that is killed if the test fails.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(l);
+                }
+            });
+        }
+        Proc {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line containing `needle` and returns it.
+    fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.log.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with `{needle}`; output so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.log.push(l);
+                }
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn addr_after(line: &str, key: &str) -> SocketAddr {
+    let start = line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len();
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_matches(|c| c == '"' || c == ')')
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_connections_finish_then_exits_0() {
+    let a = Echo::start("a").await;
+    let text = format!(
+        "shutdown_grace = \"1h\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"tok-never-logged\"\n\
+         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        a.addr
+    );
+    let (_dir, path) = write_config(&text);
+    let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+    let addr = addr_after(&p.wait_line("service listening"), "listen=");
+    p.wait_line("admin API listening");
+
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "a");
+    p.signal("TERM");
+    p.wait_line("shutting down");
+    // New clients are refused; the open one runs on.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "stopped accepting"
+    );
+    echo(&mut s, b"still served during the grace period").await;
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "waits for the live connection"
+    );
+    drop(s);
+    let status = p.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", p.log.join("\n"));
+    assert!(
+        !p.log.join("\n").contains("tok-never-logged"),
+        "token in logs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_what_outlives_the_grace_period() {
+    let a = Echo::start("a").await;
+    let text = format!(
+        "shutdown_grace = \"200ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        a.addr
+    );
+    let (_dir, path) = write_config(&text);
+    let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+    let addr = addr_after(&p.wait_line("service listening"), "listen=");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "a");
+    p.signal("TERM");
+    assert!(closed_by_peer(&mut s).await);
+    assert_eq!(p.wait_exit().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_a_taken_port_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"{}\"\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n",
+        taken.local_addr().unwrap()
+    );
+    let (_dir, path) = write_config(&text);
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot listen on") && err.contains("service `web`"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_round_robin_and_drains() {
+    let mut p = Proc::spawn(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--web",
+        "127.0.0.1:0,127.0.0.1:0",
+    ]);
+    let line = p.wait_line("sluice demo is running");
+    let listen = addr_after(&line, "http://");
+    let admin = addr_after(&line, "admin API on http://");
+    let get = |addr| async move {
+        let (_, _, body) = http_raw(addr, "GET", "/", "").await;
+        body
+    };
+    let mut bodies = vec![get(listen).await, get(listen).await];
+    bodies.sort();
+    assert_eq!(bodies, ["hello from web1\n", "hello from web2\n"]);
+    let (status, v) = http(admin, "POST", "/backends/web1/drain?wait=5s", None).await;
+    assert_eq!((status, v["state"].as_str()), (200, Some("drained")));
+    for _ in 0..3 {
+        assert_eq!(get(listen).await, "hello from web2\n");
+    }
+    http(admin, "POST", "/backends/web1/start", None).await;
+    p.signal("INT");
+    assert_eq!(p.wait_exit().code(), Some(0));
+}

@@ -1,0 +1,280 @@
+//! Helpers that start sluice and real backend servers on ephemeral ports,
+//! and wait on conditions with deadlines.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `cond` until it holds, failing the test after [`DEADLINE`].
+pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs `f` with [`DEADLINE`], failing the test if it takes longer.
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A test backend: greets each connection with `NAME\n`, then echoes every
+/// byte, and passes a client's FIN back as its own.
+pub struct Echo {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Echo {
+    pub async fn start(name: &str) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (n, count) = (name.to_string(), accepted.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let greeting = format!("{n}\n");
+                tokio::spawn(async move {
+                    if s.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Echo {
+            name: name.to_string(),
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening: later connects are refused.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address on which nothing listens (bound, then closed).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// sluice running in-process on ephemeral ports.
+pub struct Sluice {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Result<(), sluice::Error>>,
+}
+
+impl Sluice {
+    /// Starts sluice with `extra` TOML (top-level keys) and one service
+    /// `web` over `backends` (name, address).
+    pub async fn start(extra: &str, backends: &[(&str, SocketAddr)]) -> Sluice {
+        let mut text = format!(
+            "{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n"
+        );
+        for (name, addr) in backends {
+            text.push_str(&format!(
+                "\n[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\nhealth_check = \"none\"\n"
+            ));
+        }
+        Self::from_toml(&text).await
+    }
+
+    /// Starts sluice from a whole file; shutdown grace is short unless set.
+    pub async fn from_toml(text: &str) -> Sluice {
+        let mut text = text.to_string();
+        if !text.contains("shutdown_grace") {
+            text.insert_str(0, "shutdown_grace = \"100ms\"\n");
+        }
+        let config = sluice::Config::parse("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let server = sluice::Sluice::bind(config).await.unwrap();
+        let addr = server.service_addr("web").expect("service web");
+        let admin = server.admin_addr();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Sluice {
+            addr,
+            admin,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Connects a client and reads the greeting: the backend's name.
+    pub async fn connect(&self) -> (TcpStream, String) {
+        let mut s = TcpStream::connect(self.addr).await.unwrap();
+        let name = within("backend greeting", read_line(&mut s)).await;
+        (s, name)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        http(self.admin, "GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str) -> (u16, Value) {
+        http(self.admin, "POST", path, None).await
+    }
+
+    pub async fn backend(&self, name: &str) -> Value {
+        let (status, v) = self.get(&format!("/backends/{name}")).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    pub async fn live(&self, name: &str) -> u64 {
+        self.backend(name).await["active_connections"]
+            .as_u64()
+            .unwrap()
+    }
+
+    pub async fn state(&self, name: &str) -> String {
+        self.backend(name).await["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Asks for shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        within("sluice shutdown", &mut self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Reads one `\n`-terminated line, without the newline; empty at EOF.
+pub async fn read_line(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => out.push(b[0]),
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Sends `msg` and reads back its echo.
+pub async fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within("echo", s.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+}
+
+/// Whether the peer has closed `s` (EOF or reset) within the deadline.
+pub async fn closed_by_peer(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(DEADLINE, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// A plain HTTP/1.1 request; returns the status and the JSON body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: Option<&str>,
+) -> (u16, Value) {
+    let (status, _, body) = http_raw(addr, method, path, extra_headers.unwrap_or("")).await;
+    let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, v)
+}
+
+/// A plain HTTP/1.1 request; returns status, head and body text.
+pub async fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+) -> (u16, String, String) {
+    within("admin request", async {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut s = BufReader::new(s);
+        let req =
+            format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n");
+        s.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if s.read_line(&mut line).await.unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body).await;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, head, body)
+    })
+    .await
+}
+
+/// Closes `s` with a reset instead of a FIN.
+pub fn reset(s: TcpStream) {
+    let s = s.into_std().unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
