@@ -375,3 +375,30 @@ async fn demo_serves_round_robin_and_drains() {
     p.signal("INT");
     assert_eq!(p.wait_exit().code(), Some(0));
 }
+
+#[test]
+fn docker_config_needs_a_token_and_takes_it_from_the_environment() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/docker.toml");
+    let out = Command::new(BIN)
+        .args(["check", "--config", path])
+        .env_remove("SLUICE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SLUICE_TOKEN"));
+    let out = Command::new(BIN)
+        .args(["check", "--config", path])
+        .env("SLUICE_TOKEN", "t0ken")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("token required") && !summary.contains("t0ken"),
+        "{summary}"
+    );
+}
