@@ -64,13 +64,15 @@ pub struct BackendView {
     pub state_since_ms: u64,
     /// Unix time (ms) of the last health change.
     pub health_since_ms: u64,
+    /// Unix time (ms) at which the last passing health check began.
+    pub last_ok_check_ms: u64,
 }
 
 impl BackendView {
     pub fn of(b: &Backend) -> BackendView {
         BackendView {
             name: b.name.clone(),
-            address: b.address.to_string(),
+            address: b.address().to_string(),
             state: b.state(),
             healthy: b.healthy(),
             weight: b.weight(),
@@ -82,6 +84,7 @@ impl BackendView {
             bytes_out: b.bytes_out.load(Ordering::Relaxed),
             state_since_ms: b.state_since_ms(),
             health_since_ms: b.health_since_ms(),
+            last_ok_check_ms: b.last_ok_check_ms(),
         }
     }
 }
@@ -173,7 +176,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Reply {
 }
 
 async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
-    if let Some(token) = &shared.admin_token {
+    if let Some(token) = shared.admin_token() {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)

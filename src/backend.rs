@@ -14,8 +14,8 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -103,7 +103,7 @@ impl ConnInfo {
 #[derive(Debug)]
 pub struct Backend {
     pub name: String,
-    pub address: BackendAddress,
+    address: Mutex<BackendAddress>,
     weight: AtomicU32,
     state: AtomicU8,
     healthy: AtomicBool,
@@ -111,6 +111,17 @@ pub struct Backend {
     state_since_ms: AtomicU64,
     /// Unix time in milliseconds of the last health change.
     health_since_ms: AtomicU64,
+    /// Unix time in milliseconds at which the last passing check began.
+    last_ok_check_ms: AtomicU64,
+    /// Whether active checks run, so that a backend marked down can come back.
+    checked: AtomicBool,
+    checks_ok_in_row: AtomicU32,
+    checks_failed_in_row: AtomicU32,
+    connects_failed_in_row: AtomicU32,
+    /// Set while a reload has removed this backend and it drains to go.
+    pub removed: AtomicBool,
+    /// Told of every admin transition, for the state file.
+    on_change: Option<Arc<Notify>>,
     /// Bumped on every admin transition, so a delayed action (force_after)
     /// can tell whether the drain it was meant for is still the current one.
     generation: AtomicU64,
@@ -138,12 +149,19 @@ impl Backend {
         let now = now_ms();
         Backend {
             name,
-            address,
+            address: Mutex::new(address),
             weight: AtomicU32::new(weight),
             state: AtomicU8::new(state as u8),
             healthy: AtomicBool::new(true),
             state_since_ms: AtomicU64::new(now),
             health_since_ms: AtomicU64::new(now),
+            last_ok_check_ms: AtomicU64::new(0),
+            checked: AtomicBool::new(false),
+            checks_ok_in_row: AtomicU32::new(0),
+            checks_failed_in_row: AtomicU32::new(0),
+            connects_failed_in_row: AtomicU32::new(0),
+            removed: AtomicBool::new(false),
+            on_change: None,
             generation: AtomicU64::new(0),
             live: AtomicUsize::new(0),
             total_connections: AtomicU64::new(0),
@@ -153,6 +171,20 @@ impl Backend {
             conns: DashMap::new(),
             changed: Notify::new(),
         }
+    }
+
+    /// Tells `n` of every admin transition.
+    pub fn notify_changes_to(mut self, n: Arc<Notify>) -> Backend {
+        self.on_change = Some(n);
+        self
+    }
+
+    pub fn address(&self) -> BackendAddress {
+        self.address.lock().expect("address lock").clone()
+    }
+
+    pub fn set_address(&self, a: BackendAddress) {
+        *self.address.lock().expect("address lock") = a;
     }
 
     pub fn state(&self) -> State {
@@ -263,6 +295,9 @@ impl Backend {
                         "backend state changed"
                     );
                     self.changed.notify_waiters();
+                    if let Some(n) = &self.on_change {
+                        n.notify_one();
+                    }
                     return true;
                 }
                 Err(actual) => cur = actual,
@@ -340,11 +375,73 @@ impl Backend {
         n
     }
 
-    pub fn set_healthy(&self, up: bool) {
+    pub fn set_healthy(&self, up: bool, why: &str) {
         if self.healthy.swap(up, Ordering::SeqCst) != up {
             self.health_since_ms.store(now_ms(), Ordering::Relaxed);
-            tracing::info!(backend = %self.name, healthy = up, "backend health changed");
+            if up {
+                tracing::info!(backend = %self.name, state = self.state().as_str(), "backend is up: {why}");
+            } else {
+                tracing::warn!(backend = %self.name, state = self.state().as_str(), "backend is down: {why}");
+            }
             self.changed.notify_waiters();
+        }
+    }
+
+    /// Unix time (ms) at which the last passing health check began; 0 if
+    /// none has passed yet.
+    pub fn last_ok_check_ms(&self) -> u64 {
+        self.last_ok_check_ms.load(Ordering::SeqCst)
+    }
+
+    /// Whether active health checks run for this backend.
+    pub fn set_checked(&self, on: bool) {
+        self.checked.store(on, Ordering::SeqCst);
+        if !on {
+            self.set_healthy(true, "health checks are off");
+        }
+    }
+
+    /// An active check that began at `started_ms` passed. `rise` passes in
+    /// a row bring a backend up; one is enough after passive failures.
+    pub fn check_passed(&self, started_ms: u64, rise: u32) {
+        self.checks_failed_in_row.store(0, Ordering::Relaxed);
+        let run = self.checks_ok_in_row.fetch_add(1, Ordering::Relaxed) + 1;
+        let passive = self.connects_failed_in_row.swap(0, Ordering::Relaxed) > 0;
+        self.last_ok_check_ms.store(started_ms, Ordering::SeqCst);
+        if !self.healthy() && (run >= rise || passive) {
+            self.set_healthy(true, "health check passed");
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// An active check failed; `fall` failures in a row take it down.
+    pub fn check_failed(&self, fall: u32, error: &str) {
+        self.checks_ok_in_row.store(0, Ordering::Relaxed);
+        let run = self.checks_failed_in_row.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(backend = %self.name, error, "health check failed");
+        if run >= fall && self.healthy() {
+            self.set_healthy(
+                false,
+                &format!("{run} health checks failed in a row, last: {error}"),
+            );
+        }
+    }
+
+    /// A proxied connect failed. With active checks on, `fall` failures in
+    /// a row take the backend down at once, until a check passes again.
+    pub fn connect_failed(&self, fall: u32) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        let run = self.connects_failed_in_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if run >= fall && self.checked.load(Ordering::SeqCst) && self.healthy() {
+            self.checks_ok_in_row.store(0, Ordering::Relaxed);
+            self.set_healthy(false, &format!("{run} connects failed in a row"));
+        }
+    }
+
+    /// A proxied connect succeeded.
+    pub fn connect_succeeded(&self) {
+        if self.connects_failed_in_row.load(Ordering::Relaxed) != 0 {
+            self.connects_failed_in_row.store(0, Ordering::Relaxed);
         }
     }
 
@@ -484,11 +581,57 @@ mod tests {
     #[test]
     fn unhealthy_or_zero_weight_takes_nothing() {
         let b = backend();
-        b.set_healthy(false);
+        b.set_healthy(false, "test");
         assert!(acquire(&b).is_none());
-        b.set_healthy(true);
+        b.set_healthy(true, "test");
         b.set_weight(0);
         assert!(acquire(&b).is_none());
         assert_eq!(b.live(), 0);
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    fn backend() -> Backend {
+        Backend::new(
+            "b".into(),
+            BackendAddress::parse("127.0.0.1:1").unwrap(),
+            1,
+            State::Active,
+        )
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        let b = backend();
+        b.set_checked(true);
+        b.check_failed(2, "x");
+        assert!(b.healthy());
+        b.check_failed(2, "x");
+        assert!(!b.healthy());
+        b.check_passed(1, 2);
+        assert!(!b.healthy());
+        b.check_passed(2, 2);
+        assert!(b.healthy());
+        assert_eq!(b.last_ok_check_ms(), 2);
+    }
+
+    #[test]
+    fn passive_failures_take_it_down_until_one_check_passes() {
+        let b = backend();
+        b.connect_failed(2);
+        b.connect_failed(2);
+        assert!(
+            b.healthy(),
+            "no active checks: passive failures alone do not mark it down"
+        );
+        b.set_checked(true);
+        b.connect_failed(2);
+        assert!(!b.healthy());
+        assert_eq!(b.state(), State::Active, "health is a separate axis");
+        b.check_passed(5, 3);
+        assert!(b.healthy());
     }
 }

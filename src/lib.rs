@@ -9,6 +9,7 @@
 //! - [`splice`]: moving bytes both ways with half-close.
 //! - [`pool`]: round-robin selection in fallback order.
 //! - [`backend`]: a backend's state machine and live-connection guard.
+//! - [`health`]: active health checks.
 //! - [`admin`]: the HTTP admin API.
 //! - [`shutdown`]: the signals that end the process.
 //! - [`demo`]: built-in web servers for `sluice demo`.
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod pool;
 pub mod proxy;
 pub mod server;
@@ -39,6 +41,11 @@ pub enum Error {
         what: String,
         addr: SocketAddr,
         source: std::io::Error,
+    },
+    #[error("state file {}: {message}", path.display())]
+    StateFile {
+        path: std::path::PathBuf,
+        message: String,
     },
     #[error(transparent)]
     Io(std::io::Error),

@@ -78,7 +78,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run { config } => {
             let c = Config::load(&config)?;
-            runtime()?.block_on(sluice::run(c, sluice::shutdown::signal_received()))?;
+            runtime()?.block_on(async {
+                let server = sluice::Sluice::bind(c).await?.reload_from(config);
+                server.run(sluice::shutdown::signal_received()).await
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen, admin, web } => {

@@ -105,7 +105,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
                 return;
             }
             Err(e) => {
-                backend.connect_failures.fetch_add(1, Ordering::Relaxed);
+                backend.connect_failed(settings.fall);
                 warn!(backend = %backend.name, address = %target, error = %e, "backend connect failed; trying the next");
             }
         }
@@ -161,7 +161,7 @@ async fn client_gone(client: &TcpStream) {
 }
 
 /// Connects to a target within `timeout`, trying each resolved address.
-async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream> {
     let attempt = async {
         match target {
             Target::Addr(a) => TcpStream::connect(a).await,

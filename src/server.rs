@@ -1,22 +1,24 @@
-//! The running balancer: its shared state, its listeners, and its life
-//! from bind to graceful shutdown.
+//! The running balancer: its shared state, its listeners, reload, the
+//! state file, and its life from bind to graceful shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::Error;
 use crate::backend::{Backend, State};
-use crate::config::Config;
+use crate::config::{BackendConfig, Config, HealthCheck};
+use crate::health::Probe;
 use crate::pool::{Route, Target};
 
 /// A listening socket whose clients are spread over its backends.
@@ -39,6 +41,8 @@ impl Service {
 pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// Failed connects in a row that mark a checked backend down.
+    pub fall: u32,
 }
 
 /// Counters of clients sluice could not serve.
@@ -64,14 +68,24 @@ pub struct Shared {
     pub conn_root: CancellationToken,
     /// Set once shutdown has begun.
     pub shutting_down: AtomicBool,
-    pub admin_token: Option<String>,
+    admin_token: RwLock<Option<String>>,
     /// Time an admin client has to send its request.
     pub admin_timeout: Duration,
+    /// The configuration in force, to compare a reload against.
+    config: Mutex<Config>,
+    /// One token per backend's health-check task.
+    health_tasks: Mutex<Vec<CancellationToken>>,
+    /// Woken on every admin transition, for the state file.
+    state_changed: Arc<Notify>,
 }
 
 impl Shared {
     pub fn settings(&self) -> Settings {
         *self.settings.read().expect("settings lock")
+    }
+
+    pub fn admin_token(&self) -> Option<String> {
+        self.admin_token.read().expect("token lock").clone()
     }
 
     pub fn backends(&self) -> Vec<Arc<Backend>> {
@@ -86,6 +100,201 @@ impl Shared {
             .find(|b| b.name == name)
             .cloned()
     }
+
+    /// Applies a new configuration to the running balancer: backends
+    /// added, removed (drained, then dropped) or changed, routes, limits,
+    /// timeouts, health checks and the token. Admin states are kept and no
+    /// live connection is cut. Changes that need new sockets are refused.
+    pub fn reload(self: &Arc<Self>, new: Config) -> Result<(), String> {
+        {
+            let old = self.config.lock().expect("config lock");
+            if old.admin.listen != new.admin.listen {
+                return Err(format!(
+                    "[admin] listen changed from {} to {}: that needs a restart",
+                    old.admin.listen, new.admin.listen
+                ));
+            }
+            let listens = |c: &Config| {
+                c.services
+                    .iter()
+                    .map(|s| (s.name.clone(), s.listen))
+                    .collect::<Vec<_>>()
+            };
+            if listens(&old) != listens(&new) {
+                return Err(
+                    "services were added, removed, renamed or moved: that needs a restart".into(),
+                );
+            }
+            if old.state_file != new.state_file {
+                return Err("state_file changed: that needs a restart".into());
+            }
+        }
+        let mut list = self.backends.write().expect("backends lock");
+        for bc in &new.backends {
+            match list.iter().find(|b| b.name == bc.name) {
+                Some(b) => {
+                    b.removed.store(false, Ordering::SeqCst);
+                    b.set_weight(bc.weight);
+                    b.set_address(bc.address.clone());
+                }
+                None => {
+                    info!(backend = %bc.name, address = %bc.address, "backend added");
+                    list.push(self.new_backend(bc, State::Active));
+                }
+            }
+        }
+        for b in list.iter() {
+            if new.backends.iter().any(|c| c.name == b.name)
+                || b.removed.swap(true, Ordering::SeqCst)
+            {
+                continue;
+            }
+            info!(backend = %b.name, live = b.live(), "backend removed from the configuration: draining it");
+            b.drain();
+            let (b, shared) = (b.clone(), Arc::downgrade(self));
+            tokio::spawn(async move {
+                while !b
+                    .wait_until(Duration::from_secs(3600), |b| b.live() == 0)
+                    .await
+                {}
+                if let Some(shared) = shared.upgrade()
+                    && b.removed.load(Ordering::SeqCst)
+                {
+                    shared
+                        .backends
+                        .write()
+                        .expect("backends lock")
+                        .retain(|x| !Arc::ptr_eq(x, &b));
+                    info!(backend = %b.name, "removed backend drained and dropped");
+                }
+            });
+        }
+        for (service, sc) in self.services.iter().zip(&new.services) {
+            let members = sc
+                .backends
+                .iter()
+                .filter_map(|n| list.iter().find(|b| &b.name == n))
+                .map(|b| (b.clone(), Target::new(&b.address(), sc.backend_port)))
+                .collect();
+            *service.route.write().expect("route lock") = Arc::new(Route::new(members));
+        }
+        self.restart_health_checks(&list, &new);
+        drop(list);
+
+        *self.settings.write().expect("settings lock") = Settings {
+            connect_timeout: new.connect_timeout,
+            idle_timeout: new.idle_timeout,
+            fall: new.health.fall,
+        };
+        *self.admin_token.write().expect("token lock") = new.admin.token.clone();
+        let mut old = self.config.lock().expect("config lock");
+        if new.max_connections > old.max_connections {
+            self.limit
+                .add_permits(new.max_connections - old.max_connections);
+        } else if new.max_connections < old.max_connections {
+            // Permits in use now come back as connections end; only the
+            // free ones can be taken away at once.
+            let gone = self
+                .limit
+                .forget_permits(old.max_connections - new.max_connections);
+            if gone < old.max_connections - new.max_connections {
+                warn!(
+                    max_connections = new.max_connections,
+                    "lowered while busy: the limit applies fully as live connections end"
+                );
+                let rest = old.max_connections - new.max_connections - gone;
+                let limit = self.limit.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = limit.acquire_many_owned(rest as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        *old = new;
+        Ok(())
+    }
+
+    fn new_backend(&self, bc: &BackendConfig, state: State) -> Arc<Backend> {
+        Arc::new(
+            Backend::new(bc.name.clone(), bc.address.clone(), bc.weight, state)
+                .notify_changes_to(self.state_changed.clone()),
+        )
+    }
+
+    fn restart_health_checks(&self, list: &[Arc<Backend>], config: &Config) {
+        let mut tasks = self.health_tasks.lock().expect("health lock");
+        for t in tasks.drain(..) {
+            t.cancel();
+        }
+        for b in list {
+            let Some(bc) = config.backends.iter().find(|c| c.name == b.name) else {
+                continue;
+            };
+            let Some(check) = &bc.health else {
+                b.set_checked(false);
+                continue;
+            };
+            let explicit = match check {
+                HealthCheck::Tcp { port } | HealthCheck::Http { port, .. } => *port,
+            };
+            // The port to check: the check's own, the address's, or that of
+            // the first service that uses the backend.
+            let port = explicit.or(bc.address.port()).or_else(|| {
+                config
+                    .services
+                    .iter()
+                    .find(|s| s.backends.contains(&bc.name))
+                    .map(|s| s.backend_port)
+            });
+            let Some(port) = port else {
+                b.set_checked(false);
+                continue;
+            };
+            let probe = Probe {
+                check: check.clone(),
+                target: Target::new(&bc.address, port),
+            };
+            let token = CancellationToken::new();
+            tokio::spawn(crate::health::run(
+                b.clone(),
+                probe,
+                config.health.clone(),
+                token.clone(),
+            ));
+            tasks.push(token);
+        }
+    }
+
+    /// Writes every backend's admin state to `path`, atomically.
+    fn save_states(&self, path: &Path) -> std::io::Result<()> {
+        let states: HashMap<String, State> = self
+            .backends()
+            .iter()
+            .map(|b| (b.name.clone(), b.state()))
+            .collect();
+        let text = serde_json::to_string_pretty(&states).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text + "\n")?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// Reads a state file written by [`Shared::save_states`]; none yet is empty.
+fn load_states(path: &Path) -> Result<HashMap<String, State>, Error> {
+    let bad = |m: String| Error::StateFile {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            bad(format!(
+                "{e}; fix it, or delete it to start with every backend active"
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(e) => Err(bad(e.to_string())),
+    }
 }
 
 /// A bound, not yet running sluice.
@@ -94,38 +303,21 @@ pub struct Sluice {
     listeners: Vec<(Arc<Service>, TcpListener)>,
     admin: TcpListener,
     grace: Duration,
+    state_file: Option<PathBuf>,
+    config_path: Option<PathBuf>,
 }
 
 impl Sluice {
-    /// Builds the backends and services of `config` and binds every
-    /// listening socket, so that start-up errors surface before serving.
+    /// Builds the backends and services of `config`, restores saved admin
+    /// states, and binds every listening socket, so that start-up errors
+    /// surface before serving.
     pub async fn bind(config: Config) -> Result<Sluice, Error> {
-        let backends: Vec<Arc<Backend>> = config
-            .backends
-            .iter()
-            .map(|b| {
-                Arc::new(Backend::new(
-                    b.name.clone(),
-                    b.address.clone(),
-                    b.weight,
-                    State::Active,
-                ))
-            })
-            .collect();
-        let by_name: HashMap<&str, &Arc<Backend>> =
-            backends.iter().map(|b| (b.name.as_str(), b)).collect();
-
+        let saved = match &config.state_file {
+            Some(p) => load_states(p)?,
+            None => HashMap::new(),
+        };
         let mut listeners = Vec::new();
         for s in &config.services {
-            let members = s
-                .backends
-                .iter()
-                .map(|n| {
-                    let b = by_name[n.as_str()].clone();
-                    let target = Target::new(&b.address, s.backend_port);
-                    (b, target)
-                })
-                .collect();
             let listener = TcpListener::bind(s.listen).await.map_err(|e| Error::Bind {
                 what: format!("service `{}`", s.name),
                 addr: s.listen,
@@ -134,7 +326,7 @@ impl Sluice {
             let service = Arc::new(Service {
                 name: s.name.as_str().into(),
                 listen: listener.local_addr().map_err(Error::Io)?,
-                route: RwLock::new(Arc::new(Route::new(members))),
+                route: RwLock::new(Arc::new(Route::new(Vec::new()))),
             });
             listeners.push((service, listener));
         }
@@ -146,26 +338,61 @@ impl Sluice {
                 source: e,
             })?;
 
+        let mut empty = config.clone();
+        empty.backends.clear();
+        empty.services.iter_mut().for_each(|s| s.backends.clear());
+        empty.max_connections = 0;
         let shared = Arc::new(Shared {
-            backends: RwLock::new(backends),
+            backends: RwLock::new(Vec::new()),
             services: listeners.iter().map(|(s, _)| s.clone()).collect(),
-            limit: Arc::new(Semaphore::new(config.max_connections)),
+            limit: Arc::new(Semaphore::new(0)),
             stats: Stats::default(),
             settings: RwLock::new(Settings {
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.idle_timeout,
+                fall: config.health.fall,
             }),
             conn_root: CancellationToken::new(),
             shutting_down: AtomicBool::new(false),
-            admin_token: config.admin.token.clone(),
+            admin_token: RwLock::new(None),
             admin_timeout: config.admin.request_timeout,
+            config: Mutex::new(empty),
+            health_tasks: Mutex::new(Vec::new()),
+            state_changed: Arc::new(Notify::new()),
         });
+        // Saved states first, so a backend drained for maintenance never
+        // takes a connection because sluice restarted.
+        {
+            let mut list = shared.backends.write().expect("backends lock");
+            for bc in &config.backends {
+                let state = saved.get(&bc.name).copied().unwrap_or(State::Active);
+                let b = shared.new_backend(bc, State::Active);
+                b.restore(state);
+                if state != State::Active {
+                    info!(backend = %bc.name, state = b.state().as_str(), "admin state restored from the state file");
+                }
+                list.push(b);
+            }
+        }
+        let state_file = config.state_file.clone();
+        let grace = config.shutdown_grace;
+        shared
+            .reload(config)
+            .map_err(|m| Error::Io(std::io::Error::other(m)))?;
         Ok(Sluice {
             shared,
             listeners,
             admin,
-            grace: config.shutdown_grace,
+            grace,
+            state_file,
+            config_path: None,
         })
+    }
+
+    /// Reloads the configuration from `path` on SIGHUP.
+    pub fn reload_from(mut self, path: PathBuf) -> Sluice {
+        self.config_path = Some(path);
+        self
     }
 
     /// The bound address of a service, by name.
@@ -191,6 +418,19 @@ impl Sluice {
     /// connections finish within the grace period and closes the rest.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let shared = self.shared;
+        let background = CancellationToken::new();
+        if let Some(path) = self.state_file.clone() {
+            if let Err(e) = shared.save_states(&path) {
+                return Err(Error::StateFile {
+                    path,
+                    message: format!("cannot write it: {e}"),
+                });
+            }
+            tokio::spawn(keep_state_file(shared.clone(), path, background.clone()));
+        }
+        if let Some(path) = self.config_path.clone() {
+            tokio::spawn(reload_on_sighup(shared.clone(), path, background.clone()));
+        }
         let stop_accepting = CancellationToken::new();
         let conns = TaskTracker::new();
         let mut loops = Vec::new();
@@ -234,7 +474,52 @@ impl Sluice {
         }
         admin_stop.cancel();
         let _ = admin.await;
+        background.cancel();
+        for t in shared.health_tasks.lock().expect("health lock").drain(..) {
+            t.cancel();
+        }
+        if let Some(path) = &self.state_file
+            && let Err(e) = shared.save_states(path)
+        {
+            error!(path = %path.display(), error = %e, "cannot write the state file");
+        }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Rewrites the state file after every admin transition.
+async fn keep_state_file(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.state_changed.notified() => {}
+        }
+        if let Err(e) = shared.save_states(&path) {
+            error!(path = %path.display(), error = %e, "cannot write the state file");
+        }
+    }
+}
+
+/// Reloads the configuration file on every SIGHUP; a bad file is refused
+/// and the running configuration stays.
+async fn reload_on_sighup(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP: reload is off");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hup.recv() => {}
+        }
+        info!(path = %path.display(), "SIGHUP: reloading the configuration");
+        match Config::load(&path) {
+            Ok(c) => match shared.reload(c) {
+                Ok(()) => info!("configuration reloaded"),
+                Err(e) => error!("reload refused, the running configuration stays: {e}"),
+            },
+            Err(e) => error!("reload refused, the running configuration stays: {e}"),
+        }
     }
 }
