@@ -54,7 +54,16 @@ pub struct Echo {
 
 impl Echo {
     pub async fn start(name: &str) -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts again on the address of a killed one.
+    pub async fn restart(name: &str, addr: SocketAddr) -> Echo {
+        Self::on(name, addr).await
+    }
+
+    async fn on(name: &str, addr: SocketAddr) -> Echo {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (n, count) = (name.to_string(), accepted.clone());
