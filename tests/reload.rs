@@ -1,0 +1,142 @@
+//! State that survives restarts and reloads: the state file, and SIGHUP.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use support::*;
+
+fn config(state_file: &str, backends: &[(&str, SocketAddr, u32)]) -> String {
+    let mut t = format!(
+        "{state_file}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n"
+    );
+    for (name, addr, weight) in backends {
+        t.push_str(&format!(
+            "[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\nweight = {weight}\nhealth_check = \"none\"\n"
+        ));
+    }
+    t
+}
+
+fn start(path: &std::path::Path) -> (Proc, SocketAddr, SocketAddr) {
+    let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+    let addr = addr_after(&p.wait_line("service listening"), "listen=");
+    let admin = addr_after(&p.wait_line("admin API listening"), "listen=");
+    (p, addr, admin)
+}
+
+async fn greeting(addr: SocketAddr) -> (tokio::net::TcpStream, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = within("greeting", read_line(&mut s)).await;
+    (s, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_stays_drained_across_a_restart() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let dir = tempdir::Dir::new();
+    let state = dir.path.join("state.json");
+    let text = config(&format!("state_file = \"{}\"", state.display()), &[("a", a.addr, 1), ("b", b.addr, 1)]);
+    let (_d, path) = write_config(&text);
+
+    let (mut p, _, admin) = start(&path);
+    let (status, v) = http(admin, "POST", "/backends/b/drain", None).await;
+    assert_eq!((status, v["state"].as_str()), (200, Some("drained")));
+    p.signal("TERM");
+    assert_eq!(p.wait_exit().code(), Some(0));
+
+    let (mut p, addr, admin) = start(&path);
+    let (_, v) = http(admin, "GET", "/backends/b", None).await;
+    assert_eq!(v["state"], "drained", "restored from {}", state.display());
+    for _ in 0..4 {
+        assert_eq!(greeting(addr).await.1, "a");
+    }
+    http(admin, "POST", "/backends/b/start", None).await;
+    p.signal("TERM");
+    assert_eq!(p.wait_exit().code(), Some(0));
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.contains("\"b\": \"active\""), "{saved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_state_file_stops_the_start_with_its_name() {
+    let a = Echo::start("a").await;
+    let dir = tempdir::Dir::new();
+    let state = dir.path.join("state.json");
+    std::fs::write(&state, "{ not json").unwrap();
+    let text = config(&format!("state_file = \"{}\"", state.display()), &[("a", a.addr, 1)]);
+    let (_d, path) = write_config(&text);
+    let out = std::process::Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("state.json") && err.contains("delete it"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_backend_changes_without_cutting_connections() {
+    let (a, b, c) = (Echo::start("a").await, Echo::start("b").await, Echo::start("c").await);
+    let (_d, path) = write_config(&config("", &[("a", a.addr, 1), ("b", b.addr, 1)]));
+    let (mut p, addr, admin) = start(&path);
+
+    let (_on_a, first) = greeting(addr).await;
+    let (mut on_b, second) = greeting(addr).await;
+    assert_eq!((first.as_str(), second.as_str()), ("a", "b"));
+    http(admin, "POST", "/backends/a/stop", None).await;
+
+    // b removed, c added, a's weight doubled.
+    std::fs::write(&path, config("", &[("a", a.addr, 2), ("c", c.addr, 1)])).unwrap();
+    p.signal("HUP");
+    p.wait_line("configuration reloaded");
+
+    let (_, v) = http(admin, "GET", "/backends", None).await;
+    let states: HashMap<String, String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap().into(), b["state"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(states["a"], "stopped", "admin states survive a reload");
+    assert_eq!(states["b"], "draining", "a removed backend drains first");
+    assert_eq!(states["c"], "active");
+    echo(&mut on_b, b"the reload cut nothing").await;
+
+    http(admin, "POST", "/backends/a/start", None).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..6 {
+        *counts.entry(greeting(addr).await.1).or_default() += 1;
+    }
+    assert_eq!(counts.get("a"), Some(&4), "{counts:?}");
+    assert_eq!(counts.get("c"), Some(&2), "{counts:?}");
+
+    drop(on_b);
+    wait_for("b dropped once drained", || async {
+        let (_, v) = http(admin, "GET", "/backends", None).await;
+        v.as_array().unwrap().iter().all(|b| b["name"] != "b")
+    })
+    .await;
+    p.signal("TERM");
+    assert_eq!(p.wait_exit().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_on_reload_is_refused_and_the_old_one_stays() {
+    let a = Echo::start("a").await;
+    let (_d, path) = write_config(&config("", &[("a", a.addr, 1)]));
+    let (mut p, addr, admin) = start(&path);
+    std::fs::write(&path, "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbogus = 1\n").unwrap();
+    p.signal("HUP");
+    let line = p.wait_line("reload refused");
+    assert!(line.contains("bogus"), "{line}");
+    assert_eq!(greeting(addr).await.1, "a");
+    let (status, _) = http(admin, "GET", "/backends/a", None).await;
+    assert_eq!(status, 200);
+
+    // A change that needs new sockets is refused too.
+    std::fs::write(&path, config("", &[("a", a.addr, 1)]).replace("name = \"web\"", "name = \"www\"")).unwrap();
+    p.signal("HUP");
+    p.wait_line("needs a restart");
+    assert_eq!(greeting(addr).await.1, "a");
+    p.signal("TERM");
+    assert_eq!(p.wait_exit().code(), Some(0));
+}
