@@ -50,6 +50,8 @@ pub struct BackendView {
     pub address: String,
     pub state: State,
     pub healthy: bool,
+    /// Whether active health checks run for this backend.
+    pub health_checked: bool,
     pub weight: u32,
     pub active_connections: usize,
     /// Live connections that moved no byte in the last 10 s.
@@ -75,6 +77,7 @@ impl BackendView {
             address: b.address().to_string(),
             state: b.state(),
             healthy: b.healthy(),
+            health_checked: b.is_checked(),
             weight: b.weight(),
             active_connections: b.live(),
             idle_connections: b.idle_count(IDLE_REPORT),

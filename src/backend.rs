@@ -394,6 +394,11 @@ impl Backend {
     }
 
     /// Whether active health checks run for this backend.
+    pub fn is_checked(&self) -> bool {
+        self.checked.load(Ordering::SeqCst)
+    }
+
+    /// Turns active health checks on or off for this backend.
     pub fn set_checked(&self, on: bool) {
         self.checked.store(on, Ordering::SeqCst);
         if !on {

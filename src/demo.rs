@@ -1,10 +1,11 @@
-//! `sluice demo`: two small built-in web servers that answer with their own
-//! name, so the balancer can be tried with nothing else installed.
+//! `sluice demo` and `sluice web`: a small built-in web server that answers
+//! with its own name, so the balancer can be tried with nothing else
+//! installed. `GET` answers `hello from NAME`; `POST` echoes its body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -20,11 +21,20 @@ pub async fn web_server(listener: TcpListener, name: String) {
         };
         let name = name.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |_req| {
-                let body = format!("hello from {name}\n");
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let name = name.clone();
                 async move {
-                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    let post = req.method() == hyper::Method::POST;
+                    let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+                        Ok(b) if post => b.to_bytes(),
+                        Ok(_) => Bytes::from(format!("hello from {name}\n")),
+                        Err(_) => Bytes::from_static(b"request body over 1 MiB\n"),
+                    };
+                    let mut r = Response::new(Full::new(body));
                     *r.status_mut() = StatusCode::OK;
+                    if let Ok(v) = hyper::header::HeaderValue::from_str(&name) {
+                        r.headers_mut().insert("x-backend", v);
+                    }
                     Ok::<_, Infallible>(r)
                 }
             });

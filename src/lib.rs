@@ -11,12 +11,14 @@
 //! - [`backend`]: a backend's state machine and live-connection guard.
 //! - [`health`]: active health checks.
 //! - [`admin`]: the HTTP admin API.
+//! - [`ctl`]: `sluice ctl`, the admin client, and `rollout`.
 //! - [`shutdown`]: the signals that end the process.
 //! - [`demo`]: built-in web servers for `sluice demo`.
 
 pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod health;
 pub mod pool;

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -32,6 +33,15 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// A small web server that answers with its name (for trying sluice).
+    Web {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "web")]
+        name: String,
+    },
+    /// Drive a running sluice through its admin API.
+    Ctl(CtlArgs),
     /// Start two built-in web servers and sluice in front of them.
     Demo {
         /// Where clients connect.
@@ -47,6 +57,89 @@ enum Command {
             default_value = "127.0.0.1:8081,127.0.0.1:8082"
         )]
         web: Vec<SocketAddr>,
+    },
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The admin API.
+    #[arg(long, env = "SLUICE_ADMIN", default_value = "http://127.0.0.1:9000", global = true)]
+    admin: String,
+    /// Bearer token of the admin API.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    sluice::config::parse_duration(s)
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Every backend: state, health, live and total connections.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a backend out of rotation and show its connections falling to 0.
+    Drain {
+        name: String,
+        /// Give up waiting after this long (exit 2); default: wait until drained.
+        #[arg(long, value_parser = duration)]
+        wait: Option<Duration>,
+        /// Close the connections still open after this long.
+        #[arg(long, value_parser = duration)]
+        force_after: Option<Duration>,
+        /// While draining, close connections idle for this long.
+        #[arg(long, value_parser = duration)]
+        close_idle: Option<Duration>,
+    },
+    /// Take a backend out of rotation and close its connections now.
+    Stop { name: String },
+    /// Put a backend back in rotation.
+    Start {
+        name: String,
+        /// Wait until a health check passes (exit 2 if none does in time).
+        #[arg(long, value_parser = duration)]
+        wait_healthy: Option<Duration>,
+    },
+    /// A backend's live connections (the netstat step).
+    Conns {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Update every backend in turn: drain, run a command, check, start.
+    Rollout {
+        /// Command run for each backend, with SLUICE_BACKEND and SLUICE_ADDRESS set.
+        #[arg(long)]
+        exec: String,
+        /// Command that must succeed before the backend goes back in rotation.
+        #[arg(long)]
+        smoke: Option<String>,
+        /// Backends in order (default: all, in config order).
+        #[arg(long, value_delimiter = ',')]
+        backends: Vec<String>,
+        /// Never leave fewer than this many other active, healthy backends.
+        #[arg(long, default_value_t = 1)]
+        min_active: usize,
+        /// Longest wait for each drain (default: until drained).
+        #[arg(long, value_parser = duration)]
+        wait: Option<Duration>,
+        /// Close what is left of a drain after this long.
+        #[arg(long, value_parser = duration)]
+        force_after: Option<Duration>,
+        /// While draining, close connections idle for this long.
+        #[arg(long, value_parser = duration)]
+        close_idle: Option<Duration>,
+        /// Longest wait for a passing health check after the command.
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        healthy_timeout: Duration,
+        /// Longest wait for a started backend to take a new connection.
+        #[arg(long, value_parser = duration, default_value = "10s")]
+        settle: Duration,
     },
 }
 
@@ -84,6 +177,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Web { listen, name } => {
+            runtime()?.block_on(async {
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                println!("web server {name} listening on {}", l.local_addr()?);
+                sluice::demo::web_server(l, name).await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ctl(args) => {
+            let outcome = runtime()?.block_on(ctl(args))?;
+            Ok(match outcome {
+                sluice::ctl::Outcome::Done => ExitCode::SUCCESS,
+                sluice::ctl::Outcome::TimedOut => ExitCode::from(2),
+            })
+        }
         Command::Demo { listen, admin, web } => {
             anyhow::ensure!(
                 web.len() == 2,
@@ -93,6 +204,57 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
+    use sluice::ctl::{self, DrainOpts};
+    let c = ctl::Client::new(&args.admin, args.token)?;
+    let outcome = match args.command {
+        CtlCommand::Status { json } => ctl::status(&c, json).await?,
+        CtlCommand::Drain {
+            name,
+            wait,
+            force_after,
+            close_idle,
+        } => {
+            let opts = DrainOpts {
+                wait,
+                force_after,
+                close_idle,
+            };
+            ctl::drain(&c, &name, opts).await?
+        }
+        CtlCommand::Stop { name } => ctl::stop(&c, &name).await?,
+        CtlCommand::Start { name, wait_healthy } => ctl::start(&c, &name, wait_healthy).await?,
+        CtlCommand::Conns { name, json } => ctl::conns(&c, &name, json).await?,
+        CtlCommand::Rollout {
+            exec,
+            smoke,
+            backends,
+            min_active,
+            wait,
+            force_after,
+            close_idle,
+            healthy_timeout,
+            settle,
+        } => {
+            let opts = ctl::RolloutOpts {
+                exec,
+                smoke,
+                backends,
+                min_active,
+                drain: DrainOpts {
+                    wait,
+                    force_after,
+                    close_idle,
+                },
+                healthy_timeout,
+                settle,
+            };
+            ctl::rollout(&c, &opts).await?
+        }
+    };
+    Ok(outcome)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1,0 +1,759 @@
+#!/usr/bin/env bash
+# Benchmark sluice side by side with HAProxy (with and without splice),
+# nginx stream and a direct connection. See benches/README.md.
+#
+#   benches/run.sh               full run (~5 min)
+#   QUICK=1 benches/run.sh       smoke run (~1 min)
+#
+# Knobs (environment): DURATION (s per wrk run), IPERF_TIME (s per iperf3
+# run), WARMUP (s of wrk before the keep-alive run, 0 = none), CONNS (wrk
+# connections), IDLE_CONNS, PROXY_CPU, LOAD_CPU, TARGETS (space-separated
+# subset of: sluice haproxy haproxy_splice nginx direct), KEEP_WORK=1 keeps
+# the temp dir with every log.
+#
+# Exit status: 0 when the table was written (failed cells are explained in
+# its notes); 1 on a harness error (build failed, a backend would not start,
+# sluice could not be started at all).
+
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH="$ROOT/benches"
+RESULTS="$BENCH/results"
+SLUICE="$ROOT/target/release/sluice"
+
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  DURATION=${DURATION:-2}
+  IPERF_TIME=${IPERF_TIME:-2}
+  IDLE_CONNS=${IDLE_CONNS:-1000}
+  WARMUP=${WARMUP:-1}
+else
+  DURATION=${DURATION:-10}
+  IPERF_TIME=${IPERF_TIME:-10}
+  IDLE_CONNS=${IDLE_CONNS:-10000}
+  WARMUP=${WARMUP:-1}
+fi
+CONNS=${CONNS:-50}
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+TARGETS=${TARGETS:-"sluice haproxy haproxy_splice nginx direct"}
+NGINX_STREAM_MODULE=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so}
+
+declare -A LABEL=(
+  [sluice]="sluice" [haproxy]="HAProxy" [haproxy_splice]="HAProxy splice"
+  [nginx]="nginx stream" [direct]="direct"
+)
+ALL_TARGETS=(sluice haproxy haproxy_splice nginx direct)
+
+declare -A R=()      # R[target:metric] = value, or a word such as skipped
+NOTES=()
+PIDS=()
+STATUS=0
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+note() { NOTES+=("$*"); log "note: $*"; }
+die() { log "error: $*"; exit 1; }
+trap 'log "error: harness failed at line $LINENO: $BASH_COMMAND"' ERR
+
+# ---------------------------------------------------------------- processes
+
+WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+
+alive() { # pid: running and not a zombie
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [[ -n $st && $st != Z && $st != X ]]
+}
+
+stop_pid() { # pid: TERM, up to 5 s, then KILL; reaps it
+  local pid=$1 i
+  [[ -n $pid ]] || return 0
+  for c in $(pgrep -P "$pid" 2>/dev/null || true); do
+    kill -TERM "$c" 2>/dev/null || true
+  done
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    alive "$pid" || break
+    sleep 0.05
+  done
+  if alive "$pid"; then
+    for c in $(pgrep -P "$pid" 2>/dev/null || true); do
+      kill -KILL "$c" 2>/dev/null || true
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? p
+  trap - ERR EXIT INT TERM
+  for ((p = ${#PIDS[@]} - 1; p >= 0; p--)); do
+    stop_pid "${PIDS[p]}"
+  done
+  if [[ ${KEEP_WORK:-0} == 1 ]]; then
+    log "logs kept in $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start CPU LOG CMD...: starts CMD pinned to CPU in the background; sets PID.
+start() {
+  local cpu=$1 logf=$2
+  shift 2
+  taskset -c "$cpu" "$@" >"$logf" 2>&1 </dev/null &
+  PID=$!
+  PIDS+=("$PID")
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_listen PORT PID WHAT [SECONDS]: polls until something listens on PORT.
+wait_listen() {
+  local port=$1 pid=$2 what=$3 deadline=$((SECONDS + ${4:-15}))
+  while :; do
+    if [[ -n $(ss -Hltn "sport = :$port" 2>/dev/null) ]]; then
+      return 0
+    fi
+    if ! alive "$pid"; then
+      log "$what exited before listening on 127.0.0.1:$port"
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      log "$what is not listening on 127.0.0.1:$port after ${4:-15} s"
+      return 1
+    fi
+    sleep 0.05
+  done
+}
+
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+CLK_TCK=$(getconf CLK_TCK)
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# ---------------------------------------------------------------- preflight
+
+for t in python3 taskset ss cargo git; do
+  have "$t" || die "$t is required by the harness itself"
+done
+NCPU=$(nproc --all)
+if ((NCPU < 2)); then
+  note "only $NCPU CPU: proxy and load share CPU 0, numbers are not comparable to a 2-core run"
+  PROXY_CPU=0
+  LOAD_CPU=0
+fi
+PIN_PROXY=(taskset -c "$PROXY_CPU")
+
+# Idle connections: every proxy holds two descriptors per connection.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+IDLE_N=$IDLE_CONNS
+if ((2 * IDLE_N + 100 > NOFILE)); then
+  IDLE_N=$(((NOFILE - 100) / 2 / 100 * 100))
+  note "idle test uses $IDLE_N connections, not $IDLE_CONNS: the open-files limit is $NOFILE and cannot be raised here (a proxy needs two descriptors per connection; raise it with ulimit -n / LimitNOFILE, which needs CAP_SYS_RESOURCE above the hard limit)"
+fi
+
+HAVE_WRK=1 HAVE_IPERF=1 HAVE_NGINX=1 HAVE_STREAM=1 HAVE_HAPROXY=1
+have wrk || { HAVE_WRK=0; note "wrk not installed: apt-get install wrk (HTTP rows skipped)"; }
+have iperf3 || { HAVE_IPERF=0; note "iperf3 not installed: apt-get install iperf3 (bulk rows skipped)"; }
+have nginx || { HAVE_NGINX=0; HAVE_STREAM=0; note "nginx not installed: apt-get install nginx libnginx-mod-stream (no HTTP backends: HTTP rows skipped; nginx stream skipped)"; }
+if ((HAVE_NGINX)) && [[ ! -f $NGINX_STREAM_MODULE ]]; then
+  HAVE_STREAM=0
+  note "nginx stream module not installed ($NGINX_STREAM_MODULE): apt-get install libnginx-mod-stream"
+fi
+have haproxy || { HAVE_HAPROXY=0; note "haproxy not installed: apt-get install haproxy"; }
+
+# ---------------------------------------------------------------- build
+
+log "building sluice (cargo build --release)"
+if ! (cd "$ROOT" && cargo build --release) >"$WORK/build.log" 2>&1; then
+  tail -n 30 "$WORK/build.log" >&2
+  die "cargo build --release failed"
+fi
+[[ -x $SLUICE ]] || die "$SLUICE missing after the build"
+
+# ---------------------------------------------------------------- machine
+
+CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+MEM_GIB=$(awk '/^MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo)
+KERNEL=$(uname -r)
+DATE_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+  COMMIT="$COMMIT + uncommitted changes in src/"
+fi
+ver() { "$@" 2>&1 | head -n 1 || true; }
+V_HAPROXY=$( ((HAVE_HAPROXY)) && ver haproxy -v | awk '{print $3}' || echo "not installed")
+V_NGINX=$( ((HAVE_NGINX)) && ver nginx -v | sed 's|.*nginx/||' || echo "not installed")
+V_WRK=$( ((HAVE_WRK)) && ver wrk -v | awk '{print $2}' || echo "not installed")
+V_IPERF=$( ((HAVE_IPERF)) && ver iperf3 --version | awk '{print $2}' || echo "not installed")
+
+# ---------------------------------------------------------------- backends
+# Everything but the proxy runs on LOAD_CPU.
+
+BE_WEB1="" BE_WEB2="" BE_IPERF="" BE_HOLD=""
+
+start_nginx_backend() { # name -> sets PORT
+  local name=$1 dir="$WORK/$1"
+  mkdir -p "$dir/tmp"
+  PORT=$(free_port)
+  cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    server {
+        listen 127.0.0.1:$PORT backlog=4096;
+        location / { return 200 "$name\n"; }
+    }
+}
+EOF
+  start "$LOAD_CPU" "$dir/stderr.log" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
+  wait_listen "$PORT" "$PID" "nginx backend $name" || {
+    cat "$dir/stderr.log" "$dir/error.log" >&2 2>/dev/null || true
+    die "nginx backend $name did not start"
+  }
+}
+
+if ((HAVE_NGINX)); then
+  start_nginx_backend web1
+  BE_WEB1=$PORT
+  start_nginx_backend web2
+  BE_WEB2=$PORT
+fi
+if ((HAVE_IPERF)); then
+  BE_IPERF=$(free_port)
+  start "$LOAD_CPU" "$WORK/iperf3-server.log" iperf3 -s -B 127.0.0.1 -p "$BE_IPERF"
+  wait_listen "$BE_IPERF" "$PID" "iperf3 server" || die "iperf3 server did not start"
+fi
+BE_HOLD=$(free_port)
+HOLD_STATUS="$WORK/hold.status"
+start "$LOAD_CPU" "$WORK/hold.log" python3 "$BENCH/idle.py" hold --port "$BE_HOLD" \
+  --status "$HOLD_STATUS" --max-seconds 1800
+wait_listen "$BE_HOLD" "$PID" "idle-connection holder" || die "idle-connection holder did not start"
+log "backends: nginx web1=${BE_WEB1:--} web2=${BE_WEB2:--} iperf3=${BE_IPERF:--} holder=$BE_HOLD"
+
+# ---------------------------------------------------------------- proxies
+# start_proxy TARGET sets PROXY_PID (the process that moves the bytes) and
+# P_WEB, P_BULK, P_IDLE, or returns 1 with a note.
+
+PROXY_PID="" PROXY_MAIN="" PROXY_LOG=""
+P_WEB="" P_BULK="" P_IDLE=""
+RUN=0
+
+proxy_ports() {
+  P_WEB=$(free_port)
+  P_BULK=$(free_port)
+  P_IDLE=$(free_port)
+}
+
+wait_proxy() { # what
+  local p
+  for p in "$P_WEB" "$P_BULK" "$P_IDLE"; do
+    wait_listen "$p" "$PROXY_MAIN" "$1" || return 1
+  done
+}
+
+sluice_config() { # file with_health_none
+  local f=$1 hc=""
+  [[ $2 == 1 ]] && hc='health_check = "none"'
+  cat >"$f" <<EOF
+[admin]
+listen = "127.0.0.1:$(free_port)"
+
+[[service]]
+name = "web"
+listen = "127.0.0.1:$P_WEB"
+backends = ["web1", "web2"]
+
+[[service]]
+name = "bulk"
+listen = "127.0.0.1:$P_BULK"
+backends = ["iperf"]
+
+[[service]]
+name = "idle"
+listen = "127.0.0.1:$P_IDLE"
+backends = ["hold"]
+
+[[backend]]
+name = "web1"
+address = "127.0.0.1:${BE_WEB1:-9}"
+$hc
+
+[[backend]]
+name = "web2"
+address = "127.0.0.1:${BE_WEB2:-9}"
+$hc
+
+[[backend]]
+name = "iperf"
+address = "127.0.0.1:${BE_IPERF:-9}"
+$hc
+
+[[backend]]
+name = "hold"
+address = "127.0.0.1:$BE_HOLD"
+$hc
+EOF
+}
+
+SLUICE_HC_NOTED=0
+start_sluice() {
+  local dir="$WORK/sluice.$RUN" f
+  mkdir -p "$dir"
+  f="$dir/sluice.toml"
+  proxy_ports
+  sluice_config "$f" 1
+  if ! "$SLUICE" check --config "$f" >"$dir/check.log" 2>&1; then
+    sluice_config "$f" 0
+    if ! "$SLUICE" check --config "$f" >"$dir/check2.log" 2>&1; then
+      note "sluice check rejected the benchmark config: $(tail -n 1 "$dir/check2.log")"
+      return 1
+    fi
+    if ((!SLUICE_HC_NOTED)); then
+      SLUICE_HC_NOTED=1
+      note "this sluice does not accept health_check = \"none\" ($(tail -n 1 "$dir/check.log")); ran without it"
+    fi
+  fi
+  PROXY_LOG="$dir/stderr.log"
+  start "$PROXY_CPU" "$PROXY_LOG" env RUST_LOG=warn "$SLUICE" run --config "$f"
+  PROXY_MAIN=$PID PROXY_PID=$PID
+  wait_proxy sluice
+}
+
+start_haproxy() { # splice 0|1
+  local dir="$WORK/haproxy.$RUN" f splice="" maxconn
+  mkdir -p "$dir"
+  f="$dir/haproxy.cfg"
+  proxy_ports
+  [[ $1 == 1 ]] && splice=$'    option splice-request\n    option splice-response'
+  maxconn=$(((NOFILE - 100) / 2))
+  ((maxconn > IDLE_N + 1000)) && maxconn=$((IDLE_N + 1000))
+  cat >"$f" <<EOF
+global
+    nbthread 1
+    maxconn $maxconn
+
+defaults
+    mode tcp
+    maxconn $maxconn
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+$splice
+
+frontend web
+    bind 127.0.0.1:$P_WEB
+    default_backend web
+backend web
+    balance roundrobin
+    server web1 127.0.0.1:${BE_WEB1:-9}
+    server web2 127.0.0.1:${BE_WEB2:-9}
+
+frontend bulk
+    bind 127.0.0.1:$P_BULK
+    default_backend bulk
+backend bulk
+    server iperf 127.0.0.1:${BE_IPERF:-9}
+
+frontend idle
+    bind 127.0.0.1:$P_IDLE
+    default_backend idle
+backend idle
+    server hold 127.0.0.1:$BE_HOLD
+EOF
+  if ! haproxy -c -q -f "$f" >"$dir/check.log" 2>&1; then
+    note "haproxy -c rejected the benchmark config: $(head -n 3 "$dir/check.log" | tr '\n' ' ')"
+    return 1
+  fi
+  PROXY_LOG="$dir/stderr.log"
+  start "$PROXY_CPU" "$PROXY_LOG" haproxy -db -f "$f"
+  PROXY_MAIN=$PID PROXY_PID=$PID
+  wait_proxy haproxy
+}
+
+start_nginx_stream() {
+  local dir="$WORK/nginx-stream.$RUN" wc i
+  mkdir -p "$dir"
+  proxy_ports
+  wc=$((2 * IDLE_N + 512))
+  ((wc > NOFILE)) && wc=$NOFILE
+  cat >"$dir/nginx.conf" <<EOF
+load_module $NGINX_STREAM_MODULE;
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections $wc; }
+stream {
+    upstream web {
+        server 127.0.0.1:${BE_WEB1:-9};
+        server 127.0.0.1:${BE_WEB2:-9};
+    }
+    server { listen 127.0.0.1:$P_WEB backlog=4096; proxy_pass web; }
+    server { listen 127.0.0.1:$P_BULK; proxy_pass 127.0.0.1:${BE_IPERF:-9}; }
+    server { listen 127.0.0.1:$P_IDLE backlog=4096; proxy_pass 127.0.0.1:$BE_HOLD; proxy_timeout 10m; }
+}
+EOF
+  PROXY_LOG="$dir/error.log"
+  start "$PROXY_CPU" "$dir/stderr.log" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
+  PROXY_MAIN=$PID
+  wait_proxy "nginx stream" || return 1
+  # The worker moves the bytes; the master only supervises it.
+  PROXY_PID=""
+  for ((i = 0; i < 100; i++)); do
+    PROXY_PID=$(pgrep -P "$PROXY_MAIN" | head -n 1 || true)
+    [[ -n $PROXY_PID ]] && break
+    sleep 0.05
+  done
+  [[ -n $PROXY_PID ]] || { log "nginx stream worker did not appear"; return 1; }
+}
+
+start_target() { # target
+  RUN=$((RUN + 1))
+  PROXY_PID="" PROXY_MAIN="" PROXY_LOG=""
+  case $1 in
+    sluice) start_sluice ;;
+    haproxy) start_haproxy 0 ;;
+    haproxy_splice) start_haproxy 1 ;;
+    nginx) start_nginx_stream ;;
+    direct)
+      P_WEB=$BE_WEB1 P_BULK=$BE_IPERF P_IDLE=""
+      ;;
+  esac
+}
+
+stop_target() {
+  [[ -n $PROXY_MAIN ]] && stop_pid "$PROXY_MAIN"
+  PROXY_PID="" PROXY_MAIN=""
+}
+
+# proxy_ok TARGET: true while the proxy still runs; notes a crash once.
+proxy_ok() {
+  [[ -z $PROXY_MAIN ]] && return 0
+  alive "$PROXY_PID" && alive "$PROXY_MAIN" && return 0
+  note "${LABEL[$1]} exited during the run; last log lines: $(tail -n 3 "$PROXY_LOG" 2>/dev/null | tr '\n' ' ')"
+  return 1
+}
+
+# ---------------------------------------------------------------- measurements
+
+to_ms() { # wrk time such as 850.00us, 1.23ms, 1.02s, 1.00m
+  awk -v t="$1" 'BEGIN {
+    if (t ~ /us$/) { sub(/us$/, "", t); printf "%.3f", t / 1000 }
+    else if (t ~ /ms$/) { sub(/ms$/, "", t); printf "%.3f", t }
+    else if (t ~ /m$/) { sub(/m$/, "", t); printf "%.3f", t * 60000 }
+    else if (t ~ /s$/) { sub(/s$/, "", t); printf "%.3f", t * 1000 }
+    else print "?" }'
+}
+
+# run_wrk TARGET NAME [wrk args...]: sets W_RPS W_P50 W_P99 W_ERR (or returns 1)
+run_wrk() {
+  local target=$1 name=$2 out
+  shift 2
+  out="$WORK/wrk.$target.$name.txt"
+  if ! timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" \
+    wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$@" "http://127.0.0.1:$P_WEB/" >"$out" 2>&1; then
+    note "${LABEL[$target]}: wrk ($name) failed: $(tail -n 2 "$out" | tr '\n' ' ')"
+    return 1
+  fi
+  W_RPS=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
+  W_P50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
+  W_P99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+  W_ERR=$(awk '/Socket errors:/ {gsub(",", ""); s += $4 + $6 + $8 + $10}
+               /Non-2xx or 3xx/ {s += $NF} END {print s + 0}' "$out")
+  if [[ -z $W_RPS ]]; then
+    note "${LABEL[$target]}: wrk ($name) printed no result: $(tail -n 2 "$out" | tr '\n' ' ')"
+    return 1
+  fi
+  if ((W_ERR > 0)); then
+    note "${LABEL[$target]}: wrk ($name) saw $W_ERR errors: $(grep -E 'Socket errors|Non-2xx' "$out" | tr '\n' ' ')"
+  fi
+}
+
+bench_http() { # target
+  local t=$1
+  if ((!HAVE_WRK || !HAVE_NGINX)); then
+    for m in rps p50 p99 cps errs; do R[$t:$m]=skipped; done
+    return
+  fi
+  if ((WARMUP > 0)); then
+    timeout $((WARMUP + 20)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" \
+      "http://127.0.0.1:$P_WEB/" >/dev/null 2>&1 || true
+  fi
+  log "${LABEL[$t]}: keep-alive HTTP, wrk ${DURATION}s"
+  local e1=error e2=error
+  if proxy_ok "$t" && run_wrk "$t" keepalive; then
+    R[$t:rps]=$W_RPS R[$t:p50]=$W_P50 R[$t:p99]=$W_P99
+    e1=$W_ERR
+  else
+    R[$t:rps]=error R[$t:p50]=error R[$t:p99]=error
+  fi
+  log "${LABEL[$t]}: new connection per request, wrk ${DURATION}s"
+  if proxy_ok "$t" && run_wrk "$t" close -H 'Connection: close'; then
+    R[$t:cps]=$W_RPS
+    e2=$W_ERR
+  else
+    R[$t:cps]=error
+  fi
+  R[$t:errs]="$e1 / $e2"
+}
+
+bench_bulk_one() { # target streams
+  local t=$1 n=$2 out c0 c1 res
+  out="$WORK/iperf.$t.P$n.json"
+  R[$t:gbps$n]=error R[$t:cpugb$n]=error
+  proxy_ok "$t" || return 0
+  log "${LABEL[$t]}: bulk, iperf3 -P $n ${IPERF_TIME}s"
+  [[ -n $PROXY_PID ]] && c0=$(cpu_ticks "$PROXY_PID")
+  if ! timeout $((IPERF_TIME + 30)) taskset -c "$LOAD_CPU" \
+    iperf3 -c 127.0.0.1 -p "$P_BULK" -t "$IPERF_TIME" -P "$n" -J --connect-timeout 3000 >"$out" 2>&1; then
+    note "${LABEL[$t]}: iperf3 -P $n failed: $(python3 - "$out" <<'EOF'
+import json, sys
+try:
+    print(json.load(open(sys.argv[1])).get("error", "no error message"))
+except Exception:
+    print(open(sys.argv[1]).read()[-200:].replace("\n", " "))
+EOF
+)"
+    return 0
+  fi
+  [[ -n $PROXY_PID ]] && c1=$(cpu_ticks "$PROXY_PID")
+  res=$(python3 - "$out" <<'EOF'
+import json, sys
+e = json.load(open(sys.argv[1]))["end"]["sum_received"]
+print(f'{e["bits_per_second"] / 1e9:.2f} {e["bytes"]}')
+EOF
+) || {
+    note "${LABEL[$t]}: iperf3 -P $n output unreadable"
+    return 0
+  }
+  R[$t:gbps$n]=${res% *}
+  if [[ -n $PROXY_PID ]]; then
+    R[$t:cpugb$n]=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v b="${res#* }" \
+      'BEGIN { if (b > 0) printf "%.3f", (d / hz) / (b / 1e9); else print "error" }')
+  else
+    R[$t:cpugb$n]=n/a
+  fi
+}
+
+bench_bulk() {
+  local t=$1
+  if ((!HAVE_IPERF)); then
+    for m in gbps1 gbps4 cpugb1 cpugb4; do R[$t:$m]=skipped; done
+    return
+  fi
+  bench_bulk_one "$t" 1
+  bench_bulk_one "$t" 4
+}
+
+status_field() { # file key
+  sed -n "s/.*\b$2=\([0-9]*\).*/\1/p" "$1" 2>/dev/null | head -n 1
+}
+
+wait_holder_live() { # target-count deadline-seconds: polls until live == count
+  local want=$1 deadline=$((SECONDS + $2)) live
+  while :; do
+    live=$(status_field "$HOLD_STATUS" live)
+    [[ ${live:-0} == "$want" ]] && return 0
+    ((SECONDS >= deadline)) && return 1
+    sleep 0.05
+  done
+}
+
+bench_idle() { # target; the proxy was started fresh for this test
+  local t=$1 before after prev cur i client status live
+  R[$t:rss0]=error R[$t:idle]=error
+  proxy_ok "$t" || return 0
+  if ! wait_holder_live 0 30; then
+    note "${LABEL[$t]}: holder still has $(status_field "$HOLD_STATUS" live) connections from the previous run"
+  fi
+  before=$(rss_kb "$PROXY_PID")
+  R[$t:rss0]=$(awk -v k="$before" 'BEGIN {printf "%.1f", k / 1024}')
+  log "${LABEL[$t]}: $IDLE_N idle connections"
+  status="$WORK/open.$t.status"
+  start "$LOAD_CPU" "$WORK/open.$t.log" python3 "$BENCH/idle.py" open --port "$P_IDLE" \
+    --count "$IDLE_N" --status "$status" --max-seconds 300
+  client=$PID
+  if ! wait_holder_live "$IDLE_N" $((30 + IDLE_N / 200)); then
+    note "${LABEL[$t]}: only $(status_field "$HOLD_STATUS" live) of $IDLE_N idle connections reached the backend (client: $(cat "$status" 2>/dev/null); proxy log: $(tail -n 2 "$PROXY_LOG" | tr '\n' ' '))"
+    stop_pid "$client"
+    return 0
+  fi
+  # Connections are up on both sides; let RSS settle (stable or 3 s).
+  prev=$(rss_kb "$PROXY_PID")
+  for ((i = 0; i < 15; i++)); do
+    sleep 0.2
+    cur=$(rss_kb "$PROXY_PID")
+    [[ $cur == "$prev" ]] && break
+    prev=$cur
+  done
+  after=$(rss_kb "$PROXY_PID")
+  live=$(status_field "$status" open)
+  if [[ $live != "$IDLE_N" ]]; then
+    note "${LABEL[$t]}: the client holds $live of $IDLE_N connections ($(cat "$status"))"
+  fi
+  R[$t:idle]=$(awk -v a="$after" -v b="$before" -v n="$IDLE_N" 'BEGIN {printf "%.1f", (a - b) * 1024 / n / 1024}')
+  stop_pid "$client"
+  wait_holder_live 0 30 || true
+}
+
+run_target() {
+  local t=$1 m
+  case $t in
+    haproxy | haproxy_splice) ((HAVE_HAPROXY)) || { mark "$t" "skipped"; return; } ;;
+    nginx) ((HAVE_STREAM)) || { mark "$t" "skipped"; return; } ;;
+  esac
+  log "=== ${LABEL[$t]}"
+  if ! start_target "$t"; then
+    note "${LABEL[$t]} did not start: $(tail -n 3 "$PROXY_LOG" 2>/dev/null | tr '\n' ' ')"
+    stop_target
+    mark "$t" "failed"
+    [[ $t == sluice ]] && STATUS=1
+    return
+  fi
+  bench_http "$t"
+  bench_bulk "$t"
+  proxy_ok "$t" || true
+  stop_target
+  if [[ $t == direct ]]; then
+    R[$t:rss0]=n/a R[$t:idle]=n/a
+    return
+  fi
+  # A fresh process for memory, so earlier load does not blur the baseline.
+  if start_target "$t"; then
+    bench_idle "$t"
+    proxy_ok "$t" || true
+  else
+    note "${LABEL[$t]} did not restart for the idle test"
+  fi
+  scan_log "$t"
+  stop_target
+}
+
+# scan_log TARGET: reports warnings and errors the proxy logged.
+scan_log() {
+  local t=$1 n logs
+  logs=$(ls "$WORK"/sluice.*/stderr.log 2>/dev/null || true)
+  [[ $t == sluice && -n $logs ]] || return 0
+  n=$(cat $logs | grep -c -E 'WARN|ERROR|panick' || true)
+  if ((n > 0)); then
+    note "sluice logged $n WARN/ERROR lines; first ones: $(cat $logs | grep -E 'WARN|ERROR|panick' | sed 's/\x1b\[[0-9;]*m//g' | sort | uniq -c | sort -rn | head -n 3 | tr -s ' ' | tr '\n' ';')"
+  fi
+}
+
+mark() { # target word: every metric of a target
+  local m
+  for m in rps p50 p99 cps errs gbps1 gbps4 cpugb1 cpugb4 rss0 idle; do
+    R[$1:$m]=$2
+  done
+}
+
+# ---------------------------------------------------------------- run
+
+for t in "${ALL_TARGETS[@]}"; do
+  if [[ " $TARGETS " == *" $t "* ]]; then
+    run_target "$t"
+  else
+    mark "$t" "not run"
+  fi
+done
+
+# ---------------------------------------------------------------- report
+
+ratio() { # a b: a / b, or a dash when either is not a number
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b + 0 > 0) printf "%.2f", a / b; else print "—" }'
+}
+
+ROWS=(
+  "rps|keep-alive HTTP requests/s ↑"
+  "p50|keep-alive p50 latency, ms ↓"
+  "p99|keep-alive p99 latency, ms ↓"
+  "cps|new connections/s (Connection: close) ↑"
+  "errs|wrk errors (keep-alive / close)"
+  "gbps1|bulk, 1 stream, Gbit/s ↑"
+  "gbps4|bulk, 4 streams, Gbit/s ↑"
+  "cpugb1|proxy CPU-s per GB, 1 stream ↓"
+  "cpugb4|proxy CPU-s per GB, 4 streams ↓"
+  "rss0|proxy RSS at start, MiB ↓"
+  "idle|RSS per idle connection, KiB ↓ ($IDLE_N conns)"
+)
+
+mode="full"
+[[ $QUICK == 1 ]] && mode="QUICK=1"
+{
+  echo "# sluice benchmark"
+  echo
+  echo "| | |"
+  echo "|---|---|"
+  echo "| date | $DATE_UTC |"
+  echo "| machine | $CPU_MODEL, $NCPU CPUs, $MEM_GIB GiB RAM, Linux $KERNEL |"
+  echo "| sluice | commit $COMMIT |"
+  echo "| peers | HAProxy $V_HAPROXY, nginx $V_NGINX, wrk $V_WRK, iperf3 $V_IPERF |"
+  echo "| run | $mode: wrk -t1 -c$CONNS ${DURATION} s per run (${WARMUP} s warm-up), iperf3 ${IPERF_TIME} s per run, $IDLE_N idle connections |"
+  echo "| pinning | proxy alone on CPU $PROXY_CPU (taskset -c $PROXY_CPU, one thread/worker); backends, wrk, iperf3 and idle client on CPU $LOAD_CPU |"
+  echo
+  echo "| metric | sluice | HAProxy | HAProxy splice | nginx stream | direct | sluice ÷ HAProxy | sluice ÷ HAProxy splice | sluice ÷ direct |"
+  echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+  for row in "${ROWS[@]}"; do
+    m=${row%%|*}
+    line="| ${row#*|} "
+    for t in "${ALL_TARGETS[@]}"; do
+      line+="| ${R[$t:$m]:-—} "
+    done
+    if [[ $m == errs ]]; then
+      line+="| | | |"
+    else
+      for t in haproxy haproxy_splice direct; do
+        line+="| $(ratio "${R[sluice:$m]:-}" "${R[$t:$m]:-}") "
+      done
+      line+="|"
+    fi
+    echo "$line"
+  done
+  echo
+  echo "↑ higher is better, ↓ lower is better; a ratio is sluice's value divided by the peer's."
+  echo "Direct is wrk or iperf3 straight to one backend, with no proxy: the limit of this machine."
+  if ((${#NOTES[@]})); then
+    echo
+    echo "Notes:"
+    echo
+    for n in "${NOTES[@]}"; do
+      echo "- $n"
+    done
+  fi
+} >"$WORK/table.md"
+
+mkdir -p "$RESULTS"
+stamp=$(date -u +%Y%m%d-%H%M%S)
+[[ $QUICK == 1 ]] && stamp+="-quick"
+cp "$WORK/table.md" "$RESULTS/latest.md"
+cp "$WORK/table.md" "$RESULTS/$stamp.md"
+cat "$WORK/table.md"
+log "written: benches/results/latest.md and benches/results/$stamp.md"
+exit "$STATUS"
