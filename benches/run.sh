@@ -186,6 +186,7 @@ fi
 CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 MEM_GIB=$(awk '/^MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo)
 KERNEL=$(uname -r)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 DATE_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
@@ -716,6 +717,7 @@ mode="full"
   echo "| sluice | commit $COMMIT |"
   echo "| peers | HAProxy $V_HAPROXY, nginx $V_NGINX, wrk $V_WRK, iperf3 $V_IPERF |"
   echo "| run | $mode: wrk -t1 -c$CONNS ${DURATION} s per run (${WARMUP} s warm-up), iperf3 ${IPERF_TIME} s per run, $IDLE_N idle connections |"
+  echo "| load average | $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end (other work on the machine skews the numbers) |"
   echo "| pinning | proxy alone on CPU $PROXY_CPU (taskset -c $PROXY_CPU, one thread/worker); backends, wrk, iperf3 and idle client on CPU $LOAD_CPU |"
   echo
   echo "| metric | sluice | HAProxy | HAProxy splice | nginx stream | direct | sluice ÷ HAProxy | sluice ÷ HAProxy splice | sluice ÷ direct |"

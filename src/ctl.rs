@@ -74,7 +74,9 @@ impl Client {
             url: self.url.clone(),
             message: e.to_string(),
         };
-        let stream = TcpStream::connect(&self.authority).await.map_err(unreachable)?;
+        let stream = TcpStream::connect(&self.authority)
+            .await
+            .map_err(unreachable)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(http)?;
@@ -86,17 +88,23 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = req.body(Empty::<Bytes>::new()).map_err(|e| CtlError::Http {
-            url: self.url.clone(),
-            message: e.to_string(),
-        })?;
+        let req = req
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| CtlError::Http {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?;
         let resp = sender.send_request(req).await.map_err(http)?;
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
         Ok((status, body))
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, method: Method, path: &str) -> Result<(StatusCode, T), CtlError> {
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<(StatusCode, T), CtlError> {
         let (status, body) = self.call(method, path).await?;
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&body)
@@ -120,15 +128,26 @@ impl Client {
     }
 
     pub async fn backend(&self, name: &str) -> Result<BackendView, CtlError> {
-        Ok(self.json(Method::GET, &format!("/backends/{name}")).await?.1)
+        Ok(self
+            .json(Method::GET, &format!("/backends/{name}"))
+            .await?
+            .1)
     }
 
     pub async fn connections(&self, name: &str) -> Result<Vec<ConnView>, CtlError> {
-        Ok(self.json(Method::GET, &format!("/backends/{name}/connections")).await?.1)
+        Ok(self
+            .json(Method::GET, &format!("/backends/{name}/connections"))
+            .await?
+            .1)
     }
 
     /// POSTs an action (`drain`, `stop`, `start`) with optional query.
-    pub async fn act(&self, name: &str, action: &str, query: &[(&str, Option<Duration>)]) -> Result<BackendView, CtlError> {
+    pub async fn act(
+        &self,
+        name: &str,
+        action: &str,
+        query: &[(&str, Option<Duration>)],
+    ) -> Result<BackendView, CtlError> {
         let q: Vec<String> = query
             .iter()
             .filter_map(|(k, v)| v.map(|d| format!("{k}={}", format_duration(d))))
@@ -182,7 +201,11 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
     for b in backends {
         let c = colour_of(b);
         let state = format!("{:<9}", b.state.as_str());
-        let state = if colour { format!("{c}{state}\x1b[0m") } else { state };
+        let state = if colour {
+            format!("{c}{state}\x1b[0m")
+        } else {
+            state
+        };
         let health = if b.healthy { "up" } else { "down" };
         let _ = writeln!(
             out,
@@ -206,10 +229,16 @@ pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
 pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlError> {
     let list = c.connections(name).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        );
         return Ok(Outcome::Done);
     }
-    println!("{:<24} {:<10} {:>10} {:>10} {:>12} {:>12}", "CLIENT", "SERVICE", "AGE", "IDLE", "BYTES IN", "BYTES OUT");
+    println!(
+        "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12}",
+        "CLIENT", "SERVICE", "AGE", "IDLE", "BYTES IN", "BYTES OUT"
+    );
     for x in &list {
         println!(
             "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12}",
@@ -238,7 +267,14 @@ pub struct DrainOpts {
 pub async fn drain(c: &Client, name: &str, opts: DrainOpts) -> Result<Outcome, CtlError> {
     let started = Instant::now();
     let b = c
-        .act(name, "drain", &[("force_after", opts.force_after), ("close_idle", opts.close_idle)])
+        .act(
+            name,
+            "drain",
+            &[
+                ("force_after", opts.force_after),
+                ("close_idle", opts.close_idle),
+            ],
+        )
         .await?;
     say(&format!(
         "{name}: {} with {} live connection(s); new clients go elsewhere",
@@ -257,7 +293,9 @@ pub async fn drain(c: &Client, name: &str, opts: DrainOpts) -> Result<Outcome, C
             return Ok(Outcome::Done);
         }
         if b.state == State::Active {
-            return Err(CtlError::Rollout(format!("{name} was started again while draining")));
+            return Err(CtlError::Rollout(format!(
+                "{name} was started again while draining"
+            )));
         }
         if b.active_connections != last {
             say(&format!(
@@ -282,13 +320,27 @@ pub async fn drain(c: &Client, name: &str, opts: DrainOpts) -> Result<Outcome, C
 
 pub async fn stop(c: &Client, name: &str) -> Result<Outcome, CtlError> {
     let b = c.act(name, "stop", &[]).await?;
-    say(&format!("{name}: stopped, {} live connection(s) left", b.active_connections));
+    say(&format!(
+        "{name}: stopped, {} live connection(s) left",
+        b.active_connections
+    ));
     Ok(Outcome::Done)
 }
 
-pub async fn start(c: &Client, name: &str, wait_healthy: Option<Duration>) -> Result<Outcome, CtlError> {
+pub async fn start(
+    c: &Client,
+    name: &str,
+    wait_healthy: Option<Duration>,
+) -> Result<Outcome, CtlError> {
     let b = c.act(name, "start", &[]).await?;
-    say(&format!("{name}: active{}", if b.healthy { "" } else { " (health check failing)" }));
+    say(&format!(
+        "{name}: active{}",
+        if b.healthy {
+            ""
+        } else {
+            " (health check failing)"
+        }
+    ));
     let Some(limit) = wait_healthy else {
         return Ok(Outcome::Done);
     };
@@ -297,14 +349,22 @@ pub async fn start(c: &Client, name: &str, wait_healthy: Option<Duration>) -> Re
         say(&format!("{name}: healthy"));
         Ok(Outcome::Done)
     } else {
-        say(&format!("{name}: not healthy after {}", format_duration(limit)));
+        say(&format!(
+            "{name}: not healthy after {}",
+            format_duration(limit)
+        ));
         Ok(Outcome::TimedOut)
     }
 }
 
 /// Waits until a health check that began at or after `since_ms` passed.
 /// A backend without active checks counts as healthy at once.
-async fn wait_until_healthy(c: &Client, name: &str, since_ms: u64, limit: Duration) -> Result<bool, CtlError> {
+async fn wait_until_healthy(
+    c: &Client,
+    name: &str,
+    since_ms: u64,
+    limit: Duration,
+) -> Result<bool, CtlError> {
     let started = Instant::now();
     loop {
         let b = c.backend(name).await?;
@@ -347,7 +407,11 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
         }
         opts.backends.clone()
     };
-    say(&format!("rollout of {} backend(s): {}", order.len(), order.join(", ")));
+    say(&format!(
+        "rollout of {} backend(s): {}",
+        order.len(),
+        order.join(", ")
+    ));
     let started = Instant::now();
     let mut done: Vec<String> = Vec::new();
     for name in &order {
@@ -355,8 +419,14 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
             Ok(()) => done.push(name.clone()),
             Err((outcome, why)) => {
                 say(&format!("{name}: FAILED: {why}"));
-                let left: Vec<&String> = order.iter().filter(|n| !done.contains(n) && *n != name).collect();
-                println!("\nrollout stopped after {:.1}s", started.elapsed().as_secs_f64());
+                let left: Vec<&String> = order
+                    .iter()
+                    .filter(|n| !done.contains(n) && *n != name)
+                    .collect();
+                println!(
+                    "\nrollout stopped after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
                 println!("  updated:     {}", list(done.iter()));
                 println!("  failed:      {name} ({why}); it stays out of rotation");
                 println!("  not touched: {}", list(left.into_iter()));
@@ -377,7 +447,11 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
     let v: Vec<&str> = names.map(String::as_str).collect();
-    if v.is_empty() { "none".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 type StepError = (Outcome, String);
@@ -409,12 +483,16 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
     say(&format!("{name}: 1/5 drain"));
     match drain(c, name, opts.drain).await.map_err(failed)? {
         Outcome::Done => {}
-        Outcome::TimedOut => return Err((Outcome::TimedOut, "drain did not finish in time".into())),
+        Outcome::TimedOut => {
+            return Err((Outcome::TimedOut, "drain did not finish in time".into()));
+        }
     }
 
     // 3. The command.
     say(&format!("{name}: 2/5 run: {}", opts.exec));
-    run_shell(&opts.exec, name, &address).await.map_err(|e| (Outcome::Done, e))?;
+    run_shell(&opts.exec, name, &address)
+        .await
+        .map_err(|e| (Outcome::Done, e))?;
     let after_command = unix_ms();
 
     // 4. Health, then smoke.
@@ -425,12 +503,17 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
     {
         return Err((
             Outcome::TimedOut,
-            format!("no passing health check within {}", format_duration(opts.healthy_timeout)),
+            format!(
+                "no passing health check within {}",
+                format_duration(opts.healthy_timeout)
+            ),
         ));
     }
     if let Some(smoke) = &opts.smoke {
         say(&format!("{name}: 3/5 smoke test: {smoke}"));
-        run_shell(smoke, name, &address).await.map_err(|e| (Outcome::Done, e))?;
+        run_shell(smoke, name, &address)
+            .await
+            .map_err(|e| (Outcome::Done, e))?;
     }
 
     // 5. Back in rotation, and taking traffic.
@@ -438,9 +521,16 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
     let before = c.backends().await.map_err(failed)?;
     c.act(name, "start", &[]).await.map_err(failed)?;
     say(&format!("{name}: 5/5 wait for new connections"));
-    let total = |bs: &[BackendView], n: &str| bs.iter().find(|b| b.name == n).map_or(0, |b| b.total_connections);
+    let total = |bs: &[BackendView], n: &str| {
+        bs.iter()
+            .find(|b| b.name == n)
+            .map_or(0, |b| b.total_connections)
+    };
     let others_total = |bs: &[BackendView]| -> u64 {
-        bs.iter().filter(|b| b.name != name).map(|b| b.total_connections).sum()
+        bs.iter()
+            .filter(|b| b.name != name)
+            .map(|b| b.total_connections)
+            .sum()
     };
     let t0 = Instant::now();
     loop {

@@ -63,7 +63,12 @@ enum Command {
 #[derive(clap::Args)]
 struct CtlArgs {
     /// The admin API.
-    #[arg(long, env = "SLUICE_ADMIN", default_value = "http://127.0.0.1:9000", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN",
+        default_value = "http://127.0.0.1:9000",
+        global = true
+    )]
     admin: String,
     /// Bearer token of the admin API.
     #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true, global = true)]

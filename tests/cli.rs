@@ -7,7 +7,6 @@ use std::process::Command;
 
 use support::*;
 
-
 fn check(text: &str) -> (bool, String, String) {
     let (_dir, path) = write_config(text);
     let out = Command::new(BIN)

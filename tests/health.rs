@@ -17,12 +17,15 @@ async fn http_server(status: Arc<AtomicU16>) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             let code = status.load(Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                let reply = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let reply =
+                    format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 let _ = s.write_all(reply.as_bytes()).await;
             });
         }
@@ -36,7 +39,9 @@ fn config(backends: &[(&str, SocketAddr, &str)]) -> String {
          [admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n",
     );
     for (name, addr, check) in backends {
-        t.push_str(&format!("[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n{check}\n"));
+        t.push_str(&format!(
+            "[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n{check}\n"
+        ));
     }
     t
 }
@@ -47,23 +52,43 @@ async fn http_check_takes_a_failing_server_out_and_back() {
     let web = http_server(status.clone()).await;
     let b = Echo::start("b").await;
     let lb = Sluice::from_toml(&config(&[
-        ("web", web, "health_check = \"http\"\nhealth_path = \"/health\""),
+        (
+            "web",
+            web,
+            "health_check = \"http\"\nhealth_path = \"/health\"",
+        ),
         ("b", b.addr, "health_check = \"none\""),
     ]))
     .await;
-    wait_for("first check passed", || async { lb.backend("web").await["last_ok_check_ms"].as_u64() > Some(0) }).await;
+    wait_for("first check passed", || async {
+        lb.backend("web").await["last_ok_check_ms"].as_u64() > Some(0)
+    })
+    .await;
     assert_eq!(lb.backend("web").await["healthy"], true);
 
     status.store(503, Ordering::SeqCst);
-    wait_for("down after 2 failed checks", || async { lb.backend("web").await["healthy"] == false }).await;
+    wait_for("down after 2 failed checks", || async {
+        lb.backend("web").await["healthy"] == false
+    })
+    .await;
     let v = lb.backend("web").await;
-    assert_eq!(v["state"], "active", "health does not change the admin state");
+    assert_eq!(
+        v["state"], "active",
+        "health does not change the admin state"
+    );
     for _ in 0..4 {
-        assert_eq!(lb.connect().await.1, "b", "a down backend takes no new connection");
+        assert_eq!(
+            lb.connect().await.1,
+            "b",
+            "a down backend takes no new connection"
+        );
     }
 
     status.store(200, Ordering::SeqCst);
-    wait_for("up after 2 passing checks", || async { lb.backend("web").await["healthy"] == true }).await;
+    wait_for("up after 2 passing checks", || async {
+        lb.backend("web").await["healthy"] == true
+    })
+    .await;
     lb.shutdown().await;
 }
 
@@ -71,16 +96,30 @@ async fn http_check_takes_a_failing_server_out_and_back() {
 async fn a_drained_backend_that_comes_back_up_stays_drained() {
     let a = Echo::start("a").await;
     let b = Echo::start("b").await;
-    let lb = Sluice::from_toml(&config(&[("a", a.addr, ""), ("b", b.addr, "health_check = \"none\"")])).await;
+    let lb = Sluice::from_toml(&config(&[
+        ("a", a.addr, ""),
+        ("b", b.addr, "health_check = \"none\""),
+    ]))
+    .await;
     lb.post("/backends/a/drain").await;
     a.kill();
-    wait_for("a down", || async { lb.backend("a").await["healthy"] == false }).await;
+    wait_for("a down", || async {
+        lb.backend("a").await["healthy"] == false
+    })
+    .await;
     let _a2 = Echo::restart("a", a.addr).await;
-    wait_for("a up again", || async { lb.backend("a").await["healthy"] == true }).await;
+    wait_for("a up again", || async {
+        lb.backend("a").await["healthy"] == true
+    })
+    .await;
     assert_eq!(lb.state("a").await, "drained");
     assert_eq!(lb.connect().await.1, "b");
     assert_eq!(lb.connect().await.1, "b");
-    assert_eq!(lb.backend("a").await["total_connections"], 0, "no client reached a");
+    assert_eq!(
+        lb.backend("a").await["total_connections"],
+        0,
+        "no client reached a"
+    );
     lb.shutdown().await;
 }
 
@@ -94,12 +133,19 @@ async fn failed_connects_mark_a_backend_down_at_once() {
         .replace("fall = 2", "fall = 1");
     let lb = Sluice::from_toml(&text).await;
     // The first check runs at start and fails; wait for it, then count.
-    wait_for("marked down", || async { lb.backend("dead").await["healthy"] == false }).await;
-    let before = lb.backend("dead").await["connect_failures"].as_u64().unwrap();
+    wait_for("marked down", || async {
+        lb.backend("dead").await["healthy"] == false
+    })
+    .await;
+    let before = lb.backend("dead").await["connect_failures"]
+        .as_u64()
+        .unwrap();
     for _ in 0..5 {
         assert_eq!(lb.connect().await.1, "b");
     }
-    let after = lb.backend("dead").await["connect_failures"].as_u64().unwrap();
+    let after = lb.backend("dead").await["connect_failures"]
+        .as_u64()
+        .unwrap();
     assert_eq!(before, after, "a down backend is not even tried");
     lb.shutdown().await;
 }
@@ -112,7 +158,10 @@ async fn passive_failures_take_it_down_between_checks() {
         .replace("interval = \"50ms\"", "interval = \"1h\"")
         .replace("fall = 2", "fall = 1");
     let lb = Sluice::from_toml(&text).await;
-    wait_for("first check passed", || async { lb.backend("a").await["last_ok_check_ms"].as_u64() > Some(0) }).await;
+    wait_for("first check passed", || async {
+        lb.backend("a").await["last_ok_check_ms"].as_u64() > Some(0)
+    })
+    .await;
     a.kill();
     // The next client tries a, fails over to b, and a is marked down.
     let mut names = Vec::new();
@@ -122,6 +171,9 @@ async fn passive_failures_take_it_down_between_checks() {
     assert!(names.iter().all(|n| n == "b"), "{names:?}");
     let v = lb.backend("a").await;
     assert_eq!(v["healthy"], false);
-    assert_eq!(v["connect_failures"], 1, "marked down after the first failure");
+    assert_eq!(
+        v["connect_failures"], 1,
+        "marked down after the first failure"
+    );
     lb.shutdown().await;
 }

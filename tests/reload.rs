@@ -37,7 +37,10 @@ async fn a_drained_backend_stays_drained_across_a_restart() {
     let (a, b) = (Echo::start("a").await, Echo::start("b").await);
     let dir = tempdir::Dir::new();
     let state = dir.path.join("state.json");
-    let text = config(&format!("state_file = \"{}\"", state.display()), &[("a", a.addr, 1), ("b", b.addr, 1)]);
+    let text = config(
+        &format!("state_file = \"{}\"", state.display()),
+        &[("a", a.addr, 1), ("b", b.addr, 1)],
+    );
     let (_d, path) = write_config(&text);
 
     let (mut p, _, admin) = start(&path);
@@ -65,17 +68,31 @@ async fn an_unreadable_state_file_stops_the_start_with_its_name() {
     let dir = tempdir::Dir::new();
     let state = dir.path.join("state.json");
     std::fs::write(&state, "{ not json").unwrap();
-    let text = config(&format!("state_file = \"{}\"", state.display()), &[("a", a.addr, 1)]);
+    let text = config(
+        &format!("state_file = \"{}\"", state.display()),
+        &[("a", a.addr, 1)],
+    );
     let (_d, path) = write_config(&text);
-    let out = std::process::Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("state.json") && err.contains("delete it"), "{err}");
+    assert!(
+        err.contains("state.json") && err.contains("delete it"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_backend_changes_without_cutting_connections() {
-    let (a, b, c) = (Echo::start("a").await, Echo::start("b").await, Echo::start("c").await);
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
     let (_d, path) = write_config(&config("", &[("a", a.addr, 1), ("b", b.addr, 1)]));
     let (mut p, addr, admin) = start(&path);
 
@@ -94,7 +111,12 @@ async fn sighup_applies_backend_changes_without_cutting_connections() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["name"].as_str().unwrap().into(), b["state"].as_str().unwrap().into()))
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().into(),
+                b["state"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     assert_eq!(states["a"], "stopped", "admin states survive a reload");
     assert_eq!(states["b"], "draining", "a removed backend drains first");
@@ -124,7 +146,11 @@ async fn a_bad_config_on_reload_is_refused_and_the_old_one_stays() {
     let a = Echo::start("a").await;
     let (_d, path) = write_config(&config("", &[("a", a.addr, 1)]));
     let (mut p, addr, admin) = start(&path);
-    std::fs::write(&path, "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbogus = 1\n").unwrap();
+    std::fs::write(
+        &path,
+        "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbogus = 1\n",
+    )
+    .unwrap();
     p.signal("HUP");
     let line = p.wait_line("reload refused");
     assert!(line.contains("bogus"), "{line}");
@@ -133,7 +159,11 @@ async fn a_bad_config_on_reload_is_refused_and_the_old_one_stays() {
     assert_eq!(status, 200);
 
     // A change that needs new sockets is refused too.
-    std::fs::write(&path, config("", &[("a", a.addr, 1)]).replace("name = \"web\"", "name = \"www\"")).unwrap();
+    std::fs::write(
+        &path,
+        config("", &[("a", a.addr, 1)]).replace("name = \"web\"", "name = \"www\""),
+    )
+    .unwrap();
     p.signal("HUP");
     p.wait_line("needs a restart");
     assert_eq!(greeting(addr).await.1, "a");

@@ -7,9 +7,9 @@ use std::io::{BufRead, BufReader as StdBufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -431,4 +431,3 @@ pub fn addr_after(line: &str, key: &str) -> SocketAddr {
         .parse()
         .unwrap()
 }
-
