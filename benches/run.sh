@@ -157,8 +157,8 @@ PIN_PROXY=(taskset -c "$PROXY_CPU")
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
 IDLE_N=$IDLE_CONNS
-if ((2 * IDLE_N + 100 > NOFILE)); then
-  IDLE_N=$(((NOFILE - 100) / 2 / 100 * 100))
+if ((2 * IDLE_N + 200 > NOFILE)); then
+  IDLE_N=$(((NOFILE - 200) / 2 / 100 * 100))
   note "idle test uses $IDLE_N connections, not $IDLE_CONNS: the open-files limit is $NOFILE and cannot be raised here (a proxy needs two descriptors per connection; raise it with ulimit -n / LimitNOFILE, which needs CAP_SYS_RESOURCE above the hard limit)"
 fi
 
@@ -345,17 +345,22 @@ start_sluice() {
 }
 
 start_haproxy() { # splice 0|1
-  local dir="$WORK/haproxy.$RUN" f splice="" maxconn
+  local dir="$WORK/haproxy.$RUN" f splice="" maxconn maxpipes
   mkdir -p "$dir"
   f="$dir/haproxy.cfg"
   proxy_ports
   [[ $1 == 1 ]] && splice=$'    option splice-request\n    option splice-response'
-  maxconn=$(((NOFILE - 100) / 2))
-  ((maxconn > IDLE_N + 1000)) && maxconn=$((IDLE_N + 1000))
+  # HAProxy reserves 2 descriptors per connection and 2 per pipe up front,
+  # and refuses to start if the open-files limit cannot cover them.
+  maxconn=$((IDLE_N + 20))
+  maxpipes=$(((NOFILE - 2 * maxconn - 60) / 2))
+  ((maxpipes > 1024)) && maxpipes=1024
+  ((maxpipes < 16)) && maxpipes=16
   cat >"$f" <<EOF
 global
     nbthread 1
     maxconn $maxconn
+    maxpipes $maxpipes
 
 defaults
     mode tcp
@@ -500,7 +505,7 @@ bench_http() { # target
   local t=$1
   if ((!HAVE_WRK || !HAVE_NGINX)); then
     for m in rps p50 p99 cps errs; do R[$t:$m]=skipped; done
-    return
+    return 0
   fi
   if ((WARMUP > 0)); then
     timeout $((WARMUP + 20)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" \
@@ -566,7 +571,7 @@ bench_bulk() {
   local t=$1
   if ((!HAVE_IPERF)); then
     for m in gbps1 gbps4 cpugb1 cpugb4; do R[$t:$m]=skipped; done
-    return
+    return 0
   fi
   bench_bulk_one "$t" 1
   bench_bulk_one "$t" 4
@@ -626,16 +631,16 @@ bench_idle() { # target; the proxy was started fresh for this test
 run_target() {
   local t=$1 m
   case $t in
-    haproxy | haproxy_splice) ((HAVE_HAPROXY)) || { mark "$t" "skipped"; return; } ;;
-    nginx) ((HAVE_STREAM)) || { mark "$t" "skipped"; return; } ;;
+    haproxy | haproxy_splice) ((HAVE_HAPROXY)) || { mark "$t" "skipped"; return 0; } ;;
+    nginx) ((HAVE_STREAM)) || { mark "$t" "skipped"; return 0; } ;;
   esac
   log "=== ${LABEL[$t]}"
   if ! start_target "$t"; then
     note "${LABEL[$t]} did not start: $(tail -n 3 "$PROXY_LOG" 2>/dev/null | tr '\n' ' ')"
     stop_target
     mark "$t" "failed"
-    [[ $t == sluice ]] && STATUS=1
-    return
+    if [[ $t == sluice ]]; then STATUS=1; fi
+    return 0
   fi
   bench_http "$t"
   bench_bulk "$t"
@@ -643,7 +648,7 @@ run_target() {
   stop_target
   if [[ $t == direct ]]; then
     R[$t:rss0]=n/a R[$t:idle]=n/a
-    return
+    return 0
   fi
   # A fresh process for memory, so earlier load does not blur the baseline.
   if start_target "$t"; then

@@ -184,8 +184,9 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, t)| t.trim());
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
@@ -392,7 +393,11 @@ async fn drain(
         });
     }
     if let Some(limit) = wait {
-        b.wait_until(limit, |b| b.is_drained()).await;
+        // Also done when someone starts the backend again meanwhile.
+        b.wait_until(limit, |b| {
+            b.is_drained() || b.generation() != generation && b.state() == State::Active
+        })
+        .await;
     }
     let status = if b.is_drained() {
         StatusCode::OK

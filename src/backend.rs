@@ -67,6 +67,9 @@ pub struct ConnInfo {
     pub started: Instant,
     /// Milliseconds after `started` at which the last byte moved.
     last_active_ms: AtomicU64,
+    /// Whether the last bytes went to the backend: a request may be
+    /// waiting for its reply, so the connection is not idle.
+    awaiting_reply: AtomicBool,
     /// Bytes from the client to the backend.
     pub bytes_in: AtomicU64,
     /// Bytes from the backend to the client.
@@ -88,6 +91,15 @@ impl ConnInfo {
         }
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_active_ms.store(ms, Ordering::Relaxed);
+        if self.awaiting_reply.load(Ordering::Relaxed) != to_backend {
+            self.awaiting_reply.store(to_backend, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `close_idle` may close it: silent for `d`, and not waiting
+    /// for the backend to answer what the client last sent.
+    pub fn closable_when_idle(&self, d: Duration) -> bool {
+        self.idle() >= d && !self.awaiting_reply.load(Ordering::Relaxed)
     }
 
     /// How long no byte has moved in either direction.
@@ -122,6 +134,8 @@ pub struct Backend {
     pub removed: AtomicBool,
     /// Told of every admin transition, for the state file.
     on_change: Option<Arc<Notify>>,
+    /// Held while the state changes; never across an await.
+    transitions: Mutex<()>,
     /// Bumped on every admin transition, so a delayed action (force_after)
     /// can tell whether the drain it was meant for is still the current one.
     generation: AtomicU64,
@@ -162,6 +176,7 @@ impl Backend {
             connects_failed_in_row: AtomicU32::new(0),
             removed: AtomicBool::new(false),
             on_change: None,
+            transitions: Mutex::new(()),
             generation: AtomicU64::new(0),
             live: AtomicUsize::new(0),
             total_connections: AtomicU64::new(0),
@@ -255,6 +270,7 @@ impl Backend {
             service,
             started: Instant::now(),
             last_active_ms: AtomicU64::new(0),
+            awaiting_reply: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             cancel: parent.child_token(),
@@ -274,6 +290,11 @@ impl Backend {
 
     /// Moves from one of `from` to `to`; returns whether it moved.
     fn transition(&self, from: &[State], to: State) -> bool {
+        let _one_at_a_time = self.transitions.lock().expect("transition lock");
+        self.transition_locked(from, to)
+    }
+
+    fn transition_locked(&self, from: &[State], to: State) -> bool {
         let mut cur = self.state.load(Ordering::SeqCst);
         loop {
             let s = State::from_u8(cur);
@@ -313,9 +334,12 @@ impl Backend {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// Checks the count and moves under the transition lock, so no start
+    /// and new connection can slip between the check and the move.
     fn complete_drain_if_empty(&self) {
+        let _one_at_a_time = self.transitions.lock().expect("transition lock");
         if self.live() == 0 {
-            self.transition(&[State::Draining], State::Drained);
+            self.transition_locked(&[State::Draining], State::Drained);
         }
     }
 
@@ -356,10 +380,11 @@ impl Backend {
         self.close_all()
     }
 
-    /// Closes connections idle for at least `idle`; returns how many.
+    /// Closes connections idle for at least `idle`, except those waiting
+    /// for a reply from the backend; returns how many.
     pub fn close_idle(&self, idle: Duration) -> usize {
         let mut n = 0;
-        for c in self.conns.iter().filter(|c| c.idle() >= idle) {
+        for c in self.conns.iter().filter(|c| c.closable_when_idle(idle)) {
             c.cancel.cancel();
             n += 1;
         }
@@ -452,7 +477,10 @@ impl Backend {
 
     /// Waits until `done` holds or `limit` passes; returns whether it held.
     pub async fn wait_until(&self, limit: Duration, done: impl Fn(&Backend) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(limit)
+            .unwrap_or(now + Duration::from_secs(86400 * 365));
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);

@@ -78,7 +78,7 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 /// One client's life.
 async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
-    let _ = client.set_nodelay(true);
+    tune(&client);
     let route = service.route();
     let settings = shared.settings();
     for (backend, target) in route.pick() {
@@ -99,7 +99,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
         match connected {
             Ok(server) => {
                 guard.established();
-                let _ = server.set_nodelay(true);
+                tune(&server);
                 debug!("connected");
                 relay(client, server, guard, settings.idle_timeout).await;
                 return;
@@ -136,6 +136,18 @@ async fn relay(
     }
 }
 
+/// TCP_NODELAY, so small writes go out at once, and keepalive, so a peer
+/// that vanished without FIN or RST is noticed and cannot hold a drain
+/// open forever.
+fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive);
+}
+
 /// Resolves when the connection has moved no byte for `limit`.
 async fn idle_expired(info: &crate::backend::ConnInfo, limit: Option<Duration>) {
     let Some(limit) = limit else {
@@ -150,12 +162,13 @@ async fn idle_expired(info: &crate::backend::ConnInfo, limit: Option<Duration>) 
     }
 }
 
-/// Resolves if the client closes or resets before sending anything. Once it
-/// has sent data it is plainly there, and this waits forever.
+/// Resolves if the client resets before sending anything. A FIN is no
+/// reason to give up: it may be a half-close from a client that waits for
+/// the server to speak first, and the splice passes it on.
 async fn client_gone(client: &TcpStream) {
     let mut b = [0u8; 1];
     match client.peek(&mut b).await {
-        Ok(0) | Err(_) => {}
+        Err(_) => {}
         Ok(_) => std::future::pending().await,
     }
 }

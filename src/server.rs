@@ -157,14 +157,13 @@ impl Shared {
                     .wait_until(Duration::from_secs(3600), |b| b.live() == 0)
                     .await
                 {}
-                if let Some(shared) = shared.upgrade()
-                    && b.removed.load(Ordering::SeqCst)
-                {
-                    shared
-                        .backends
-                        .write()
-                        .expect("backends lock")
-                        .retain(|x| !Arc::ptr_eq(x, &b));
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                // Checked under the lock: a reload may have brought it back.
+                let mut list = shared.backends.write().expect("backends lock");
+                if b.removed.load(Ordering::SeqCst) {
+                    list.retain(|x| !Arc::ptr_eq(x, &b));
                     info!(backend = %b.name, "removed backend drained and dropped");
                 }
             });

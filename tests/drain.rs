@@ -97,6 +97,21 @@ async fn drain_wait_times_out_with_202() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_wait_returns_when_the_backend_is_started_again() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let (_on_a, _) = lb.connect().await;
+    let admin = lb.admin;
+    let waiter =
+        tokio::spawn(async move { http(admin, "POST", "/backends/a/drain?wait=1h", None).await });
+    wait_for("draining", || async { lb.state("a").await == "draining" }).await;
+    lb.post("/backends/a/start").await;
+    let (status, v) = within("wait ends on start", waiter).await.unwrap();
+    assert_eq!((status, v["state"].as_str()), (202, Some("active")));
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_after_closes_what_is_left() {
     let (a, b) = (Echo::start("a").await, Echo::start("b").await);
     let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
@@ -144,6 +159,54 @@ async fn close_idle_closes_only_idle_connections() {
     assert_eq!(lb.live("a").await, 1);
     drop(busy);
     wait_for("drained", || async { lb.state("a").await == "drained" }).await;
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_idle_spares_a_connection_waiting_for_its_reply() {
+    // A backend that reads a request and takes its time to answer.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut b)
+            .await
+            .unwrap();
+        let _ = go_rx.await;
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"done")
+            .await
+            .unwrap();
+    });
+    let lb = Sluice::start("", &[("slow", addr)]).await;
+    let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"work")
+        .await
+        .unwrap();
+    wait_for("request passed", || async {
+        lb.backend("slow").await["bytes_in"] == 4
+    })
+    .await;
+    lb.post("/backends/slow/drain?close_idle=100ms").await;
+    // Well past the idle limit, the connection is still there.
+    wait_for("idle a while", || async {
+        let (_, c) = lb.get("/backends/slow/connections").await;
+        c[0]["idle_ms"].as_u64().unwrap() > 600
+    })
+    .await;
+    assert_eq!(lb.live("slow").await, 1);
+    go_tx.send(()).unwrap();
+    let mut reply = [0u8; 4];
+    within(
+        "reply",
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut reply),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&reply, b"done");
+    // Now it is idle with nothing pending, and goes.
+    assert!(closed_by_peer(&mut s).await);
     lb.shutdown().await;
 }
 

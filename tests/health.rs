@@ -102,7 +102,7 @@ async fn a_drained_backend_that_comes_back_up_stays_drained() {
     ]))
     .await;
     lb.post("/backends/a/drain").await;
-    a.kill();
+    a.kill().await;
     wait_for("a down", || async {
         lb.backend("a").await["healthy"] == false
     })
@@ -162,7 +162,7 @@ async fn passive_failures_take_it_down_between_checks() {
         lb.backend("a").await["last_ok_check_ms"].as_u64() > Some(0)
     })
     .await;
-    a.kill();
+    a.kill().await;
     // The next client tries a, fails over to b, and a is marked down.
     let mut names = Vec::new();
     for _ in 0..4 {

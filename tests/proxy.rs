@@ -212,9 +212,8 @@ async fn live_count_is_exact_after_backend_reset() {
     lb.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_count_is_exact_when_the_client_leaves_during_a_pending_connect() {
-    // A backend whose accept queue is full: further connects hang.
+/// A backend whose accept queue is full: connects to it hang.
+async fn hanging_backend() -> (socket2::Socket, std::net::SocketAddr, Vec<TcpStream>) {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.bind(
         &"127.0.0.1:0"
@@ -233,20 +232,65 @@ async fn live_count_is_exact_when_the_client_leaves_during_a_pending_connect() {
             fillers.push(s);
         }
     }
+    (sock, addr, fillers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_count_is_exact_when_the_client_leaves_during_a_pending_connect() {
+    let (_sock, addr, _fillers) = hanging_backend().await;
     let lb = Sluice::start("connect_timeout = \"1h\"", &[("slow", addr)]).await;
     let client = TcpStream::connect(lb.addr).await.unwrap();
     wait_for("pending connect counted", || async {
         lb.live("slow").await == 1
     })
     .await;
-    drop(client);
+    reset(client);
     wait_for(
         "count back to 0 long before the connect timeout",
         || async { lb.live("slow").await == 0 },
     )
     .await;
     assert_eq!(lb.backend("slow").await["total_connections"], 0);
-    drop(sock);
+
+    // A client that closes with a FIN may only be half-closing: the connect
+    // goes on, and the count is exact once it gives up.
+    let lb2 = Sluice::start("connect_timeout = \"300ms\"", &[("slow", addr)]).await;
+    let mut client = TcpStream::connect(lb2.addr).await.unwrap();
+    wait_for("pending connect counted", || async {
+        lb2.live("slow").await == 1
+    })
+    .await;
+    client.shutdown().await.unwrap();
+    assert!(
+        closed_by_peer(&mut client).await,
+        "closed when the connect timed out"
+    );
+    wait_for("count back to 0", || async { lb2.live("slow").await == 0 }).await;
+    lb.shutdown().await;
+    lb2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_at_once_still_hears_a_server_that_speaks_first() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 banner\r\n").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let lb = Sluice::start("", &[("smtp", addr)]).await;
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        within("banner", s.read_to_end(&mut got)).await.unwrap();
+        assert_eq!(got, b"220 banner\r\n");
+    }
     lb.shutdown().await;
 }
 

@@ -100,9 +100,14 @@ impl Echo {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    /// Stops listening: later connects are refused.
-    pub fn kill(&self) {
+    /// Stops listening, and waits until connects are refused.
+    pub async fn kill(&self) {
         self.task.abort();
+        let addr = self.addr;
+        wait_for("killed backend refuses connects", || async move {
+            TcpStream::connect(addr).await.is_err()
+        })
+        .await;
     }
 }
 
