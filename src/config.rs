@@ -95,9 +95,18 @@ impl BackendAddress {
             return Err("address is empty".into());
         }
         if let Ok(sa) = s.parse::<SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(format!("`{s}` has port 0; give the backend's real port"));
+            }
             return Ok(Self::Ip(sa.ip(), Some(sa.port())));
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
+            if ip.is_ipv6() {
+                // `::1:80` could be an address or an address and a port.
+                return Err(format!(
+                    "write IPv6 addresses in brackets: `[{s}]` or `[{s}]:PORT`"
+                ));
+            }
             return Ok(Self::Ip(ip, None));
         }
         if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
@@ -145,7 +154,13 @@ impl fmt::Display for BackendAddress {
 }
 
 fn is_host_name(h: &str) -> bool {
-    !h.is_empty()
+    // An all-digit last label is a mistyped IP address, not a name.
+    let numeric_tld = h
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    !numeric_tld
+        && !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|label| {
             !label.is_empty()
@@ -207,8 +222,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
         _ => return Err(bad()),
     };
+    if d > MAX_DURATION {
+        return Err(format!("`{s}` is too long: at most 8760h (a year)"));
+    }
     Ok(d)
 }
+
+/// The longest duration anything takes: a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
@@ -336,6 +357,27 @@ impl Ctx<'_> {
     }
 }
 
+/// Whether two listening addresses would fight over one port.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The key of the `key = value` line holding `offset`, if there is one.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    .then(|| key.to_string())
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -386,7 +428,7 @@ impl Config {
         let raw: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
             line: e.span().map(|s| line_of(text, s.start)),
-            field: None,
+            field: e.span().and_then(|s| key_at(text, s.start)),
             message: e.message().trim().to_string(),
         })?;
 
@@ -402,16 +444,33 @@ impl Config {
                     None => SocketAddr::from(([127, 0, 0, 1], 9000)),
                 };
                 let token = match &a.token {
-                    Some(t) if t.get_ref().trim().is_empty() => {
-                        return Err(ctx.err(t.span(), "admin.token", "token is empty".into()));
+                    Some(t)
+                        if t.get_ref().is_empty()
+                            || t.get_ref()
+                                .chars()
+                                .any(|c| c.is_whitespace() || c.is_control()) =>
+                    {
+                        return Err(ctx.err(
+                            t.span(),
+                            "admin.token",
+                            "token is empty or has spaces or control characters".into(),
+                        ));
                     }
                     Some(t) => Some(t.get_ref().clone()),
                     None => None,
                 };
                 let request_timeout = ctx
                     .duration(&a.request_timeout, "admin.request_timeout")?
-                    .filter(|d| !d.is_zero())
                     .unwrap_or(Duration::from_secs(10));
+                if let Some(t) = &a.request_timeout
+                    && request_timeout.is_zero()
+                {
+                    return Err(ctx.err(
+                        t.span(),
+                        "admin.request_timeout",
+                        "must be more than 0".into(),
+                    ));
+                }
                 AdminConfig {
                     listen,
                     token,
@@ -497,7 +556,14 @@ impl Config {
                 .as_ref()
                 .map(|s| (s.get_ref().as_str(), s.span()));
             let health = match kind {
-                None | Some(("tcp", _)) if b.health_path.is_none() => {
+                Some(("tcp", span)) if b.health_status.is_some() => {
+                    return Err(ctx.err(
+                        span,
+                        &field("health_check"),
+                        "health_status goes with health_check = \"http\"".into(),
+                    ));
+                }
+                None | Some(("tcp", _)) if b.health_path.is_none() && b.health_status.is_none() => {
                     Some(HealthCheck::Tcp { port })
                 }
                 None | Some(("http", _)) => {
@@ -519,7 +585,19 @@ impl Config {
                         status: status.unwrap_or(200) as u16,
                     })
                 }
-                Some(("none", _)) => None,
+                Some(("none", span)) => {
+                    if b.health_path.is_some()
+                        || b.health_status.is_some()
+                        || b.health_port.is_some()
+                    {
+                        return Err(ctx.err(
+                            span,
+                            &field("health_check"),
+                            "health_path, health_status and health_port make no sense with \"none\"".into(),
+                        ));
+                    }
+                    None
+                }
                 Some(("tcp", span)) => {
                     return Err(ctx.err(
                         span,
@@ -563,18 +641,19 @@ impl Config {
                 ));
             }
             let listen = socket_addr(&ctx, &s.listen, &field("listen"))?;
-            if listen.port() != 0 && !listens.insert(listen) {
+            if let Some(other) = listens.iter().find(|o| overlaps(**o, listen)) {
                 return Err(ctx.err(
                     s.listen.span(),
                     &field("listen"),
-                    format!("{listen} is used by two services"),
+                    format!("{listen} overlaps {other}, where another service listens"),
                 ));
             }
-            if listen.port() != 0 && listen == admin.listen {
+            listens.insert(listen);
+            if overlaps(listen, admin.listen) {
                 return Err(ctx.err(
                     s.listen.span(),
                     &field("listen"),
-                    format!("{listen} is also the admin address"),
+                    format!("{listen} overlaps the admin address {}", admin.listen),
                 ));
             }
             let backend_port = ctx
@@ -603,6 +682,19 @@ impl Config {
                     list.get_ref().iter().map(|n| n.get_ref().clone()).collect()
                 }
             };
+            if !chosen.is_empty()
+                && backends
+                    .iter()
+                    .filter(|b| chosen.contains(&b.name))
+                    .all(|b| b.weight == 0)
+            {
+                let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
+                return Err(ctx.err(
+                    span,
+                    &field("backends"),
+                    format!("every backend of service `{name}` has weight 0, so it could serve no client"),
+                ));
+            }
             if chosen.is_empty() {
                 let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
                 return Err(ctx.err(
@@ -643,9 +735,15 @@ impl Config {
             Duration::from_secs(3),
         )?;
         let idle_timeout = match ctx.duration(&raw.idle_timeout, "idle_timeout")? {
-            Some(d) if d.is_zero() => None,
-            Some(d) => Some(d),
-            None => None,
+            Some(d) if d.is_zero() => {
+                let span = raw.idle_timeout.as_ref().map_or(0..0, |s| s.span());
+                return Err(ctx.err(
+                    span,
+                    "idle_timeout",
+                    "must be more than 0; leave it out for no idle timeout".into(),
+                ));
+            }
+            other => other,
         };
         let shutdown_grace = ctx
             .duration(&raw.shutdown_grace, "shutdown_grace")?
@@ -695,7 +793,17 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "5", "s", "1.5s", "-1s", "5 m", "5d"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "1.5s",
+            "-1s",
+            "5 m",
+            "5d",
+            "18446744073709551615s",
+            "8761h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");

@@ -70,6 +70,12 @@ async fn bad_input_gets_a_json_error_that_names_the_problem() {
         ),
         ("POST", "/backends/a/drain?close_idle=1d", 400, "close_idle"),
         ("POST", "/backends/a/drain?hurry=1", 400, "hurry"),
+        (
+            "POST",
+            "/backends/a/drain?wait=18446744073709551615s",
+            400,
+            "too long",
+        ),
         ("POST", "/backends/a/drain?wait=1s&wait=2s", 400, "twice"),
         ("POST", "/backends/a/stop?now=1", 400, "now"),
     ];
