@@ -1,0 +1,222 @@
+//! `sluice ctl` against a running sluice: output, exit codes, and rollout
+//! stopping safely at the first failure.
+
+mod support;
+
+use std::process::Output;
+
+use support::*;
+
+async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
+    let admin = format!("http://{}", lb.admin);
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("ctl")
+        .arg("--admin")
+        .arg(&admin)
+        .args(args)
+        .env_remove("SLUICE_TOKEN");
+    within("sluice ctl", cmd.output()).await.unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_a_plain_table_when_piped_and_json_on_request() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let (_on_a, _) = lb.connect().await;
+    lb.post("/backends/b/drain").await;
+    let out = ctl(&lb, &["status"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(!t.contains('\x1b'), "no colour codes when piped: {t:?}");
+    let row_a = t.lines().find(|l| l.starts_with("a ")).unwrap();
+    assert!(
+        row_a.contains("active") && row_a.contains("up") && row_a.contains(" 1 "),
+        "{row_a}"
+    );
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("b ") && l.contains("drained")),
+        "{t}"
+    );
+
+    let out = ctl(&lb, &["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "a");
+    assert_eq!(v[1]["state"], "drained");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_follows_the_count_down_and_exits_0() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let mut on_a = Vec::new();
+    for _ in 0..3 {
+        on_a.push(lb.connect().await.0);
+        lb.connect().await; // one for b
+    }
+    assert_eq!(lb.live("a").await, 3);
+    let admin = format!("http://{}", lb.admin);
+    let drain = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", &admin, "drain", "a"])
+        .output();
+    let closer = async {
+        wait_for("draining", || async { lb.state("a").await == "draining" }).await;
+        for s in on_a.drain(..) {
+            drop(s);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    };
+    let (out, ()) = tokio::join!(within("ctl drain", drain), closer);
+    let out = out.unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("draining with 3 live"), "{t}");
+    assert!(t.contains("a: drained after"), "{t}");
+    assert_eq!(lb.state("a").await, "drained");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_say_done_error_or_timed_out() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let (_on_a, _) = lb.connect().await;
+
+    let out = ctl(&lb, &["drain", "a", "--wait", "300ms"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("still draining"), "{}", text(&out));
+
+    let out = ctl(&lb, &["drain", "nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("no backend is named `nope`"),
+        "{}",
+        text(&out)
+    );
+
+    let out = ctl(&lb, &["drain", "a", "--wait", "soon"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a usage error is an error: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("soon"), "{}", text(&out));
+
+    let out = ctl(&lb, &["start", "a", "--wait-healthy", "1s"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = ctl(&lb, &["stop", "a"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(lb.state("a").await, "stopped");
+    let out = ctl(&lb, &["conns", "a"]).await;
+    assert!(
+        text(&out).contains("0 live connection(s) on a"),
+        "{}",
+        text(&out)
+    );
+
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "ctl",
+            "--admin",
+            &format!("http://{}", dead_addr().await),
+            "status",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("cannot reach the admin API"),
+        "{}",
+        text(&out)
+    );
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_sends_the_token_from_the_environment() {
+    let a = Echo::start("a").await;
+    let text_cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"k3y\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        a.addr
+    );
+    let lb = Sluice::from_toml(&text_cfg).await;
+    let out = ctl(&lb, &["status"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("401"), "{}", text(&out));
+    let out = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", &format!("http://{}", lb.admin), "status"])
+        .env("SLUICE_TOKEN", "k3y")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_stops_at_the_first_failure_and_leaves_that_backend_out() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr), ("c", c.addr)]).await;
+    let out = ctl(
+        &lb,
+        &[
+            "rollout",
+            "--exec",
+            "echo updating $SLUICE_BACKEND at $SLUICE_ADDRESS; test $SLUICE_BACKEND != b",
+            "--settle",
+            "200ms",
+        ],
+    )
+    .await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains(&format!("updating a at {}", a.addr)), "{t}");
+    assert!(t.contains("b: FAILED"), "{t}");
+    assert!(t.contains("updated:     a"), "{t}");
+    assert!(t.contains("not touched: c"), "{t}");
+    assert_eq!(lb.state("a").await, "active");
+    assert_eq!(
+        lb.state("b").await,
+        "drained",
+        "the failing backend stays out of rotation"
+    );
+    assert_eq!(lb.state("c").await, "active");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_refuses_to_leave_too_few_backends() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    lb.post("/backends/b/stop").await;
+    let out = ctl(&lb, &["rollout", "--exec", "true", "--backends", "a"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("refusing to take it out"), "{t}");
+    assert_eq!(lb.state("a").await, "active", "nothing was drained");
+
+    let out = ctl(&lb, &["rollout", "--exec", "true", "--backends", "a,zz"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("no backend is named `zz`"),
+        "{}",
+        text(&out)
+    );
+    lb.shutdown().await;
+}
