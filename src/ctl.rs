@@ -276,11 +276,12 @@ pub async fn drain(c: &Client, name: &str, opts: DrainOpts) -> Result<Outcome, C
             ],
         )
         .await?;
-    say(&format!(
-        "{name}: {} with {} live connection(s); new clients go elsewhere",
-        b.state.as_str(),
-        b.active_connections
-    ));
+    if b.state == State::Draining {
+        say(&format!(
+            "{name}: draining with {} live connection(s); new clients go elsewhere",
+            b.active_connections
+        ));
+    }
     let mut last = b.active_connections;
     loop {
         let b = c.backend(name).await?;
