@@ -62,6 +62,9 @@ pub struct BackendView {
     pub bytes_in: u64,
     /// Bytes from the backend to clients.
     pub bytes_out: u64,
+    /// Bytes, either way, moved by splice(2) without a copy.
+    #[serde(default)]
+    pub bytes_spliced: u64,
     /// Unix time (ms) of the last admin state change.
     pub state_since_ms: u64,
     /// Unix time (ms) of the last health change.
@@ -85,6 +88,7 @@ impl BackendView {
             connect_failures: b.connect_failures.load(Ordering::Relaxed),
             bytes_in: b.bytes_in.load(Ordering::Relaxed),
             bytes_out: b.bytes_out.load(Ordering::Relaxed),
+            bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),
             state_since_ms: b.state_since_ms(),
             health_since_ms: b.health_since_ms(),
             last_ok_check_ms: b.last_ok_check_ms(),

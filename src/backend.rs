@@ -79,9 +79,13 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// Records that `n` bytes moved now in the given direction.
-    pub fn record(&self, backend: &Backend, to_backend: bool, n: usize) {
+    /// Records that `n` bytes moved now in the given direction, spliced
+    /// (zero-copy) or copied.
+    pub fn record(&self, backend: &Backend, to_backend: bool, n: usize, spliced: bool) {
         let n = n as u64;
+        if spliced {
+            backend.bytes_spliced.fetch_add(n, Ordering::Relaxed);
+        }
         if to_backend {
             self.bytes_in.fetch_add(n, Ordering::Relaxed);
             backend.bytes_in.fetch_add(n, Ordering::Relaxed);
@@ -144,6 +148,8 @@ pub struct Backend {
     pub connect_failures: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Bytes, either way, that moved by splice(2) rather than a copy.
+    pub bytes_spliced: AtomicU64,
     conns: DashMap<u64, Arc<ConnInfo>>,
     /// Woken on every state or health change and whenever the live count
     /// falls to zero.
@@ -183,6 +189,7 @@ impl Backend {
             connect_failures: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            bytes_spliced: AtomicU64::new(0),
             conns: DashMap::new(),
             changed: Notify::new(),
         }

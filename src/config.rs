@@ -51,6 +51,8 @@ pub struct Config {
     /// Where backend admin states are kept across restarts.
     pub state_file: Option<PathBuf>,
     pub health: HealthConfig,
+    /// Whether bulk flows move by splice(2) instead of copying (Linux).
+    pub zero_copy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -261,6 +263,7 @@ struct FileConfig {
     idle_timeout: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
     state_file: Option<String>,
+    zero_copy: Option<bool>,
     health: Option<FileHealth>,
 }
 
@@ -762,6 +765,7 @@ impl Config {
             shutdown_grace,
             state_file: raw.state_file.map(PathBuf::from),
             health: health_defaults,
+            zero_copy: raw.zero_copy.unwrap_or(true),
         })
     }
 }

@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backend::ConnGuard;
 use crate::pool::Target;
-use crate::server::{Service, Shared};
+use crate::server::{Service, Settings, Shared};
 
 /// Accepts clients of one service until `stop` is cancelled. Accept errors
 /// (EMFILE, ENFILE, ...) back off and are logged; they never end the loop.
@@ -101,7 +101,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
                 guard.established();
                 tune(&server);
                 debug!("connected");
-                relay(client, server, guard, settings.idle_timeout).await;
+                relay(client, server, guard, settings).await;
                 return;
             }
             Err(e) => {
@@ -119,20 +119,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
 
 /// Splices until both sides are done, the connection is closed by the admin
 /// or shutdown, or it stays idle too long. The guard drops at the end.
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    guard: ConnGuard,
-    idle_timeout: Option<Duration>,
-) {
+async fn relay(client: TcpStream, server: TcpStream, guard: ConnGuard, settings: Settings) {
     let info = guard.info();
     tokio::select! {
-        r = crate::splice::splice(&client, &server, info, guard.backend()) => match r {
+        r = crate::splice::splice(&client, &server, info, guard.backend(), settings.zero_copy) => match r {
             Ok(()) => debug!(bytes_in = info.bytes_in.load(Ordering::Relaxed), bytes_out = info.bytes_out.load(Ordering::Relaxed), "closed"),
             Err(e) => debug!(error = %e, "closed on error"),
         },
         _ = info.cancel.cancelled() => debug!("closed by admin or shutdown"),
-        _ = idle_expired(info, idle_timeout) => debug!("closed after idle timeout"),
+        _ = idle_expired(info, settings.idle_timeout) => debug!("closed after idle timeout"),
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// Failed connects in a row that mark a checked backend down.
     pub fall: u32,
+    /// Whether bulk flows may use splice(2).
+    pub zero_copy: bool,
 }
 
 /// Counters of clients sluice could not serve.
@@ -184,6 +186,7 @@ impl Shared {
             connect_timeout: new.connect_timeout,
             idle_timeout: new.idle_timeout,
             fall: new.health.fall,
+            zero_copy: new.zero_copy,
         };
         *self.admin_token.write().expect("token lock") = new.admin.token.clone();
         let mut old = self.config.lock().expect("config lock");
@@ -350,6 +353,7 @@ impl Sluice {
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.idle_timeout,
                 fall: config.health.fall,
+                zero_copy: config.zero_copy,
             }),
             conn_root: CancellationToken::new(),
             shutting_down: AtomicBool::new(false),

@@ -1,29 +1,42 @@
 //! Moving bytes both ways between a client and a backend.
 //!
-//! Each direction waits for readiness first and only then borrows a buffer
-//! from a shared pool, so an idle connection holds no buffer. A FIN in one
-//! direction is passed on as a write shutdown and never cuts the other.
+//! Each direction starts by copying through a small pooled buffer, which
+//! suits requests and replies of a few kilobytes. Once a read fills the
+//! buffer the flow is bulk, and on Linux that direction moves to
+//! `splice(2)`: socket to pipe to socket, with no copy through user space.
+//! Pipes come from a pool and go back empty; buffers likewise. Either is
+//! borrowed only after the socket is readable and given back as soon as
+//! what was read has been written, so an idle connection holds neither.
+//!
+//! Readiness: a `WouldBlock` clears tokio's readiness for the socket it is
+//! reported on, so it must only ever come from that socket. A read starts
+//! only with an empty pipe (splicing into it cannot block) and a write only
+//! with data in the pipe (splicing out of it cannot block on the pipe).
+//!
+//! A FIN in one direction is passed on as a write shutdown and never cuts
+//! the other.
 
 use std::io;
 use std::net::Shutdown;
 use std::sync::Mutex;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::backend::{Backend, ConnInfo};
 
 const BUF_SIZE: usize = 16 * 1024;
-/// Buffers kept for reuse; more than this in flight are freed after use.
+/// Buffers and pipes kept for reuse; beyond this they are freed after use.
 const POOL_MAX: usize = 1024;
 
-static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 
 /// A buffer borrowed from the pool for one read-then-write.
 struct Buf(Option<Box<[u8]>>);
 
 impl Buf {
     fn take() -> Buf {
-        let b = POOL.lock().ok().and_then(|mut p| p.pop());
+        let b = BUFS.lock().ok().and_then(|mut p| p.pop());
         Buf(Some(
             b.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice()),
         ))
@@ -36,7 +49,7 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if let (Some(b), Ok(mut p)) = (self.0.take(), POOL.lock())
+        if let (Some(b), Ok(mut p)) = (self.0.take(), BUFS.lock())
             && p.len() < POOL_MAX
         {
             p.push(b);
@@ -44,17 +57,20 @@ impl Drop for Buf {
     }
 }
 
-/// Copies bytes both ways until both directions have ended. Returns the
+/// Moves bytes both ways until both directions have ended. Returns the
 /// first error of either direction, which ends the whole connection.
+/// `zero_copy` allows bulk flows to move to `splice(2)`.
 pub async fn splice(
     client: &TcpStream,
     server: &TcpStream,
     info: &ConnInfo,
     backend: &Backend,
+    zero_copy: bool,
 ) -> io::Result<()> {
+    let zero_copy = zero_copy && cfg!(target_os = "linux");
     tokio::try_join!(
-        one_way(client, server, info, backend, true),
-        one_way(server, client, info, backend, false),
+        one_way(client, server, info, backend, true, zero_copy),
+        one_way(server, client, info, backend, false, zero_copy),
     )?;
     Ok(())
 }
@@ -65,14 +81,31 @@ async fn one_way(
     info: &ConnInfo,
     backend: &Backend,
     to_backend: bool,
+    allowed: bool,
 ) -> io::Result<()> {
+    let mut zero_copy = false;
     loop {
         from.readable().await?;
-        let mut buf = Buf::take();
-        let n = match from.try_read(buf.bytes()) {
-            Ok(0) => {
-                // The peer finished sending: pass the FIN on. The peer may
-                // already be gone, which is no error for this direction.
+        let spliced = zero_copy;
+        let moved = if zero_copy {
+            match pipe::transfer(from, to).await? {
+                pipe::Moved::Bytes(n) => n,
+                pipe::Moved::Unsupported => {
+                    zero_copy = false;
+                    continue;
+                }
+            }
+        } else {
+            let n = copy_once(from, to).await?;
+            // A full buffer means a bulk flow: splice from now on.
+            zero_copy = allowed && n == Some(BUF_SIZE);
+            n
+        };
+        match moved {
+            None => continue,
+            Some(0) => {
+                // The peer finished sending: pass the FIN on. The other
+                // side may already be gone, which ends nothing here.
                 match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
@@ -80,19 +113,176 @@ async fn one_way(
                 }
                 return Ok(());
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Some(n) => info.record(backend, to_backend, n, spliced),
+        }
+    }
+}
+
+/// One read into a pooled buffer and the write of all of it. `None` when
+/// the readiness was spurious, `Some(0)` at end of stream.
+async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
+    let mut buf = Buf::take();
+    let n = match from.try_read(buf.bytes()) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut off = 0;
+    while off < n {
+        to.writable().await?;
+        match to.try_write(&buf.bytes()[off..n]) {
+            Ok(w) => off += w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(n))
+}
+
+#[cfg(target_os = "linux")]
+mod pipe {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::Mutex;
+
+    use super::{Interest, POOL_MAX, TcpStream};
+
+    /// A kernel pipe used as the buffer between two sockets.
+    pub struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+        /// Its capacity in bytes, as the kernel granted it.
+        size: usize,
+    }
+
+    static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+    impl Pipe {
+        fn new() -> io::Result<Pipe> {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: pipe2 succeeded, so both descriptors are open and ours.
+            let (read, write) =
+                unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            // The kernel may grant less than asked past the per-user page
+            // budget; use what it reports.
+            // SAFETY: fcntl on a descriptor we own, with integer arguments.
+            let size = unsafe {
+                libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 64 * 1024);
+                libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+            };
+            Ok(Pipe {
+                read,
+                write,
+                size: if size > 0 { size as usize } else { 4096 },
+            })
+        }
+
+        fn take() -> io::Result<Pipe> {
+            match PIPES.lock().ok().and_then(|mut p| p.pop()) {
+                Some(p) => Ok(p),
+                None => Pipe::new(),
+            }
+        }
+
+        /// Returns an empty pipe to the pool.
+        fn give_back(self) {
+            if let Ok(mut p) = PIPES.lock()
+                && p.len() < POOL_MAX
+            {
+                p.push(self);
+            }
+        }
+    }
+
+    fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
+        // SAFETY: plain descriptors and null offsets (both ends are a socket
+        // or a pipe, which have no offset).
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
         };
-        info.record(backend, to_backend, n);
-        let mut off = 0;
-        while off < n {
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// What one transfer did.
+    pub enum Moved {
+        /// As `copy_once`: `None` for spurious readiness, `Some(0)` at end
+        /// of stream, else the bytes moved.
+        Bytes(Option<usize>),
+        /// Splicing does not work for this socket: nothing was read, copy.
+        Unsupported,
+    }
+
+    /// Moves what `from` has, up to a pipe's worth, to `to`.
+    pub async fn transfer(from: &TcpStream, to: &TcpStream) -> io::Result<Moved> {
+        let pipe = Pipe::take()?;
+        // The pipe is empty, so only the socket can make this block.
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                return Ok(Moved::Bytes(None));
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) =>
+            {
+                pipe.give_back();
+                return Ok(Moved::Unsupported);
+            }
+            Err(e) => {
+                pipe.give_back();
+                return Err(e);
+            }
+        };
+        let mut left = n;
+        while left > 0 {
             to.writable().await?;
-            match to.try_write(&buf.bytes()[off..n]) {
-                Ok(w) => off += w,
+            // The pipe holds data, so only the socket can make this block.
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
+            }) {
+                Ok(w) => left -= w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // A pipe with data left in it is dropped, not pooled.
                 Err(e) => return Err(e),
             }
         }
+        pipe.give_back();
+        Ok(Moved::Bytes(Some(n)))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod pipe {
+    use std::io;
+
+    use super::TcpStream;
+
+    pub enum Moved {
+        Bytes(Option<usize>),
+        Unsupported,
+    }
+
+    pub async fn transfer(_: &TcpStream, _: &TcpStream) -> io::Result<Moved> {
+        Ok(Moved::Unsupported)
     }
 }
