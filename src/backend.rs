@@ -269,7 +269,6 @@ impl Backend {
         self: &Arc<Self>,
         client: SocketAddr,
         service: Arc<str>,
-        parent: &CancellationToken,
     ) -> Option<ConnGuard> {
         let info = Arc::new(ConnInfo {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
@@ -280,7 +279,7 @@ impl Backend {
             awaiting_reply: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            cancel: parent.child_token(),
+            cancel: CancellationToken::new(),
         });
         self.live.fetch_add(1, Ordering::SeqCst);
         self.conns.insert(info.id, info.clone());
@@ -398,7 +397,8 @@ impl Backend {
         n
     }
 
-    fn close_all(&self) -> usize {
+    /// Closes every connection of this backend; returns how many.
+    pub fn close_all(&self) -> usize {
         let mut n = 0;
         for c in self.conns.iter() {
             c.cancel.cancel();
@@ -557,11 +557,7 @@ mod tests {
     }
 
     fn acquire(b: &Arc<Backend>) -> Option<ConnGuard> {
-        b.try_acquire(
-            "127.0.0.1:2".parse().unwrap(),
-            "s".into(),
-            &CancellationToken::new(),
-        )
+        b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into())
     }
 
     #[test]

@@ -53,6 +53,19 @@ pub struct Config {
     pub health: HealthConfig,
     /// Whether bulk flows move by splice(2) instead of copying (Linux).
     pub zero_copy: bool,
+    /// Threads that serve connections.
+    pub workers: usize,
+    pub runtime: RuntimeLayout,
+}
+
+/// How the worker threads are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeLayout {
+    /// One single-threaded runtime per worker, each with its own
+    /// `SO_REUSEPORT` listener per service: no task moves between threads.
+    PerCore,
+    /// One work-stealing tokio runtime with `workers` threads.
+    MultiThread,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -264,6 +277,8 @@ struct FileConfig {
     shutdown_grace: Option<Spanned<String>>,
     state_file: Option<String>,
     zero_copy: Option<bool>,
+    workers: Option<Spanned<i64>>,
+    runtime: Option<Spanned<String>>,
     health: Option<FileHealth>,
 }
 
@@ -766,6 +781,26 @@ impl Config {
             state_file: raw.state_file.map(PathBuf::from),
             health: health_defaults,
             zero_copy: raw.zero_copy.unwrap_or(true),
+            workers: ctx.int(&raw.workers, "workers", 1, 256)?.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                |w| w as usize,
+            ),
+            runtime: match &raw.runtime {
+                None => RuntimeLayout::PerCore,
+                Some(r) => {
+                    match r.get_ref().as_str() {
+                        "per-core" => RuntimeLayout::PerCore,
+                        "multi-thread" => RuntimeLayout::MultiThread,
+                        other => {
+                            return Err(ctx.err(
+                            r.span(),
+                            "runtime",
+                            format!("`{other}` is not a layout; use \"per-core\" or \"multi-thread\""),
+                        ));
+                        }
+                    }
+                }
+            },
         })
     }
 }

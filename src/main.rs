@@ -187,14 +187,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run { config } => {
             let c = Config::load(&config)?;
-            runtime()?.block_on(async {
+            runtime(&c)?.block_on(async {
                 let server = sluice::Sluice::bind(c).await?.reload_from(config);
                 server.run(sluice::shutdown::signal_received()).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Web { listen, name } => {
-            runtime()?.block_on(async {
+            small_runtime()?.block_on(async {
                 let l = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
@@ -205,7 +205,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => {
-            let outcome = runtime()?.block_on(ctl(args))?;
+            let outcome = small_runtime()?.block_on(ctl(args))?;
             Ok(match outcome {
                 sluice::ctl::Outcome::Done => ExitCode::SUCCESS,
                 sluice::ctl::Outcome::TimedOut => ExitCode::from(2),
@@ -216,7 +216,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 web.len() == 2,
                 "--web takes two addresses, such as 127.0.0.1:8081,127.0.0.1:8082"
             );
-            runtime()?.block_on(demo(listen, admin, [web[0], web[1]]))?;
+            small_runtime()?.block_on(demo(listen, admin, [web[0], web[1]]))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -273,8 +273,27 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
     Ok(outcome)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The runtime `sluice run` serves on: single-threaded for the per-core
+/// layout (sluice adds the other workers' threads itself), or tokio's
+/// work-stealing one.
+fn runtime(c: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = match c.runtime {
+        sluice::config::RuntimeLayout::PerCore => tokio::runtime::Builder::new_current_thread(),
+        sluice::config::RuntimeLayout::MultiThread => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(c.workers);
+            b
+        }
+    };
+    b.enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// For the commands that are not the balancer.
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")

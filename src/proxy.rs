@@ -78,15 +78,17 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 /// One client's life.
 async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
-    tune(&client);
     let route = service.route();
     let settings = shared.settings();
     for (backend, target) in route.pick() {
         // The slot is held from before the connect, so a pending connect
         // counts and a drain waits for it.
-        let Some(guard) = backend.try_acquire(peer, service.name.clone(), &shared.conn_root) else {
+        let Some(guard) = backend.try_acquire(peer, service.name.clone()) else {
             continue;
         };
+        if shared.closing_all.load(Ordering::SeqCst) {
+            return;
+        }
         tracing::Span::current().record("backend", backend.name.as_str());
         let connected = tokio::select! {
             r = connect(target, settings.connect_timeout) => r,
@@ -99,7 +101,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
         match connected {
             Ok(server) => {
                 guard.established();
-                tune(&server);
                 debug!("connected");
                 relay(client, server, guard, settings).await;
                 return;
@@ -131,16 +132,37 @@ async fn relay(client: TcpStream, server: TcpStream, guard: ConnGuard, settings:
     }
 }
 
-/// TCP_NODELAY, so small writes go out at once, and keepalive, so a peer
-/// that vanished without FIN or RST is noticed and cannot hold a drain
-/// open forever.
-fn tune(s: &TcpStream) {
-    let _ = s.set_nodelay(true);
+/// Socket options of every proxied socket: TCP_NODELAY, so small writes go
+/// out at once, and keepalive, so a peer that vanished without FIN or RST
+/// is noticed and cannot hold a drain open forever. Set on the listener,
+/// accepted sockets inherit them, which saves syscalls per connection.
+pub fn tune(s: &socket2::SockRef<'_>) -> io::Result<()> {
+    s.set_tcp_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10))
         .with_retries(6);
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive);
+    s.set_tcp_keepalive(&keepalive)
+}
+
+/// A listening socket for a service: options for its clients set once,
+/// and a long accept queue so that bursts of new clients are not dropped.
+/// With `reuseport`, several workers can each listen on the same address.
+pub fn listen(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    tune(&socket2::SockRef::from(&socket))?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// Resolves when the connection has moved no byte for `limit`.
@@ -159,27 +181,41 @@ async fn idle_expired(info: &crate::backend::ConnInfo, limit: Option<Duration>) 
 
 /// Resolves if the client resets before sending anything. A FIN is no
 /// reason to give up: it may be a half-close from a client that waits for
-/// the server to speak first, and the splice passes it on.
+/// the server to speak first, and the splice passes it on. Readiness comes
+/// from epoll, so a quiet client costs no syscall here.
 async fn client_gone(client: &TcpStream) {
     let mut b = [0u8; 1];
-    match client.peek(&mut b).await {
-        Err(_) => {}
-        Ok(_) => std::future::pending().await,
+    let gone = match client.readable().await {
+        Err(_) => true,
+        Ok(()) => client.peek(&mut b).await.is_err(),
+    };
+    if !gone {
+        std::future::pending::<()>().await;
     }
+}
+
+/// One connect, with the socket options set before it.
+async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    tune(&socket2::SockRef::from(&socket))?;
+    socket.connect(a).await
 }
 
 /// Connects to a target within `timeout`, trying each resolved address.
 pub(crate) async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream> {
     let attempt = async {
         match target {
-            Target::Addr(a) => TcpStream::connect(a).await,
+            Target::Addr(a) => connect_to(*a).await,
             Target::Host(h, p) => {
                 let mut last = io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("{h} resolved to no address"),
                 );
                 for a in tokio::net::lookup_host((h.as_str(), *p)).await? {
-                    match TcpStream::connect(a).await {
+                    match connect_to(a).await {
                         Ok(s) => return Ok(s),
                         Err(e) => last = e,
                     }

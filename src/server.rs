@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::Error;
 use crate::backend::{Backend, State};
-use crate::config::{BackendConfig, Config, HealthCheck};
+use crate::config::{BackendConfig, Config, HealthCheck, RuntimeLayout};
 use crate::health::Probe;
 use crate::pool::{Route, Target};
 
@@ -65,9 +65,9 @@ pub struct Shared {
     pub limit: Arc<Semaphore>,
     pub stats: Stats,
     settings: RwLock<Settings>,
-    /// Parent of every connection's token: cancelled when the shutdown
-    /// grace period ends.
-    pub conn_root: CancellationToken,
+    /// Set when the shutdown grace period ends: every connection closes,
+    /// and one that registers after that closes at once.
+    pub closing_all: AtomicBool,
     /// Set once shutdown has begun.
     pub shutting_down: AtomicBool,
     admin_token: RwLock<Option<String>>,
@@ -302,7 +302,9 @@ fn load_states(path: &Path) -> Result<HashMap<String, State>, Error> {
 /// A bound, not yet running sluice.
 pub struct Sluice {
     shared: Arc<Shared>,
-    listeners: Vec<(Arc<Service>, TcpListener)>,
+    /// Per service, one listener per worker (one in all for multi-thread).
+    listeners: Vec<(Arc<Service>, Vec<std::net::TcpListener>)>,
+    layout: RuntimeLayout,
     admin: TcpListener,
     grace: Duration,
     state_file: Option<PathBuf>,
@@ -318,19 +320,28 @@ impl Sluice {
             Some(p) => load_states(p)?,
             None => HashMap::new(),
         };
+        let per_core = config.runtime == RuntimeLayout::PerCore && config.workers > 1;
+        let count = if per_core { config.workers } else { 1 };
         let mut listeners = Vec::new();
         for s in &config.services {
-            let listener = TcpListener::bind(s.listen).await.map_err(|e| Error::Bind {
+            let bind_err = |e| Error::Bind {
                 what: format!("service `{}`", s.name),
                 addr: s.listen,
                 source: e,
-            })?;
+            };
+            let first = crate::proxy::listen(s.listen, per_core).map_err(bind_err)?;
+            // Port 0 picks a port once; the other workers share it.
+            let bound = first.local_addr().map_err(Error::Io)?;
+            let mut set = vec![first];
+            for _ in 1..count {
+                set.push(crate::proxy::listen(bound, true).map_err(bind_err)?);
+            }
             let service = Arc::new(Service {
                 name: s.name.as_str().into(),
-                listen: listener.local_addr().map_err(Error::Io)?,
+                listen: bound,
                 route: RwLock::new(Arc::new(Route::new(Vec::new()))),
             });
-            listeners.push((service, listener));
+            listeners.push((service, set));
         }
         let admin = TcpListener::bind(config.admin.listen)
             .await
@@ -355,7 +366,7 @@ impl Sluice {
                 fall: config.health.fall,
                 zero_copy: config.zero_copy,
             }),
-            conn_root: CancellationToken::new(),
+            closing_all: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             admin_token: RwLock::new(None),
             admin_timeout: config.admin.request_timeout,
@@ -379,12 +390,14 @@ impl Sluice {
         }
         let state_file = config.state_file.clone();
         let grace = config.shutdown_grace;
+        let layout = config.runtime;
         shared
             .reload(config)
             .map_err(|m| Error::Io(std::io::Error::other(m)))?;
         Ok(Sluice {
             shared,
             listeners,
+            layout,
             admin,
             grace,
             state_file,
@@ -437,8 +450,20 @@ impl Sluice {
         let stop_accepting = CancellationToken::new();
         let conns = TaskTracker::new();
         let mut loops = Vec::new();
-        for (service, listener) in self.listeners {
-            info!(service = %service.name, listen = %service.listen, "service listening");
+        // Per worker, its listener of each service.
+        let mut per_worker: Vec<Vec<(Arc<Service>, std::net::TcpListener)>> = Vec::new();
+        for (service, set) in self.listeners {
+            info!(service = %service.name, listen = %service.listen, workers = set.len(), layout = ?self.layout, "service listening");
+            for (k, l) in set.into_iter().enumerate() {
+                if per_worker.len() <= k {
+                    per_worker.push(Vec::new());
+                }
+                per_worker[k].push((service.clone(), l));
+            }
+        }
+        let mut workers = per_worker.into_iter();
+        for (service, l) in workers.next().unwrap_or_default() {
+            let listener = TcpListener::from_std(l).map_err(Error::Io)?;
             loops.push(tokio::spawn(crate::proxy::accept_loop(
                 listener,
                 service,
@@ -446,6 +471,44 @@ impl Sluice {
                 stop_accepting.clone(),
                 conns.clone(),
             )));
+        }
+        // Every further worker: a thread with its own single-threaded
+        // runtime, serving the connections its listeners accept.
+        let mut threads = Vec::new();
+        for (k, set) in workers.enumerate() {
+            let (shared, stop, conns) = (shared.clone(), stop_accepting.clone(), conns.clone());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(Error::Io)?;
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-worker-{}", k + 1))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let mut loops = Vec::new();
+                        for (service, l) in set {
+                            match TcpListener::from_std(l) {
+                                Ok(listener) => {
+                                    loops.push(tokio::spawn(crate::proxy::accept_loop(
+                                        listener,
+                                        service,
+                                        shared.clone(),
+                                        stop.clone(),
+                                        conns.clone(),
+                                    )))
+                                }
+                                Err(e) => error!(error = %e, "worker cannot use its listener"),
+                            }
+                        }
+                        for l in loops {
+                            let _ = l.await;
+                        }
+                        // Its connections run on this runtime: drive them to the end.
+                        conns.wait().await;
+                    });
+                })
+                .map_err(Error::Io)?;
+            threads.push(thread);
         }
         let admin_stop = CancellationToken::new();
         info!(listen = %self.admin.local_addr().map_err(Error::Io)?, "admin API listening");
@@ -472,8 +535,14 @@ impl Sluice {
                 live = conns.len(),
                 "grace period over: closing remaining connections"
             );
-            shared.conn_root.cancel();
+            shared.closing_all.store(true, Ordering::SeqCst);
+            for b in shared.backends() {
+                b.close_all();
+            }
             conns.wait().await;
+        }
+        for t in threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         admin_stop.cancel();
         let _ = admin.await;

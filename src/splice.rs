@@ -118,6 +118,16 @@ async fn one_way(
     }
 }
 
+/// Marks `s` as read dry after a short read, which saves the read that
+/// would only return EAGAIN. A short TCP read leaves the receive queue
+/// empty, and data arriving later raises a new edge-triggered event, whose
+/// newer tick tokio keeps: no wakeup can be lost.
+fn drained(s: &TcpStream) {
+    let _ = s.try_io(Interest::READABLE, || {
+        Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+    });
+}
+
 /// One read into a pooled buffer and the write of all of it. `None` when
 /// the readiness was spurious, `Some(0)` at end of stream.
 async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
@@ -127,6 +137,9 @@ async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),
     };
+    if n > 0 && n < BUF_SIZE {
+        drained(from);
+    }
     let mut off = 0;
     while off < n {
         to.writable().await?;
@@ -253,6 +266,9 @@ mod pipe {
                 return Err(e);
             }
         };
+        if n > 0 && n < pipe.size {
+            super::drained(from);
+        }
         let mut left = n;
         while left > 0 {
             to.writable().await?;

@@ -258,3 +258,28 @@ fn docker_config_needs_a_token_and_takes_it_from_the_environment() {
         "{summary}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_with_either_runtime_layout() {
+    for layout in [
+        "runtime = \"multi-thread\"\nworkers = 2",
+        "runtime = \"per-core\"\nworkers = 3",
+    ] {
+        let a = Echo::start("a").await;
+        let text = format!(
+            "{layout}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+             [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+            a.addr
+        );
+        let (_dir, path) = write_config(&text);
+        let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+        let addr = addr_after(&p.wait_line("service listening"), "listen=");
+        for _ in 0..10 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            assert_eq!(read_line(&mut s).await, "a");
+            echo(&mut s, layout.as_bytes()).await;
+        }
+        p.signal("TERM");
+        assert_eq!(p.wait_exit().code(), Some(0), "{}", p.log.join("\n"));
+    }
+}

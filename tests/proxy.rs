@@ -303,3 +303,30 @@ async fn idle_timeout_closes_silent_connections() {
     wait_for("count back to 0", || async { lb.live("a").await == 0 }).await;
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_runtime_layouts_serve_and_count_exactly() {
+    for layout in [
+        "workers = 3\nruntime = \"per-core\"",
+        "workers = 2\nruntime = \"multi-thread\"",
+    ] {
+        let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+        let lb = Sluice::start(layout, &[("a", a.addr), ("b", b.addr)]).await;
+        let mut conns = Vec::new();
+        let mut names = Vec::new();
+        for i in 0..30 {
+            let (mut s, name) = lb.connect().await;
+            echo(&mut s, format!("{layout} {i}").as_bytes()).await;
+            names.push(name);
+            conns.push(s);
+        }
+        assert_eq!(names.iter().filter(|n| *n == "a").count(), 15, "{layout}");
+        assert_eq!(lb.live("a").await + lb.live("b").await, 30);
+        drop(conns);
+        wait_for("all closed", || async {
+            lb.live("a").await + lb.live("b").await == 0
+        })
+        .await;
+        lb.shutdown().await;
+    }
+}
