@@ -236,3 +236,27 @@ pub(crate) async fn connect(target: &Target, timeout: Duration) -> io::Result<Tc
             ))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every idle connection holds its task's future: keep it small, since
+    /// it is most of sluice's memory per connection.
+    #[test]
+    fn a_connection_task_stays_small() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = l.local_addr().unwrap();
+            let c = tokio::net::TcpStream::connect(a).await.unwrap();
+            let text = format!(
+                "[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                 [[backend]]\nname = \"b\"\naddress = \"{a}\"\n"
+            );
+            let s = crate::Sluice::bind(crate::Config::parse("t", &text).unwrap()).await.unwrap();
+            let shared = s.shared().clone();
+            let f = super::handle(c, a, &shared.services[0], &shared);
+            let size = std::mem::size_of_val(&f);
+            assert!(size <= 2048, "a connection's future is {size} bytes");
+        });
+    }
+}
