@@ -77,6 +77,30 @@ struct CtlArgs {
     command: CtlCommand,
 }
 
+/// How a drain goes, for `ctl drain` and each drain of `ctl rollout`.
+#[derive(clap::Args)]
+struct DrainArgs {
+    /// Give up waiting after this long (exit 2); default: wait until drained.
+    #[arg(long, value_parser = duration)]
+    wait: Option<Duration>,
+    /// Close the connections still open after this long.
+    #[arg(long, value_parser = duration)]
+    force_after: Option<Duration>,
+    /// While draining, close connections idle for this long.
+    #[arg(long, value_parser = duration)]
+    close_idle: Option<Duration>,
+}
+
+impl From<DrainArgs> for sluice::ctl::DrainOpts {
+    fn from(a: DrainArgs) -> Self {
+        sluice::ctl::DrainOpts {
+            wait: a.wait,
+            force_after: a.force_after,
+            close_idle: a.close_idle,
+        }
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     sluice::config::parse_duration(s)
 }
@@ -91,15 +115,8 @@ enum CtlCommand {
     /// Take a backend out of rotation and show its connections falling to 0.
     Drain {
         name: String,
-        /// Give up waiting after this long (exit 2); default: wait until drained.
-        #[arg(long, value_parser = duration)]
-        wait: Option<Duration>,
-        /// Close the connections still open after this long.
-        #[arg(long, value_parser = duration)]
-        force_after: Option<Duration>,
-        /// While draining, close connections idle for this long.
-        #[arg(long, value_parser = duration)]
-        close_idle: Option<Duration>,
+        #[command(flatten)]
+        drain: DrainArgs,
     },
     /// Take a backend out of rotation and close its connections now.
     Stop { name: String },
@@ -130,15 +147,8 @@ enum CtlCommand {
         /// Never leave fewer than this many other active, healthy backends.
         #[arg(long, default_value_t = 1)]
         min_active: usize,
-        /// Longest wait for each drain (default: until drained).
-        #[arg(long, value_parser = duration)]
-        wait: Option<Duration>,
-        /// Close what is left of a drain after this long.
-        #[arg(long, value_parser = duration)]
-        force_after: Option<Duration>,
-        /// While draining, close connections idle for this long.
-        #[arg(long, value_parser = duration)]
-        close_idle: Option<Duration>,
+        #[command(flatten)]
+        drain: DrainArgs,
         /// Longest wait for a passing health check after the command.
         #[arg(long, value_parser = duration, default_value = "60s")]
         healthy_timeout: Duration,
@@ -223,23 +233,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
-    use sluice::ctl::{self, DrainOpts};
+    use sluice::ctl;
     let c = ctl::Client::new(&args.admin, args.token)?;
     let outcome = match args.command {
         CtlCommand::Status { json } => ctl::status(&c, json).await?,
-        CtlCommand::Drain {
-            name,
-            wait,
-            force_after,
-            close_idle,
-        } => {
-            let opts = DrainOpts {
-                wait,
-                force_after,
-                close_idle,
-            };
-            ctl::drain(&c, &name, opts).await?
-        }
+        CtlCommand::Drain { name, drain } => ctl::drain(&c, &name, drain.into()).await?,
         CtlCommand::Stop { name } => ctl::stop(&c, &name).await?,
         CtlCommand::Start { name, wait_healthy } => ctl::start(&c, &name, wait_healthy).await?,
         CtlCommand::Conns { name, json } => ctl::conns(&c, &name, json).await?,
@@ -248,9 +246,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
             smoke,
             backends,
             min_active,
-            wait,
-            force_after,
-            close_idle,
+            drain,
             healthy_timeout,
             settle,
         } => {
@@ -259,11 +255,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
                 smoke,
                 backends,
                 min_active,
-                drain: DrainOpts {
-                    wait,
-                    force_after,
-                    close_idle,
-                },
+                drain: drain.into(),
                 healthy_timeout,
                 settle,
             };

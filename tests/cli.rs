@@ -188,13 +188,7 @@ async fn run_refuses_a_taken_port_with_a_clear_error() {
         taken.local_addr().unwrap()
     );
     let (_dir, path) = write_config(&text);
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_must_fail(&path);
     assert!(
         err.contains("cannot listen on") && err.contains("service `web`"),
         "{err}"

@@ -73,13 +73,7 @@ async fn an_unreadable_state_file_stops_the_start_with_its_name() {
         &[("a", a.addr, 1)],
     );
     let (_d, path) = write_config(&text);
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_must_fail(&path);
     assert!(
         err.contains("state.json") && err.contains("delete it"),
         "{err}"

@@ -196,28 +196,29 @@ fn load(
     tasks
 }
 
-async fn sluice_for(backends: &[(&str, SocketAddr)]) -> Sluice {
+/// Three `sluice web` processes, version 1, behind sluice with fast
+/// health checks.
+async fn three_backends() -> (tempdir::Dir, Sluice) {
+    let dir = tempdir::Dir::new();
+    let backends: Vec<(&str, SocketAddr)> = ["web1", "web2", "web3"]
+        .into_iter()
+        .map(|n| (n, start_web(&dir.path, n, "127.0.0.1:0")))
+        .collect();
     let mut text = String::from(
         "connect_timeout = \"1s\"\n[health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n",
     );
-    for (name, addr) in backends {
+    for (name, addr) in &backends {
         text.push_str(&format!(
             "[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\nhealth_check = \"http\"\nhealth_path = \"/\"\n"
         ));
     }
-    Sluice::from_toml(&text).await
+    (dir, Sluice::from_toml(&text).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_update_under_load_loses_nothing() {
-    let dir = tempdir::Dir::new();
-    let names = ["web1", "web2", "web3"];
-    let addrs: Vec<SocketAddr> = names
-        .iter()
-        .map(|n| start_web(&dir.path, n, "127.0.0.1:0"))
-        .collect();
-    let lb = sluice_for(&[("web1", addrs[0]), ("web2", addrs[1]), ("web3", addrs[2])]).await;
+    let (dir, lb) = three_backends().await;
     wait_for("all healthy", || async {
         let (_, v) = lb.get("/backends").await;
         v.as_array()
@@ -324,13 +325,7 @@ async fn a_rolling_update_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_control_killing_without_a_drain_is_seen() {
-    let dir = tempdir::Dir::new();
-    let names = ["web1", "web2", "web3"];
-    let addrs: Vec<SocketAddr> = names
-        .iter()
-        .map(|n| start_web(&dir.path, n, "127.0.0.1:0"))
-        .collect();
-    let lb = sluice_for(&[("web1", addrs[0]), ("web2", addrs[1]), ("web3", addrs[2])]).await;
+    let (dir, lb) = three_backends().await;
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = load(lb.addr, tally.clone(), stop.clone());

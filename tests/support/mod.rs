@@ -436,3 +436,14 @@ pub fn addr_after(line: &str, key: &str) -> SocketAddr {
         .parse()
         .unwrap()
 }
+
+/// Runs `sluice run` on a file that must make it fail; returns stderr.
+pub fn run_must_fail(path: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "sluice run should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
