@@ -6,8 +6,8 @@
       nothing. Writes "live=N accepted=M" to FILE whenever it changes.
 
   idle.py open --port P --count N --status FILE [--max-seconds S]
-      Opens N connections to 127.0.0.1:P (a few hundred connects in flight
-      at once), sends nothing, and holds them until SIGTERM or S seconds.
+      Opens N connections to 127.0.0.1:P (--concurrency connects in flight
+      at once, 100 by default), sends nothing, and holds them until SIGTERM or S seconds.
       Writes "open=N failed=F closed=C done=0|1" to FILE as it goes.
 
 Both end by themselves after --max-seconds, so no run is unbounded.
@@ -71,7 +71,8 @@ async def hold(args):
         try:
             while await reader.read(65536):
                 pass
-        except OSError:
+        except (OSError, asyncio.CancelledError):
+            # Cancelled at shutdown: end quietly rather than log each one.
             pass
         finally:
             st.c["live"] -= 1
@@ -104,6 +105,8 @@ async def open_conns(args):
             await reader.read(1)
         except OSError:
             pass
+        except asyncio.CancelledError:
+            return
         st.c["open"] -= 1
         st.c["closed"] += 1
 
@@ -146,7 +149,7 @@ def main():
         a.add_argument("--status", required=True)
         a.add_argument("--max-seconds", type=float, default=600)
     o.add_argument("--count", type=int, required=True)
-    o.add_argument("--concurrency", type=int, default=256)
+    o.add_argument("--concurrency", type=int, default=100)
     args = p.parse_args()
     asyncio.run(hold(args) if args.cmd == "hold" else open_conns(args))
 
