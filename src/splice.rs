@@ -184,7 +184,7 @@ mod pipe {
             // budget; use what it reports.
             // SAFETY: fcntl on a descriptor we own, with integer arguments.
             let size = unsafe {
-                libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 64 * 1024);
+                libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 256 * 1024);
                 libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
             };
             Ok(Pipe {
