@@ -27,12 +27,16 @@ QUICK=${QUICK:-0}
 # Top-level sluice config lines, such as 'runtime = "multi-thread"'.
 SLUICE_CONFIG_EXTRA=${SLUICE_CONFIG_EXTRA:-}
 if [[ $QUICK == 1 ]]; then
+  ROUNDS=${ROUNDS:-1}
   DURATION=${DURATION:-2}
   IPERF_TIME=${IPERF_TIME:-2}
   IDLE_CONNS=${IDLE_CONNS:-1000}
   WARMUP=${WARMUP:-1}
 else
-  DURATION=${DURATION:-10}
+  # Load runs are repeated in rounds, every target once per round, and the
+  # median is reported: this machine's noise is larger than the gaps.
+  ROUNDS=${ROUNDS:-3}
+  DURATION=${DURATION:-8}
   IPERF_TIME=${IPERF_TIME:-10}
   IDLE_CONNS=${IDLE_CONNS:-10000}
   WARMUP=${WARMUP:-1}
@@ -639,14 +643,15 @@ bench_idle() { # target; the proxy was started fresh for this test
   wait_holder_live 0 30 || true
 }
 
-run_target() {
-  local t=$1
+# run_load TARGET: one round of the load runs (HTTP, bulk) on a fresh proxy.
+run_load() {
+  local t=$1 ovf0
   case $t in
     haproxy | haproxy_splice) ((HAVE_HAPROXY)) || { mark "$t" "skipped"; return 0; } ;;
     nginx) ((HAVE_STREAM)) || { mark "$t" "skipped"; return 0; } ;;
   esac
-  log "=== ${LABEL[$t]}"
-  OVF0=$(listen_overflows)
+  log "=== ${LABEL[$t]}, round $ROUND of $ROUNDS"
+  ovf0=$(listen_overflows)
   if ! start_target "$t"; then
     note "${LABEL[$t]} did not start: $(tail -n 3 "$PROXY_LOG" 2>/dev/null | tr '\n' ' ')"
     stop_target
@@ -658,26 +663,58 @@ run_target() {
   bench_bulk "$t"
   proxy_ok "$t" || true
   stop_target
+  OVF[$t]=$((${OVF[$t]:-0} + $(listen_overflows) - ovf0))
+}
+
+# run_idle TARGET: memory on a fresh process, so load does not blur it.
+run_idle() {
+  local t=$1 ovf0
   if [[ $t == direct ]]; then
     R[$t:rss0]=n/a R[$t:idle]=n/a
-    record_overflows "$t"
     return 0
   fi
-  # A fresh process for memory, so earlier load does not blur the baseline.
+  [[ ${R[$t:rps]} == skipped ]] && return 0
+  ovf0=$(listen_overflows)
   if start_target "$t"; then
     bench_idle "$t"
     proxy_ok "$t" || true
   else
     R[$t:rss0]=failed R[$t:idle]=failed
-    note "${LABEL[$t]} did not restart for the idle test: $(tail -n 3 "$PROXY_LOG" 2>/dev/null | tr '\n' ' ')"
+    note "${LABEL[$t]} did not start for the idle test: $(tail -n 3 "$PROXY_LOG" 2>/dev/null | tr '\n' ' ')"
   fi
   scan_log "$t"
   stop_target
-  record_overflows "$t"
+  OVF[$t]=$((${OVF[$t]:-0} + $(listen_overflows) - ovf0))
+}
+
+LOAD_METRICS="rps p50 p99 cps gbps1 gbps4 cpugb1 cpugb4"
+
+# collect TARGET: keeps this round's load metrics.
+collect() {
+  local m
+  for m in $LOAD_METRICS; do V[$1:$m]+="${R[$1:$m]} "; done
+  E[$1]+="${R[$1:errs]}; "
+}
+
+# settle TARGET: the median of each load metric over the rounds; a word
+# such as "error" in any round is reported instead.
+settle() {
+  local m vals word
+  for m in $LOAD_METRICS; do
+    vals=${V[$1:$m]}
+    word=$(tr ' ' '\n' <<<"$vals" | grep -v -E '^$|^[0-9.]+$' | head -n 1 || true)
+    if [[ -n $word ]]; then
+      R[$1:$m]=$word
+    else
+      R[$1:$m]=$(tr ' ' '\n' <<<"$vals" | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}')
+    fi
+  done
+  # Errors: the sum over the rounds, keep-alive / close.
+  R[$1:errs]=$(tr ';' '\n' <<<"${E[$1]}" | awk -F/ 'NF == 2 {k += $1; c += $2} END {printf "%d / %d", k, c}')
 }
 
 record_overflows() { # target
-  local ovf=$(($(listen_overflows) - OVF0))
+  local ovf=${OVF[$1]:-0}
   R[$1:ovf]=$ovf
   if ((ovf > 0)); then
     note "${LABEL[$1]}: the kernel dropped $ovf connection attempts on a full listen queue during its runs (TcpExt ListenOverflows; the counter is host-wide, so other programs' connections count too)"
@@ -704,12 +741,26 @@ mark() { # target word: every metric of a target
 
 # ---------------------------------------------------------------- run
 
+declare -A V E OVF
+SELECTED=()
 for t in "${ALL_TARGETS[@]}"; do
   if [[ " $TARGETS " == *" $t "* ]]; then
-    run_target "$t"
+    SELECTED+=("$t")
   else
     mark "$t" "not run"
   fi
+done
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+  for t in "${SELECTED[@]}"; do
+    run_load "$t"
+    collect "$t"
+  done
+done
+for t in "${SELECTED[@]}"; do
+  [[ ${R[$t:rps]} == skipped || ${R[$t:rps]} == failed ]] && continue
+  settle "$t"
+  run_idle "$t"
+  record_overflows "$t"
 done
 
 # ---------------------------------------------------------------- report
@@ -733,8 +784,8 @@ ROWS=(
   "idle|RSS per idle connection, KiB ↓ ($IDLE_N conns)"
 )
 
-mode="full"
-[[ $QUICK == 1 ]] && mode="QUICK=1"
+mode="full, median of $ROUNDS rounds"
+[[ $QUICK == 1 ]] && mode="QUICK=1, $ROUNDS round(s)"
 {
   echo "# sluice benchmark"
   echo

@@ -200,7 +200,11 @@ async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    tune(&socket2::SockRef::from(&socket))?;
+    // Fewer options than on the listener, each one a syscall per connect:
+    // the kernel's probe interval and count stand for the backend side.
+    socket.set_nodelay(true)?;
+    socket2::SockRef::from(&socket)
+        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)))?;
     socket.connect(a).await
 }
 
