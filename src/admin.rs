@@ -2,7 +2,7 @@
 //!
 //! | method | path | does |
 //! |---|---|---|
-//! | GET  | `/healthz` | 200 `{"status":"ok"}` while serving, 503 once shutdown began |
+//! | GET  | `/healthz` | 200 `{"status":"ok","time_ms":...}` (the server's clock) while serving, 503 once shutdown began |
 //! | GET  | `/backends` | every backend, as an array of backend elements |
 //! | GET  | `/backends/{name}` | one backend element |
 //! | POST | `/backends/{name}/drain` | out of rotation; live connections run on. Query: `wait=D` holds the reply until drained or D passes (200 drained, 202 still draining); `force_after=D` closes what is left after D; `close_idle=D` closes, while draining, connections idle for D |
@@ -279,7 +279,15 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
                     &serde_json::json!({ "status": "shutting down" }),
                 )
             } else {
-                json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+                // The server's clock, so that clients on other hosts can
+                // compare check times without trusting their own.
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "status": "ok", "time_ms": now_ms }),
+                )
             }
         }
         ["stats"] => {

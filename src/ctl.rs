@@ -123,6 +123,15 @@ impl Client {
         Ok((status, v))
     }
 
+    /// The server's clock, in Unix milliseconds.
+    pub async fn server_time_ms(&self) -> Result<u64, CtlError> {
+        let (_, v): (_, serde_json::Value) = self.json(Method::GET, "/healthz").await?;
+        v["time_ms"].as_u64().ok_or_else(|| CtlError::Http {
+            url: self.url.clone(),
+            message: "GET /healthz gave no time_ms".into(),
+        })
+    }
+
     pub async fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
         Ok(self.json(Method::GET, "/backends").await?.1)
     }
@@ -494,7 +503,8 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
     run_shell(&opts.exec, name, &address)
         .await
         .map_err(|e| (Outcome::Done, e))?;
-    let after_command = unix_ms();
+    // By the server's clock: ctl may run on another host.
+    let after_command = c.server_time_ms().await.map_err(failed)?;
 
     // 4. Health, then smoke.
     say(&format!("{name}: 3/5 wait for a passing health check"));
@@ -558,12 +568,6 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs `command` with `sh -c`, its output shown, with the backend in its

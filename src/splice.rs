@@ -25,20 +25,32 @@ use tokio::net::TcpStream;
 
 use crate::backend::{Backend, ConnInfo};
 
-const BUF_SIZE: usize = 16 * 1024;
+/// Buffer for requests and replies; a read that fills it marks a bulk flow.
+const SMALL: usize = 16 * 1024;
+/// Buffer for bulk flows on the copy path.
+const LARGE: usize = 128 * 1024;
 /// Buffers and pipes kept for reuse; beyond this they are freed after use.
 const POOL_MAX: usize = 1024;
 
-static BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static SMALL_BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static LARGE_BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 
-/// A buffer borrowed from the pool for one read-then-write.
+fn pool(size: usize) -> &'static Mutex<Vec<Box<[u8]>>> {
+    if size == LARGE {
+        &LARGE_BUFS
+    } else {
+        &SMALL_BUFS
+    }
+}
+
+/// A buffer borrowed from a pool for one read-then-write.
 struct Buf(Option<Box<[u8]>>);
 
 impl Buf {
-    fn take() -> Buf {
-        let b = BUFS.lock().ok().and_then(|mut p| p.pop());
+    fn take(size: usize) -> Buf {
+        let b = pool(size).lock().ok().and_then(|mut p| p.pop());
         Buf(Some(
-            b.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice()),
+            b.unwrap_or_else(|| vec![0u8; size].into_boxed_slice()),
         ))
     }
 
@@ -49,7 +61,8 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if let (Some(b), Ok(mut p)) = (self.0.take(), BUFS.lock())
+        if let Some(b) = self.0.take()
+            && let Ok(mut p) = pool(b.len()).lock()
             && p.len() < POOL_MAX
         {
             p.push(b);
@@ -84,6 +97,7 @@ async fn one_way(
     allowed: bool,
 ) -> io::Result<()> {
     let mut zero_copy = false;
+    let mut size = SMALL;
     loop {
         from.readable().await?;
         let spliced = zero_copy;
@@ -96,9 +110,13 @@ async fn one_way(
                 }
             }
         } else {
-            let n = copy_once(from, to).await?;
-            // A full buffer means a bulk flow: splice from now on.
-            zero_copy = allowed && n == Some(BUF_SIZE);
+            let n = copy_once(from, to, size).await?;
+            // A full small buffer means a bulk flow: splice from now on,
+            // or copy through large buffers where splicing is off.
+            if size == SMALL && n == Some(SMALL) {
+                zero_copy = allowed;
+                size = LARGE;
+            }
             n
         };
         match moved {
@@ -130,14 +148,14 @@ fn drained(s: &TcpStream) {
 
 /// One read into a pooled buffer and the write of all of it. `None` when
 /// the readiness was spurious, `Some(0)` at end of stream.
-async fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Option<usize>> {
-    let mut buf = Buf::take();
+async fn copy_once(from: &TcpStream, to: &TcpStream, size: usize) -> io::Result<Option<usize>> {
+    let mut buf = Buf::take(size);
     let n = match from.try_read(buf.bytes()) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),
     };
-    if n > 0 && n < BUF_SIZE {
+    if n > 0 && n < size {
         drained(from);
     }
     let mut off = 0;
