@@ -786,7 +786,8 @@ impl Config {
                 |w| w as usize,
             ),
             runtime: match &raw.runtime {
-                None => RuntimeLayout::PerCore,
+                // Chosen by measurement: see README, Performance.
+                None => RuntimeLayout::MultiThread,
                 Some(r) => {
                     match r.get_ref().as_str() {
                         "per-core" => RuntimeLayout::PerCore,
