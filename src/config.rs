@@ -224,6 +224,15 @@ pub enum HealthCheck {
 }
 
 /// Parses `1500ms`, `30s`, `5m`, `1h` (a whole number and a unit).
+///
+/// ```
+/// use std::time::Duration;
+/// use sluice::config::parse_duration;
+///
+/// assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+/// assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+/// assert!(parse_duration("5 minutes").is_err());
+/// ```
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -432,6 +441,16 @@ impl Config {
     }
 
     /// Validates configuration text; `file` names it in errors.
+    ///
+    /// ```
+    /// let text = "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+    ///             [[backend]]\nname = \"web1\"\naddress = \"10.0.0.11\"\n";
+    /// let c = sluice::Config::parse("sluice.toml", text).unwrap();
+    /// assert_eq!(c.services[0].backend_port, 8080);
+    ///
+    /// let err = sluice::Config::parse("sluice.toml", &text.replace("10.0.0.11", "10.0.0.11:0")).unwrap_err();
+    /// assert_eq!(err.to_string(), "sluice.toml:6: backend[0].address: `10.0.0.11:0` has port 0; give the backend's real port");
+    /// ```
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         Self::parse_with_token(file, text, None)
     }
