@@ -130,11 +130,7 @@ async fn large_bodies_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_admin_clients_are_timed_out() {
     let a = Echo::start("a").await;
-    let text = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"300ms\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
-         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
-        a.addr
-    );
+    let text = config("", "request_timeout = \"300ms\"", &[("a", a.addr)]);
     let lb = Sluice::from_toml(&text).await;
     let mut s = TcpStream::connect(lb.admin).await.unwrap();
     s.write_all(b"GET /backends HTTP/1.1\r\nHost: t\r\n")
@@ -152,11 +148,7 @@ async fn silent_admin_clients_are_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_is_required_when_set() {
     let a = Echo::start("a").await;
-    let text = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
-         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
-        a.addr
-    );
+    let text = config("", "token = \"s3cret\"", &[("a", a.addr)]);
     let lb = Sluice::from_toml(&text).await;
     let (status, v) = http(lb.admin, "POST", "/backends/a/stop", None).await;
     assert_eq!(status, 401, "{v}");

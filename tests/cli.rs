@@ -129,10 +129,10 @@ fn check_names_a_missing_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_connections_finish_then_exits_0() {
     let a = Echo::start("a").await;
-    let text = format!(
-        "shutdown_grace = \"1h\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"tok-never-logged\"\n\
-         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
-        a.addr
+    let text = config(
+        "shutdown_grace = \"1h\"",
+        "token = \"tok-never-logged\"",
+        &[("a", a.addr)],
     );
     let (_dir, path) = write_config(&text);
     let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
@@ -165,11 +165,7 @@ async fn sigterm_lets_open_connections_finish_then_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_what_outlives_the_grace_period() {
     let a = Echo::start("a").await;
-    let text = format!(
-        "shutdown_grace = \"200ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
-        a.addr
-    );
+    let text = config("shutdown_grace = \"200ms\"", "", &[("a", a.addr)]);
     let (_dir, path) = write_config(&text);
     let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
     let addr = addr_after(&p.wait_line("service listening"), "listen=");
@@ -260,11 +256,7 @@ async fn run_serves_with_either_runtime_layout() {
         "runtime = \"per-core\"\nworkers = 3",
     ] {
         let a = Echo::start("a").await;
-        let text = format!(
-            "{layout}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
-             [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
-            a.addr
-        );
+        let text = config(layout, "", &[("a", a.addr)]);
         let (_dir, path) = write_config(&text);
         let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
         let addr = addr_after(&p.wait_line("service listening"), "listen=");

@@ -146,11 +146,7 @@ async fn exit_codes_say_done_error_or_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_sends_the_token_from_the_environment() {
     let a = Echo::start("a").await;
-    let text_cfg = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"k3y\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
-         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
-        a.addr
-    );
+    let text_cfg = config("", "token = \"k3y\"", &[("a", a.addr)]);
     let lb = Sluice::from_toml(&text_cfg).await;
     let out = ctl(&lb, &["status"]).await;
     assert_eq!(out.status.code(), Some(1));

@@ -85,10 +85,7 @@ async fn bulk_backend(
 }
 
 fn sluice_config(zero_copy: bool, addr: SocketAddr) -> String {
-    format!(
-        "zero_copy = {zero_copy}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
-         [[backend]]\nname = \"b\"\naddress = \"{addr}\"\nhealth_check = \"none\"\n"
-    )
+    config(&format!("zero_copy = {zero_copy}"), "", &[("b", addr)])
 }
 
 async fn both_ways_intact(zero_copy: bool) {

@@ -123,6 +123,20 @@ pub async fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// A config on ephemeral ports: `top` lines, `admin` lines, and one service
+/// `web` over `backends` (name, address) without health checks.
+pub fn config(top: &str, admin: &str, backends: &[(&str, SocketAddr)]) -> String {
+    let mut text = format!(
+        "{top}\n[admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n"
+    );
+    for (name, addr) in backends {
+        text.push_str(&format!(
+            "\n[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\nhealth_check = \"none\"\n"
+        ));
+    }
+    text
+}
+
 /// sluice running in-process on ephemeral ports.
 pub struct Sluice {
     pub addr: SocketAddr,
@@ -135,15 +149,7 @@ impl Sluice {
     /// Starts sluice with `extra` TOML (top-level keys) and one service
     /// `web` over `backends` (name, address).
     pub async fn start(extra: &str, backends: &[(&str, SocketAddr)]) -> Sluice {
-        let mut text = format!(
-            "{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n"
-        );
-        for (name, addr) in backends {
-            text.push_str(&format!(
-                "\n[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\nhealth_check = \"none\"\n"
-            ));
-        }
-        Self::from_toml(&text).await
+        Self::from_toml(&config(extra, "", backends)).await
     }
 
     /// Starts sluice from a whole file; shutdown grace is short unless set.
