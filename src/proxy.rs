@@ -179,19 +179,12 @@ async fn idle_expired(info: &crate::backend::ConnInfo, limit: Option<Duration>) 
     }
 }
 
-/// Resolves if the client resets before sending anything. A FIN is no
-/// reason to give up: it may be a half-close from a client that waits for
-/// the server to speak first, and the splice passes it on. Readiness comes
-/// from epoll, so a quiet client costs no syscall here.
+/// Resolves if the client resets while the backend connect is pending. A
+/// FIN is no reason to give up: it may be a half-close from a client that
+/// waits for the server to speak first, and the splice passes it on. Error
+/// readiness comes from epoll, so this costs no syscall.
 async fn client_gone(client: &TcpStream) {
-    let mut b = [0u8; 1];
-    let gone = match client.readable().await {
-        Err(_) => true,
-        Ok(()) => client.peek(&mut b).await.is_err(),
-    };
-    if !gone {
-        std::future::pending::<()>().await;
-    }
+    let _ = client.ready(tokio::io::Interest::ERROR).await;
 }
 
 /// One connect, with the socket options set before it.

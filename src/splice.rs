@@ -19,6 +19,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -81,20 +82,34 @@ pub async fn splice(
     zero_copy: bool,
 ) -> io::Result<()> {
     let zero_copy = zero_copy && cfg!(target_os = "linux");
+    let one_done = AtomicBool::new(false);
+    let ends = Ends {
+        info,
+        backend,
+        zero_copy,
+        one_done: &one_done,
+    };
     tokio::try_join!(
-        one_way(client, server, info, backend, true, zero_copy),
-        one_way(server, client, info, backend, false, zero_copy),
+        one_way(client, server, &ends, true),
+        one_way(server, client, &ends, false)
     )?;
     Ok(())
+}
+
+/// What both directions of one connection share.
+struct Ends<'a> {
+    info: &'a ConnInfo,
+    backend: &'a Backend,
+    zero_copy: bool,
+    /// Set by the first direction to reach end of stream.
+    one_done: &'a AtomicBool,
 }
 
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
-    info: &ConnInfo,
-    backend: &Backend,
+    ends: &Ends<'_>,
     to_backend: bool,
-    allowed: bool,
 ) -> io::Result<()> {
     let mut zero_copy = false;
     let mut size = SMALL;
@@ -114,7 +129,7 @@ async fn one_way(
             // A full small buffer means a bulk flow: splice from now on,
             // or copy through large buffers where splicing is off.
             if size == SMALL && n == Some(SMALL) {
-                zero_copy = allowed;
+                zero_copy = ends.zero_copy;
                 size = LARGE;
             }
             n
@@ -122,8 +137,13 @@ async fn one_way(
         match moved {
             None => continue,
             Some(0) => {
-                // The peer finished sending: pass the FIN on. The other
-                // side may already be gone, which ends nothing here.
+                // The peer finished sending: pass the FIN on. When the
+                // other direction has ended too, the close that follows
+                // sends it, one syscall fewer.
+                if ends.one_done.swap(true, Ordering::SeqCst) {
+                    return Ok(());
+                }
+                // The other side may already be gone, which ends nothing here.
                 match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
@@ -131,7 +151,7 @@ async fn one_way(
                 }
                 return Ok(());
             }
-            Some(n) => info.record(backend, to_backend, n, spliced),
+            Some(n) => ends.info.record(ends.backend, to_backend, n, spliced),
         }
     }
 }
