@@ -530,6 +530,7 @@ impl ConnGuard {
         self.backend
             .total_connections
             .fetch_add(1, Ordering::Relaxed);
+        self.backend.connect_succeeded();
     }
 }
 

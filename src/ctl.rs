@@ -19,6 +19,13 @@ use crate::admin::{BackendView, ConnView};
 use crate::backend::State;
 use crate::config::format_duration;
 
+/// New connections on the other backends, while a started one takes none,
+/// that show it is not back in rotation.
+const SETTLE_EVIDENCE: u64 = 20;
+
+/// The longest wait for one admin API reply.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How a command ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -64,8 +71,21 @@ impl Client {
         })
     }
 
-    /// One request on its own connection; returns status and body.
+    /// One request on its own connection; returns status and body. A
+    /// silent server is given up on after [`REQUEST_TIMEOUT`], so that a
+    /// wedged admin API cannot hang a rollout.
     async fn call(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), CtlError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.call_once(method, path))
+            .await
+            .unwrap_or_else(|_| {
+                Err(CtlError::Http {
+                    url: self.url.clone(),
+                    message: format!("no answer within {}", format_duration(REQUEST_TIMEOUT)),
+                })
+            })
+    }
+
+    async fn call_once(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), CtlError> {
         let unreachable = |e| CtlError::Unreachable {
             url: self.url.clone(),
             error: e,
@@ -425,6 +445,17 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
     let started = Instant::now();
     let mut done: Vec<String> = Vec::new();
     for name in &order {
+        // A backend an admin took out stays as it is: a rollout must not
+        // bring it back.
+        if let Some(b) = all.iter().find(|b| &b.name == name)
+            && b.state != State::Active
+        {
+            say(&format!(
+                "{name}: {}, so skipped and left as it is",
+                b.state.as_str()
+            ));
+            continue;
+        }
         match rollout_one(c, name, opts).await {
             Ok(()) => done.push(name.clone()),
             Err((outcome, why)) => {
@@ -551,11 +582,16 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
             return Ok(());
         }
         if t0.elapsed() >= opts.settle {
-            if others_total(&now) > others_total(&before) {
+            // Only a clear imbalance is a failure: with light traffic the
+            // few new clients may all have gone elsewhere by turn.
+            let others_new = others_total(&now) - others_total(&before);
+            if others_new >= SETTLE_EVIDENCE {
+                // Out of rotation again, as the report will say.
+                let _ = c.act(name, "drain", &[]).await;
                 return Err((
                     Outcome::Done,
                     format!(
-                        "took no new connection within {} while the others did",
+                        "took no new connection within {} while the others took {others_new}",
                         format_duration(opts.settle)
                     ),
                 ));

@@ -28,7 +28,9 @@ pub async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
+        // Stop first: once shutdown begins, no client is taken in.
         let accepted = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
@@ -59,7 +61,7 @@ pub async fn accept_loop(
         tracker.spawn(
             async move {
                 handle(client, peer, &service, &shared).await;
-                drop(permit);
+                shared.release(permit);
             }
             .instrument(span),
         );

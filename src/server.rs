@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::Error;
 use crate::backend::{Backend, State};
-use crate::config::{BackendConfig, Config, HealthCheck, RuntimeLayout};
+use crate::config::{BackendAddress, BackendConfig, Config, HealthCheck, RuntimeLayout};
 use crate::health::Probe;
 use crate::pool::{Route, Target};
 
@@ -63,6 +63,8 @@ pub struct Shared {
     backends: RwLock<Vec<Arc<Backend>>>,
     pub services: Vec<Arc<Service>>,
     pub limit: Arc<Semaphore>,
+    /// Permits still to take back after `max_connections` was lowered.
+    limit_debt: AtomicUsize,
     pub stats: Stats,
     settings: RwLock<Settings>,
     /// Set when the shutdown grace period ends: every connection closes,
@@ -135,7 +137,11 @@ impl Shared {
         for bc in &new.backends {
             match list.iter().find(|b| b.name == bc.name) {
                 Some(b) => {
-                    b.removed.store(false, Ordering::SeqCst);
+                    // Back in the file before its removal drain ended: it
+                    // joins again, as an added backend would.
+                    if b.removed.swap(false, Ordering::SeqCst) {
+                        b.start();
+                    }
                     b.set_weight(bc.weight);
                     b.set_address(bc.address.clone());
                 }
@@ -190,31 +196,48 @@ impl Shared {
         };
         *self.admin_token.write().expect("token lock") = new.admin.token.clone();
         let mut old = self.config.lock().expect("config lock");
-        if new.max_connections > old.max_connections {
-            self.limit
-                .add_permits(new.max_connections - old.max_connections);
-        } else if new.max_connections < old.max_connections {
-            // Permits in use now come back as connections end; only the
-            // free ones can be taken away at once.
-            let gone = self
-                .limit
-                .forget_permits(old.max_connections - new.max_connections);
-            if gone < old.max_connections - new.max_connections {
-                warn!(
-                    max_connections = new.max_connections,
-                    "lowered while busy: the limit applies fully as live connections end"
-                );
-                let rest = old.max_connections - new.max_connections - gone;
-                let limit = self.limit.clone();
-                tokio::spawn(async move {
-                    if let Ok(p) = limit.acquire_many_owned(rest as u32).await {
-                        p.forget();
-                    }
-                });
-            }
-        }
+        self.resize_limit(old.max_connections, new.max_connections);
         *old = new;
         Ok(())
+    }
+
+    /// Moves the connection limit from `from` to `to`. Permits held by live
+    /// connections cannot be taken back at once: they become a debt that
+    /// connections pay as they end ([`Shared::release`]), and a later
+    /// raise pays it first.
+    fn resize_limit(&self, from: usize, to: usize) {
+        if to > from {
+            let mut raise = to - from;
+            let _ = self
+                .limit_debt
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                    let paid = d.min(to - from);
+                    raise = to - from - paid;
+                    Some(d - paid)
+                });
+            self.limit.add_permits(raise);
+        } else if to < from {
+            let gone = self.limit.forget_permits(from - to);
+            if gone < from - to {
+                self.limit_debt
+                    .fetch_add(from - to - gone, Ordering::SeqCst);
+                warn!(
+                    max_connections = to,
+                    "lowered while busy: the limit applies fully as live connections end"
+                );
+            }
+        }
+    }
+
+    /// Gives a connection's permit back, or pays the limit's debt with it.
+    pub fn release(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let paid = self
+            .limit_debt
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
+            .is_ok();
+        if paid {
+            permit.forget();
+        }
     }
 
     fn new_backend(&self, bc: &BackendConfig, state: State) -> Arc<Backend> {
@@ -253,9 +276,15 @@ impl Shared {
                 b.set_checked(false);
                 continue;
             };
+            // An explicit check port wins over the address's own.
+            let address = match (explicit, &bc.address) {
+                (Some(p), BackendAddress::Ip(ip, _)) => BackendAddress::Ip(*ip, Some(p)),
+                (Some(p), BackendAddress::Host(h, _)) => BackendAddress::Host(h.clone(), Some(p)),
+                (None, a) => a.clone(),
+            };
             let probe = Probe {
                 check: check.clone(),
-                target: Target::new(&bc.address, port),
+                target: Target::new(&address, port),
             };
             let token = CancellationToken::new();
             tokio::spawn(crate::health::run(
@@ -277,7 +306,14 @@ impl Shared {
             .collect();
         let text = serde_json::to_string_pretty(&states).map_err(std::io::Error::other)?;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text + "\n")?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all((text + "\n").as_bytes())?;
+            // On disk before the rename, so a power cut leaves the old file
+            // or the new one, never a torn one.
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     }
 }
@@ -359,6 +395,7 @@ impl Sluice {
             backends: RwLock::new(Vec::new()),
             services: listeners.iter().map(|(s, _)| s.clone()).collect(),
             limit: Arc::new(Semaphore::new(0)),
+            limit_debt: AtomicUsize::new(0),
             stats: Stats::default(),
             settings: RwLock::new(Settings {
                 connect_timeout: config.connect_timeout,
@@ -475,8 +512,12 @@ impl Sluice {
         // Every further worker: a thread with its own single-threaded
         // runtime, serving the connections its listeners accept.
         let mut threads = Vec::new();
+        // Each worker says when its accept loops have ended, so that no
+        // client is accepted after the tracker closes.
+        let (loops_done, mut all_loops_done) = tokio::sync::mpsc::unbounded_channel::<()>();
         for (k, set) in workers.enumerate() {
             let (shared, stop, conns) = (shared.clone(), stop_accepting.clone(), conns.clone());
+            let loops_done = loops_done.clone();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -503,6 +544,7 @@ impl Sluice {
                         for l in loops {
                             let _ = l.await;
                         }
+                        let _ = loops_done.send(());
                         // Its connections run on this runtime: drive them to the end.
                         conns.wait().await;
                     });
@@ -523,6 +565,13 @@ impl Sluice {
         stop_accepting.cancel();
         for l in loops {
             let _ = l.await;
+        }
+        drop(loops_done);
+        for _ in 0..threads.len() {
+            // None: every worker is gone, which is as good as done.
+            if all_loops_done.recv().await.is_none() {
+                break;
+            }
         }
         conns.close();
         let live = conns.len();

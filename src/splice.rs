@@ -11,7 +11,9 @@
 //! Readiness: a `WouldBlock` clears tokio's readiness for the socket it is
 //! reported on, so it must only ever come from that socket. A read starts
 //! only with an empty pipe (splicing into it cannot block) and a write only
-//! with data in the pipe (splicing out of it cannot block on the pipe).
+//! with data in the pipe (splicing out of it cannot block on the pipe). A
+//! short copy read clears readiness at once (see `read_some`); a short
+//! splice does not, since the pipe's slots may have run out first.
 //!
 //! A FIN in one direction is passed on as a write shutdown and never cuts
 //! the other.
@@ -156,28 +158,14 @@ async fn one_way(
     }
 }
 
-/// Marks `s` as read dry after a short read, which saves the read that
-/// would only return EAGAIN. A short TCP read leaves the receive queue
-/// empty, and data arriving later raises a new edge-triggered event, whose
-/// newer tick tokio keeps: no wakeup can be lost.
-fn drained(s: &TcpStream) {
-    let _ = s.try_io(Interest::READABLE, || {
-        Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-    });
-}
-
 /// One read into a pooled buffer and the write of all of it. `None` when
 /// the readiness was spurious, `Some(0)` at end of stream.
 async fn copy_once(from: &TcpStream, to: &TcpStream, size: usize) -> io::Result<Option<usize>> {
     let mut buf = Buf::take(size);
-    let n = match from.try_read(buf.bytes()) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-        Err(e) => return Err(e),
+    let n = match read_some(from, buf.bytes())? {
+        Some(n) => n,
+        None => return Ok(None),
     };
-    if n > 0 && n < size {
-        drained(from);
-    }
     let mut off = 0;
     while off < n {
         to.writable().await?;
@@ -188,6 +176,35 @@ async fn copy_once(from: &TcpStream, to: &TcpStream, size: usize) -> io::Result<
         }
     }
     Ok(Some(n))
+}
+
+/// One read; `None` when there was nothing to read. A short read leaves a
+/// TCP receive queue empty, so it also clears the socket's readiness,
+/// which saves the read that would only return EAGAIN. The read runs
+/// inside `try_io`, whose readiness snapshot is taken before it: an event
+/// that arrives during or after the read has a newer tick and survives the
+/// clear, so no wakeup is lost.
+fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    use std::os::fd::AsRawFd;
+    let mut short = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n > 0 && n < buf.len() {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((short > 0).then_some(short)),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -274,13 +291,17 @@ mod pipe {
         /// As `copy_once`: `None` for spurious readiness, `Some(0)` at end
         /// of stream, else the bytes moved.
         Bytes(Option<usize>),
-        /// Splicing does not work for this socket: nothing was read, copy.
+        /// Splicing does not work for this socket, or no pipe could be
+        /// made: nothing was read, copy.
         Unsupported,
     }
 
     /// Moves what `from` has, up to a pipe's worth, to `to`.
     pub async fn transfer(from: &TcpStream, to: &TcpStream) -> io::Result<Moved> {
-        let pipe = Pipe::take()?;
+        // Out of descriptors for a pipe: copy instead of failing the connection.
+        let Ok(pipe) = Pipe::take() else {
+            return Ok(Moved::Unsupported);
+        };
         // The pipe is empty, so only the socket can make this block.
         let n = match from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
@@ -304,9 +325,9 @@ mod pipe {
                 return Err(e);
             }
         };
-        if n > 0 && n < pipe.size {
-            super::drained(from);
-        }
+        // No readiness shortcut here: a short splice does not mean the
+        // socket is empty (each packet takes a pipe slot, and the slots can
+        // run out first), so the next round finds out with EAGAIN.
         let mut left = n;
         while left > 0 {
             to.writable().await?;

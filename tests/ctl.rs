@@ -216,3 +216,33 @@ async fn rollout_refuses_to_leave_too_few_backends() {
     );
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_leaves_a_stopped_backend_as_it_is() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr), ("c", c.addr)]).await;
+    lb.post("/backends/b/stop").await;
+    let out = ctl(
+        &lb,
+        &[
+            "rollout",
+            "--exec",
+            "echo updating $SLUICE_BACKEND",
+            "--settle",
+            "200ms",
+        ],
+    )
+    .await;
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("b: stopped, so skipped"), "{t}");
+    assert!(!t.contains("updating b"), "{t}");
+    assert_eq!(lb.state("b").await, "stopped");
+    assert_eq!(lb.state("a").await, "active");
+    assert_eq!(lb.state("c").await, "active");
+    lb.shutdown().await;
+}

@@ -177,3 +177,23 @@ async fn passive_failures_take_it_down_between_checks() {
     );
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_port_wins_over_the_address_port() {
+    // The service answers nothing useful; the health endpoint is elsewhere.
+    let status = Arc::new(AtomicU16::new(503));
+    let health = http_server(status.clone()).await;
+    let b = Echo::start("b").await;
+    let check = format!("health_check = \"http\"\nhealth_port = {}", health.port());
+    let lb = Sluice::from_toml(&config(&[("b", b.addr, &check)])).await;
+    wait_for("down by the health port's 503", || async {
+        lb.backend("b").await["healthy"] == false
+    })
+    .await;
+    status.store(200, Ordering::SeqCst);
+    wait_for("up by the health port's 200", || async {
+        lb.backend("b").await["healthy"] == true
+    })
+    .await;
+    lb.shutdown().await;
+}
