@@ -18,11 +18,20 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start() -> Nginx {
-        let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+    /// `None` when nginx is not installed and this is not CI, where
+    /// `.ci/run` installs it and its absence is a failure.
+    fn start() -> Option<Nginx> {
+        let Some(bin) = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
-            .expect("nginx is not installed: `apt-get install nginx` (.ci/run does this)");
+        else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "nginx is not installed: `apt-get install nginx` (.ci/run does this)"
+            );
+            eprintln!("skipped: nginx is not installed (apt-get install nginx)");
+            return None;
+        };
         let dir = std::env::temp_dir().join(format!("sluice-nginx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // Ports the kernel just handed out, released for nginx to bind.
@@ -46,7 +55,7 @@ impl Nginx {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        Nginx { child, dir, ports }
+        Some(Nginx { child, dir, ports })
     }
 }
 
@@ -95,7 +104,7 @@ async fn get(s: &mut BufReader<TcpStream>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_in_front_of_real_nginx() {
-    let nginx = Nginx::start();
+    let Some(nginx) = Nginx::start() else { return };
     let web1 = format!("127.0.0.1:{}", nginx.ports[0]).parse().unwrap();
     let web2 = format!("127.0.0.1:{}", nginx.ports[1]).parse().unwrap();
     wait_for("nginx listening", || async {
