@@ -164,3 +164,51 @@ async fn a_bad_config_on_reload_is_refused_and_the_old_one_stays() {
     p.signal("TERM");
     assert_eq!(p.wait_exit().code(), Some(0));
 }
+
+/// Whether a new client is served (greeted) or closed at once.
+async fn served(addr: SocketAddr) -> Option<tokio::net::TcpStream> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = within("greeting or close", read_line(&mut s)).await;
+    (!name.is_empty()).then_some(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_lowered_while_busy_applies_as_connections_end_and_can_rise_again() {
+    let a = Echo::start("a").await;
+    let cfg = |max: usize| {
+        sluice::Config::parse(
+            "t.toml",
+            &support::config(&format!("max_connections = {max}"), "", &[("a", a.addr)]),
+        )
+        .unwrap()
+    };
+    let server = sluice::Sluice::bind(cfg(2)).await.unwrap();
+    let shared = server.shared().clone();
+    let addr = server.service_addr("web").unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let first = served(addr).await.expect("first served");
+    let second = served(addr).await.expect("second served");
+    shared.reload(cfg(1)).unwrap();
+    assert!(served(addr).await.is_none(), "over the old limit");
+    drop(second);
+    wait_for("second gone", || async {
+        shared.backend("a").unwrap().live() == 1
+    })
+    .await;
+    assert!(
+        served(addr).await.is_none(),
+        "the freed slot paid the debt: one live is the new limit"
+    );
+
+    shared.reload(cfg(3)).unwrap();
+    let third = served(addr).await.expect("room again after the raise");
+    let fourth = served(addr).await.expect("limit 3: three live");
+    assert!(served(addr).await.is_none(), "limit 3 holds");
+    drop((first, third, fourth));
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}
