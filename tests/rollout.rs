@@ -196,9 +196,22 @@ fn load(
     tasks
 }
 
+/// The directory of the backend processes' pid files; dropping it kills
+/// them, also when a test fails half-way.
+struct Procs {
+    path: std::path::PathBuf,
+    _dir: tempdir::Dir,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        kill_all(&self.path);
+    }
+}
+
 /// Three `sluice web` processes, version 1, behind sluice with fast
 /// health checks.
-async fn three_backends() -> (tempdir::Dir, Sluice) {
+async fn three_backends() -> (Procs, Sluice) {
     let dir = tempdir::Dir::new();
     let backends: Vec<(&str, SocketAddr)> = ["web1", "web2", "web3"]
         .into_iter()
@@ -213,7 +226,11 @@ async fn three_backends() -> (tempdir::Dir, Sluice) {
             "[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\nhealth_check = \"http\"\nhealth_path = \"/\"\n"
         ));
     }
-    (dir, Sluice::from_toml(&text).await)
+    let procs = Procs {
+        path: dir.path.clone(),
+        _dir: dir,
+    };
+    (procs, Sluice::from_toml(&text).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,7 +341,6 @@ async fn a_rolling_update_under_load_loses_nothing() {
     served.dedup();
     assert_eq!(served, ["web1-v2", "web2-v2", "web3-v2"]);
     lb.shutdown().await;
-    kill_all(&dir.path);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,5 +372,4 @@ async fn negative_control_killing_without_a_drain_is_seen() {
         tally.report()
     );
     lb.shutdown().await;
-    kill_all(&dir.path);
 }
