@@ -198,8 +198,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let c = Config::load(&config)?;
             runtime(&c)?.block_on(async {
+                let stop = sluice::shutdown::signal_received().map_err(sluice::Error::Io)?;
                 let server = sluice::Sluice::bind(c).await?.reload_from(config);
-                server.run(sluice::shutdown::signal_received()).await
+                server.run(stop).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -292,6 +293,7 @@ fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn demo(listen: SocketAddr, admin: SocketAddr, web: [SocketAddr; 2]) -> anyhow::Result<()> {
+    let stop = sluice::shutdown::signal_received().context("cannot install signal handlers")?;
     let mut bound = [web[0]; 2];
     for (i, addr) in web.iter().enumerate() {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -312,7 +314,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, web: [SocketAddr; 2]) -> an
         "{}",
         sluice::demo::instructions(listen, server.admin_addr())
     );
-    server.run(sluice::shutdown::signal_received()).await?;
+    server.run(stop).await?;
     Ok(())
 }
 

@@ -482,7 +482,19 @@ impl Sluice {
             tokio::spawn(keep_state_file(shared.clone(), path, background.clone()));
         }
         if let Some(path) = self.config_path.clone() {
-            tokio::spawn(reload_on_sighup(shared.clone(), path, background.clone()));
+            // Installed before anything is announced, so a SIGHUP sent right
+            // after start-up reloads instead of killing the process.
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hup) => {
+                    tokio::spawn(reload_on_sighup(
+                        shared.clone(),
+                        path,
+                        hup,
+                        background.clone(),
+                    ));
+                }
+                Err(e) => warn!(error = %e, "cannot listen for SIGHUP: reload is off"),
+            }
         }
         let stop_accepting = CancellationToken::new();
         let conns = TaskTracker::new();
@@ -624,11 +636,12 @@ async fn keep_state_file(shared: Arc<Shared>, path: PathBuf, stop: CancellationT
 
 /// Reloads the configuration file on every SIGHUP; a bad file is refused
 /// and the running configuration stays.
-async fn reload_on_sighup(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP: reload is off");
-        return;
-    };
+async fn reload_on_sighup(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    mut hup: tokio::signal::unix::Signal,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -176,6 +176,31 @@ async fn sigterm_closes_what_outlives_the_grace_period() {
     assert_eq!(p.wait_exit().code(), Some(0));
 }
 
+/// Signals sent the moment sluice announces itself meet its handlers, not
+/// the default action: TERM and INT stop it gracefully, HUP reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_sent_right_after_start_are_handled() {
+    let a = Echo::start("a").await;
+    // Many per-core workers widen the time between the first line and the
+    // end of start-up, where a lazily installed handler would be missing.
+    let text = config("runtime = \"per-core\"\nworkers = 16", "", &[("a", a.addr)]);
+    let (_dir, path) = write_config(&text);
+    for sig in ["TERM", "INT", "HUP"].repeat(5) {
+        let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+        p.wait_line("service listening");
+        p.signal(sig);
+        if sig == "HUP" {
+            p.wait_line("configuration reloaded");
+            assert!(p.child.try_wait().unwrap().is_none(), "alive after HUP");
+            p.signal("TERM");
+        }
+        let status = p.wait_exit();
+        let log = p.log.join("\n");
+        assert_eq!(status.code(), Some(0), "after {sig}: {log}");
+        assert!(log.contains("stopped"), "graceful stop after {sig}: {log}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_refuses_a_taken_port_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
