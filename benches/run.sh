@@ -475,15 +475,37 @@ to_ms() { # wrk time such as 850.00us, 1.23ms, 1.02s, 1.00m
     else print "?" }'
 }
 
-# run_wrk TARGET NAME [wrk args...]: sets W_RPS W_P50 W_P99 W_ERR (or returns 1)
+# Busy and total ticks of one CPU, from /proc/stat: "busy total".
+cpu_busy() {
+  awk -v c="cpu$1" '$1 == c { b = $2 + $3 + $4 + $7 + $8; print b, b + $5 + $6 }' /proc/stat
+}
+
+# run_wrk TARGET NAME [wrk args...]: sets W_RPS W_P50 W_P99 W_ERR, and
+# W_US (proxy CPU-µs per request), W_PBUSY and W_LBUSY (% busy of the
+# proxy's and the load's CPU), or returns 1
 run_wrk() {
-  local target=$1 name=$2 out
+  local target=$1 name=$2 out c0="" c1="" l0 l1 n
   shift 2
   out="$WORK/wrk.$target.$name.txt"
+  [[ -n $PROXY_PID ]] && c0=$(cpu_ticks "$PROXY_PID")
+  l0=$(cpu_busy "$LOAD_CPU")
   if ! timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" \
     wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$@" "http://127.0.0.1:$P_WEB/" >"$out" 2>&1; then
     note "${LABEL[$target]}: wrk ($name) failed: $(tail -n 2 "$out" | tr '\n' ' ')"
     return 1
+  fi
+  l1=$(cpu_busy "$LOAD_CPU")
+  [[ -n $PROXY_PID ]] && c1=$(cpu_ticks "$PROXY_PID")
+  n=$(awk '/ requests in / {print $1}' "$out")
+  W_LBUSY=$(awk -v a="$l0" -v b="$l1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    if (y[2] > x[2]) printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]); else print "error" }')
+  if [[ -n $c0 && -n $c1 && -n $n ]]; then
+    W_US=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$n" \
+      'BEGIN { if (n > 0) printf "%.1f", 1e6 * d / hz / n; else print "error" }')
+    W_PBUSY=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v s="$DURATION" \
+      'BEGIN { printf "%.0f", 100 * d / hz / s }')
+  else
+    W_US=n/a W_PBUSY=n/a
   fi
   W_RPS=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$out")
   W_P50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
@@ -502,7 +524,7 @@ run_wrk() {
 bench_http() { # target
   local t=$1
   if ((!HAVE_WRK || !HAVE_NGINX)); then
-    for m in rps p50 p99 cps errs; do R[$t:$m]=skipped; done
+    for m in rps p50 p99 cps errs usreq uscon pbusy lbusy pbusyc lbusyc; do R[$t:$m]=skipped; done
     return 0
   fi
   if ((WARMUP > 0)); then
@@ -513,16 +535,19 @@ bench_http() { # target
   local e1=error e2=error
   if proxy_ok "$t" && run_wrk "$t" keepalive; then
     R[$t:rps]=$W_RPS R[$t:p50]=$W_P50 R[$t:p99]=$W_P99
+    R[$t:usreq]=$W_US R[$t:pbusy]=$W_PBUSY R[$t:lbusy]=$W_LBUSY
     e1=$W_ERR
   else
     R[$t:rps]=error R[$t:p50]=error R[$t:p99]=error
+    R[$t:usreq]=error R[$t:pbusy]=error R[$t:lbusy]=error
   fi
   log "${LABEL[$t]}: new connection per request, wrk ${DURATION}s"
   if proxy_ok "$t" && run_wrk "$t" close -H 'Connection: close'; then
     R[$t:cps]=$W_RPS
+    R[$t:uscon]=$W_US R[$t:pbusyc]=$W_PBUSY R[$t:lbusyc]=$W_LBUSY
     e2=$W_ERR
   else
-    R[$t:cps]=error
+    R[$t:cps]=error R[$t:uscon]=error R[$t:pbusyc]=error R[$t:lbusyc]=error
   fi
   R[$t:errs]="$e1 / $e2"
 }
@@ -687,7 +712,7 @@ run_idle() {
   OVF[$t]=$((${OVF[$t]:-0} + $(listen_overflows) - ovf0))
 }
 
-LOAD_METRICS="rps p50 p99 cps gbps1 gbps4 cpugb1 cpugb4"
+LOAD_METRICS="rps p50 p99 cps gbps1 gbps4 cpugb1 cpugb4 usreq uscon pbusy lbusy pbusyc lbusyc"
 
 # collect TARGET: keeps this round's load metrics.
 collect() {
@@ -734,7 +759,7 @@ scan_log() {
 
 mark() { # target word: every metric of a target
   local m
-  for m in rps p50 p99 cps errs gbps1 gbps4 cpugb1 cpugb4 rss0 idle ovf; do
+  for m in rps p50 p99 cps errs gbps1 gbps4 cpugb1 cpugb4 rss0 idle ovf usreq uscon pbusy lbusy pbusyc lbusyc; do
     R[$1:$m]=$2
   done
 }
@@ -776,6 +801,10 @@ ROWS=(
   "p99|keep-alive p99 latency, ms ↓"
   "cps|new connections/s (Connection: close) ↑"
   "errs|wrk errors (keep-alive / close)"
+  "usreq|proxy CPU-µs per keep-alive request ↓"
+  "uscon|proxy CPU-µs per new connection ↓"
+  "busy|CPU busy %, proxy core / load core, keep-alive"
+  "busyc|CPU busy %, proxy core / load core, new connections"
   "gbps1|bulk, 1 stream, Gbit/s ↑"
   "gbps4|bulk, 4 streams, Gbit/s ↑"
   "cpugb1|proxy CPU-s per GB, 1 stream ↓"
@@ -808,7 +837,13 @@ mode="full, median of $ROUNDS rounds"
     for t in "${ALL_TARGETS[@]}"; do
       line+="| ${R[$t:$m]:-—} "
     done
-    if [[ $m == errs ]]; then
+    if [[ $m == busy || $m == busyc ]]; then
+      line="| ${row#*|} "
+      for t in "${ALL_TARGETS[@]}"; do
+        line+="| ${R[$t:p$m]:-—} / ${R[$t:l$m]:-—} "
+      done
+      line+="| | | |"
+    elif [[ $m == errs ]]; then
       line+="| | | |"
     else
       for t in haproxy haproxy_splice direct; do
@@ -821,6 +856,7 @@ mode="full, median of $ROUNDS rounds"
   echo
   echo "↑ higher is better, ↓ lower is better; a ratio is sluice's value divided by the peer's."
   echo "Direct is wrk or iperf3 straight to one backend, with no proxy: the limit of this machine."
+  echo "CPU busy % shows which side limits a row: a load core near 100% means wrk and the backends, not the proxy, set the pace."
   if ((${#NOTES[@]})); then
     echo
     echo "Notes:"
