@@ -334,9 +334,14 @@ impl Backend {
 
     /// Takes the backend out of rotation, letting its connections finish.
     /// Returns the drain's generation, for [`Backend::force_close_if`].
+    /// The generation is read under the transition lock, so a start that
+    /// races the drain cannot lend it a generation that is not a drain's.
     pub fn drain(&self) -> u64 {
-        self.transition(&[State::Active], State::Draining);
-        self.complete_drain_if_empty();
+        let _one_at_a_time = self.transitions.lock().expect("transition lock");
+        self.transition_locked(&[State::Active], State::Draining);
+        if self.live() == 0 {
+            self.transition_locked(&[State::Draining], State::Drained);
+        }
         self.generation.load(Ordering::SeqCst)
     }
 
