@@ -44,6 +44,13 @@ async fn counts_bytes_each_way() {
     let (_a, lb) = one().await;
     let (mut s, _) = lb.connect().await;
     echo(&mut s, &[1u8; 1000]).await;
+    // Bytes are counted just after they are written: the echo can arrive
+    // a moment before its count does.
+    wait_for("bytes counted", || async {
+        let b = lb.backend("a").await;
+        b["bytes_in"] == 1000 && b["bytes_out"] == 1002
+    })
+    .await;
     let b = lb.backend("a").await;
     assert_eq!(b["bytes_in"], 1000);
     assert_eq!(b["bytes_out"], 1002, "greeting plus echo");

@@ -6,6 +6,7 @@ mod support;
 use std::process::Output;
 
 use support::*;
+use tokio::io::AsyncBufReadExt;
 
 async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
     let admin = format!("http://{}", lb.admin);
@@ -65,20 +66,28 @@ async fn drain_follows_the_count_down_and_exits_0() {
     }
     assert_eq!(lb.live("a").await, 3);
     let admin = format!("http://{}", lb.admin);
-    let drain = tokio::process::Command::new(BIN)
+    let mut drain = tokio::process::Command::new(BIN)
         .args(["ctl", "--admin", &admin, "drain", "a"])
-        .output();
-    let closer = async {
-        wait_for("draining", || async { lb.state("a").await == "draining" }).await;
-        for s in on_a.drain(..) {
-            drop(s);
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        }
-    };
-    let (out, ()) = tokio::join!(within("ctl drain", drain), closer);
-    let out = out.unwrap();
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(drain.stdout.take().unwrap()).lines();
+    let mut t = String::new();
+    // Close the connections one by one only once ctl has said how many
+    // there were, so its first line cannot race the closing.
+    while !t.contains("draining with") {
+        let l = within("ctl's first line", lines.next_line()).await;
+        t += &format!("{}\n", l.unwrap().expect("ctl printed its count"));
+    }
+    for s in on_a.drain(..) {
+        drop(s);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    while let Some(l) = within("ctl's output", lines.next_line()).await.unwrap() {
+        t += &format!("{l}\n");
+    }
+    let status = within("ctl drain", drain.wait()).await.unwrap();
+    assert!(status.success(), "{t}");
     assert!(t.contains("draining with 3 live"), "{t}");
     assert!(t.contains("a: drained after"), "{t}");
     assert_eq!(lb.state("a").await, "drained");
@@ -117,6 +126,7 @@ async fn exit_codes_say_done_error_or_timed_out() {
     let out = ctl(&lb, &["stop", "a"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(lb.state("a").await, "stopped");
+    wait_for("stop closed them", || async { lb.live("a").await == 0 }).await;
     let out = ctl(&lb, &["conns", "a"]).await;
     assert!(
         text(&out).contains("0 live connection(s) on a"),
@@ -124,13 +134,9 @@ async fn exit_codes_say_done_error_or_timed_out() {
         text(&out)
     );
 
+    let (_held, dead) = dead_addr();
     let out = tokio::process::Command::new(BIN)
-        .args([
-            "ctl",
-            "--admin",
-            &format!("http://{}", dead_addr().await),
-            "status",
-        ])
+        .args(["ctl", "--admin", &format!("http://{dead}"), "status"])
         .output()
         .await
         .unwrap();

@@ -125,7 +125,7 @@ async fn a_drained_backend_that_comes_back_up_stays_drained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_connects_mark_a_backend_down_at_once() {
-    let dead = dead_addr().await;
+    let (_held, dead) = dead_addr();
     let b = Echo::start("b").await;
     // Checks so slow that only passive detection can act within the test.
     let text = config(&[("dead", dead, ""), ("b", b.addr, "health_check = \"none\"")])

@@ -89,7 +89,7 @@ fn sluice_config(zero_copy: bool, addr: SocketAddr) -> String {
 }
 
 async fn both_ways_intact(zero_copy: bool) {
-    let len = 48 * MIB + 12345;
+    let len = 24 * MIB + 12345;
     let (addr, report) = bulk_backend(2, len).await;
     let lb = Sluice::from_toml(&sluice_config(zero_copy, addr)).await;
     let s = TcpStream::connect(lb.addr).await.unwrap();

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// How long any condition may take before a test fails.
-pub const DEADLINE: Duration = Duration::from_secs(10);
+pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
 pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
@@ -117,10 +117,15 @@ impl Drop for Echo {
     }
 }
 
-/// An address on which nothing listens (bound, then closed).
-pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+/// An address on which nothing listens: connects to it are refused. The
+/// socket stays bound but never listens while the returned guard lives, so
+/// no other test can take the port meanwhile.
+pub fn dead_addr() -> (socket2::Socket, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    s.bind(&any.into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    (s, addr)
 }
 
 /// A config on ephemeral ports: `top` lines, `admin` lines, and one service
@@ -411,7 +416,9 @@ impl Proc {
         let deadline = std::time::Instant::now() + DEADLINE;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                // Every line to the end: the readers stop when the pipes close.
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                while let Ok(l) = self.lines.recv_timeout(left.max(Duration::from_secs(1))) {
                     self.log.push(l);
                 }
                 return s;
