@@ -71,11 +71,15 @@ pub struct BackendView {
     pub health_since_ms: u64,
     /// Unix time (ms) at which the last passing health check began.
     pub last_ok_check_ms: u64,
+    /// The services that send clients to this backend.
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 impl BackendView {
-    pub fn of(b: &Backend) -> BackendView {
+    pub fn of(b: &Backend, shared: &Shared) -> BackendView {
         BackendView {
+            services: shared.services_of(b),
             name: b.name.clone(),
             address: b.address().to_string(),
             state: b.state(),
@@ -313,7 +317,7 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
             let views: Vec<_> = shared
                 .backends()
                 .iter()
-                .map(|b| BackendView::of(b))
+                .map(|b| BackendView::of(b, shared))
                 .collect();
             json(StatusCode::OK, &views)
         }
@@ -327,7 +331,7 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
             match rest {
                 [] => allow("GET")
                     .or_else(|| only(&[]))
-                    .unwrap_or_else(|| json(StatusCode::OK, &BackendView::of(&b))),
+                    .unwrap_or_else(|| json(StatusCode::OK, &BackendView::of(&b, shared))),
                 ["connections"] => allow("GET").or_else(|| only(&[])).unwrap_or_else(|| {
                     let v: Vec<_> = b.connections().iter().map(|c| ConnView::of(c)).collect();
                     json(StatusCode::OK, &v)
@@ -349,7 +353,7 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
                             }
                         }
                     }
-                    drain(&b, d[0], d[1], d[2]).await
+                    drain(&b, shared, d[0], d[1], d[2]).await
                 }
                 ["stop"] => {
                     if let Some(r) = allow("POST").or_else(|| only(&[])) {
@@ -360,14 +364,14 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
                     // so the reply shows the count they leave behind.
                     b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
                         .await;
-                    json(StatusCode::OK, &BackendView::of(&b))
+                    json(StatusCode::OK, &BackendView::of(&b, shared))
                 }
                 ["start"] => {
                     if let Some(r) = allow("POST").or_else(|| only(&[])) {
                         return r;
                     }
                     b.start();
-                    json(StatusCode::OK, &BackendView::of(&b))
+                    json(StatusCode::OK, &BackendView::of(&b, shared))
                 }
                 _ => error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
             }
@@ -378,6 +382,7 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
 
 async fn drain(
     b: &Arc<Backend>,
+    shared: &Shared,
     wait: Option<Duration>,
     force_after: Option<Duration>,
     close_idle: Option<Duration>,
@@ -416,7 +421,7 @@ async fn drain(
     } else {
         StatusCode::ACCEPTED
     };
-    json(status, &BackendView::of(b))
+    json(status, &BackendView::of(b, shared))
 }
 
 fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {

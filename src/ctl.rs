@@ -502,22 +502,35 @@ fn failed(e: CtlError) -> StepError {
 }
 
 async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), StepError> {
-    // 1. Enough others in service.
+    // 1. Enough others in service, in every service this backend serves.
     let all = c.backends().await.map_err(failed)?;
-    let others = all
-        .iter()
-        .filter(|b| b.name != name && b.state == State::Active && b.healthy && b.weight > 0)
-        .count();
-    if others < opts.min_active {
+    let me = all.iter().find(|b| b.name == name).expect("listed");
+    let serving =
+        |b: &&BackendView| b.name != name && b.state == State::Active && b.healthy && b.weight > 0;
+    let short = if me.services.is_empty() {
+        // A backend in no service: count every other one.
+        let n = all.iter().filter(serving).count();
+        (n < opts.min_active).then(|| format!("{n} other active healthy backend(s)"))
+    } else {
+        me.services.iter().find_map(|svc| {
+            let n = all
+                .iter()
+                .filter(serving)
+                .filter(|b| b.services.contains(svc))
+                .count();
+            (n < opts.min_active)
+                .then(|| format!("service `{svc}` would keep {n} active healthy backend(s)"))
+        })
+    };
+    if let Some(why) = short {
         return Err((
             Outcome::Done,
             format!(
-                "refusing to take it out: {others} other active healthy backend(s), --min-active is {}",
+                "refusing to take it out: {why}, --min-active is {}",
                 opts.min_active
             ),
         ));
     }
-    let me = all.iter().find(|b| b.name == name).expect("listed");
     let address = me.address.clone();
 
     // 2. Drain.

@@ -144,7 +144,8 @@ enum CtlCommand {
         /// Backends in order (default: all, in config order).
         #[arg(long, value_delimiter = ',')]
         backends: Vec<String>,
-        /// Never leave fewer than this many other active, healthy backends.
+        /// Never leave a service with fewer than this many other active,
+        /// healthy backends.
         #[arg(long, default_value_t = 1)]
         min_active: usize,
         #[command(flatten)]

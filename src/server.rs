@@ -96,6 +96,15 @@ impl Shared {
         self.backends.read().expect("backends lock").clone()
     }
 
+    /// Names of the services that send clients to `b`.
+    pub fn services_of(&self, b: &Backend) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|s| s.route().members().iter().any(|(m, _)| m.name == b.name))
+            .map(|s| s.name.to_string())
+            .collect()
+    }
+
     pub fn backend(&self, name: &str) -> Option<Arc<Backend>> {
         self.backends
             .read()

@@ -223,6 +223,50 @@ async fn rollout_refuses_to_leave_too_few_backends() {
     lb.shutdown().await;
 }
 
+/// `a` serves two services; `api` has no other backend. Counting every
+/// backend would find `b` and let the rollout take `api`'s last one out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_counts_the_others_per_service() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let text_cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"a\", \"b\"]\n\
+         [[service]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"a\"]\n\
+         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n\
+         [[backend]]\nname = \"b\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        a.addr, b.addr
+    );
+    let lb = Sluice::from_toml(&text_cfg).await;
+    let v = lb.backend("a").await;
+    assert_eq!(v["services"], serde_json::json!(["web", "api"]));
+    let out = ctl(&lb, &["rollout", "--exec", "true", "--backends", "a"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("service `api` would keep 0 active healthy backend(s)"),
+        "{t}"
+    );
+    assert_eq!(lb.state("a").await, "active", "nothing was drained");
+
+    // `b` serves only `web`, where `a` stays: it may go.
+    let out = ctl(
+        &lb,
+        &[
+            "rollout",
+            "--exec",
+            "true",
+            "--backends",
+            "b",
+            "--settle",
+            "200ms",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(lb.state("b").await, "active");
+    lb.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_leaves_a_stopped_backend_as_it_is() {
     let (a, b, c) = (
