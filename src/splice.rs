@@ -16,7 +16,10 @@
 //! splice does not, since the pipe's slots may have run out first.
 //!
 //! A FIN in one direction is passed on as a write shutdown and never cuts
-//! the other.
+//! the other. When the peer's FIN is already in at a short copy read, the
+//! last bytes are held back with `MSG_MORE` and leave with the FIN in one
+//! segment: one packet fewer each way for every reply that ends a
+//! connection, and no read that would only return 0.
 
 use std::io;
 use std::net::Shutdown;
@@ -34,6 +37,17 @@ const SMALL: usize = 16 * 1024;
 const LARGE: usize = 128 * 1024;
 /// Buffers and pipes kept for reuse; beyond this they are freed after use.
 const POOL_MAX: usize = 1024;
+
+/// No SIGPIPE from a write to a closed peer: the error is enough.
+#[cfg(target_os = "linux")]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(target_os = "linux"))]
+const SEND_FLAGS: libc::c_int = 0;
+/// Hold the bytes for what follows (here: the FIN).
+#[cfg(target_os = "linux")]
+const SEND_MORE: libc::c_int = libc::MSG_MORE;
+#[cfg(not(target_os = "linux"))]
+const SEND_MORE: libc::c_int = 0;
 
 static SMALL_BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 static LARGE_BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
@@ -116,66 +130,92 @@ async fn one_way(
     let mut zero_copy = false;
     let mut size = SMALL;
     loop {
-        from.readable().await?;
+        let ready = from.ready(Interest::READABLE).await?;
         let spliced = zero_copy;
-        let moved = if zero_copy {
+        let (moved, ended) = if zero_copy {
             match pipe::transfer(from, to).await? {
-                pipe::Moved::Bytes(n) => n,
+                pipe::Moved::Bytes(n) => (n, false),
                 pipe::Moved::Unsupported => {
                     zero_copy = false;
                     continue;
                 }
             }
         } else {
-            let n = copy_once(from, to, size).await?;
+            // Readiness from before the read: a FIN already in means the
+            // stream ends where a short read stops.
+            let (n, ended) = copy_once(from, to, size, ready.is_read_closed()).await?;
             // A full small buffer means a bulk flow: splice from now on,
             // or copy through large buffers where splicing is off.
             if size == SMALL && n == Some(SMALL) {
                 zero_copy = ends.zero_copy;
                 size = LARGE;
             }
-            n
+            (n, ended)
         };
-        match moved {
-            None => continue,
-            Some(0) => {
-                // The peer finished sending: pass the FIN on. When the
-                // other direction has ended too, the close that follows
-                // sends it, one syscall fewer.
-                if ends.one_done.swap(true, Ordering::SeqCst) {
-                    return Ok(());
-                }
-                // The other side may already be gone, which ends nothing here.
-                match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(e) => return Err(e),
-                }
+        let Some(n) = moved else { continue };
+        if n > 0 {
+            ends.info.record(ends.backend, to_backend, n, spliced);
+        }
+        if n == 0 || ended {
+            // The peer finished sending: pass the FIN on. When the
+            // other direction has ended too, the close that follows
+            // sends it, one syscall fewer.
+            if ends.one_done.swap(true, Ordering::SeqCst) {
                 return Ok(());
             }
-            Some(n) => ends.info.record(ends.backend, to_backend, n, spliced),
+            // The other side may already be gone, which ends nothing here.
+            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(());
         }
     }
 }
 
 /// One read into a pooled buffer and the write of all of it. `None` when
 /// the readiness was spurious, `Some(0)` at end of stream.
-async fn copy_once(from: &TcpStream, to: &TcpStream, size: usize) -> io::Result<Option<usize>> {
+///
+/// With `fin_in` (the peer's FIN had arrived before the read), a short
+/// read took the last bytes of the stream: they are written with
+/// `MSG_MORE`, so they wait in the socket for the FIN the caller sends
+/// next and leave with it in one segment, and the read that would only
+/// return 0 is skipped. The returned flag says the stream has ended.
+async fn copy_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    size: usize,
+    fin_in: bool,
+) -> io::Result<(Option<usize>, bool)> {
+    use std::os::fd::AsRawFd;
     let mut buf = Buf::take(size);
     let n = match read_some(from, buf.bytes())? {
         Some(n) => n,
-        None => return Ok(None),
+        None => return Ok((None, false)),
     };
+    let last = fin_in && n > 0 && n < size;
+    let flags = SEND_FLAGS | if last { SEND_MORE } else { 0 };
     let mut off = 0;
     while off < n {
         to.writable().await?;
-        match to.try_write(&buf.bytes()[off..n]) {
+        let chunk = &buf.bytes()[off..n];
+        match to.try_io(Interest::WRITABLE, || {
+            // SAFETY: `chunk` is valid for reads of `chunk.len()` bytes.
+            let w =
+                unsafe { libc::send(to.as_raw_fd(), chunk.as_ptr().cast(), chunk.len(), flags) };
+            if w < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(w as usize)
+            }
+        }) {
             Ok(w) => off += w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(Some(n))
+    Ok((Some(n), last))
 }
 
 /// One read; `None` when there was nothing to read. A short read leaves a

@@ -128,6 +128,68 @@ async fn over_the_connection_limit_the_client_is_closed_at_once() {
     lb.shutdown().await;
 }
 
+/// Segments a socket has received, from the kernel's TCP_INFO.
+fn segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data; getsockopt fills at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_segs_in
+}
+
+/// A backend whose last bytes and FIN arrive together: sluice passes them
+/// on as one segment too, so the client has one packet to take and to
+/// acknowledge, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_bytes_and_fin_reach_the_client_in_one_segment() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (go, went) = tokio::sync::oneshot::channel::<()>();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        went.await.unwrap();
+        // Held back by MSG_MORE, the bytes leave with the FIN.
+        let sock = socket2::SockRef::from(&s);
+        sock.send_with_flags(b"last words", libc::MSG_MORE).unwrap();
+        sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+    });
+    let lb = Sluice::start("", &[("b", addr)]).await;
+    let mut c = TcpStream::connect(lb.addr).await.unwrap();
+    wait_for("backend connected", || async {
+        let (_, v) = lb.get("/backends/b/connections").await;
+        v.as_array().is_some_and(|a| a.len() == 1)
+    })
+    .await;
+    let before = segments_in(&c);
+    go.send(()).unwrap();
+    let mut got = Vec::new();
+    within("answer and EOF", c.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, b"last words");
+    assert_eq!(
+        segments_in(&c) - before,
+        1,
+        "the bytes and the FIN came in one segment"
+    );
+    drop(c);
+    within("backend done", backend).await.unwrap();
+    wait_for("count 0", || async { lb.live("b").await == 0 }).await;
+    lb.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_half_close_keeps_the_backend_direction_open() {
     let a = Echo::start("a").await;
