@@ -486,7 +486,7 @@ cpu_busy() {
 run_wrk() {
   local target=$1 name=$2 out c0="" c1="" l0 l1 n
   shift 2
-  out="$WORK/wrk.$target.$name.txt"
+  out="$WORK/wrk.$target.$name.round$ROUND.txt"
   [[ -n $PROXY_PID ]] && c0=$(cpu_ticks "$PROXY_PID")
   l0=$(cpu_busy "$LOAD_CPU")
   if ! timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" \
@@ -554,7 +554,7 @@ bench_http() { # target
 
 bench_bulk_one() { # target streams
   local t=$1 n=$2 out c0 c1 res
-  out="$WORK/iperf.$t.P$n.json"
+  out="$WORK/iperf.$t.P$n.round$ROUND.json"
   R[$t:gbps$n]=error R[$t:cpugb$n]=error
   proxy_ok "$t" || return 0
   log "${LABEL[$t]}: bulk, iperf3 -P $n ${IPERF_TIME}s"
