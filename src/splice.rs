@@ -16,10 +16,10 @@
 //! splice does not, since the pipe's slots may have run out first.
 //!
 //! A FIN in one direction is passed on as a write shutdown and never cuts
-//! the other. When the peer's FIN is already in at a short copy read, the
-//! last bytes are held back with `MSG_MORE` and leave with the FIN in one
-//! segment: one packet fewer each way for every reply that ends a
-//! connection, and no read that would only return 0.
+//! the other. When the peer's FIN is already in at a short copy read and
+//! the read after it finds the end, the last bytes are held back with
+//! `MSG_MORE` and leave with the FIN in one segment: one packet fewer each
+//! way for every reply that ends a connection.
 
 use std::io;
 use std::net::Shutdown;
@@ -178,10 +178,14 @@ async fn one_way(
 /// the readiness was spurious, `Some(0)` at end of stream.
 ///
 /// With `fin_in` (the peer's FIN had arrived before the read), a short
-/// read took the last bytes of the stream: they are written with
-/// `MSG_MORE`, so they wait in the socket for the FIN the caller sends
-/// next and leave with it in one segment, and the read that would only
-/// return 0 is skipped. The returned flag says the stream has ended.
+/// read is followed at once by the read the next round would make. If it
+/// finds the end of the stream, the bytes are written with `MSG_MORE`, so
+/// they wait in the socket for the FIN the caller sends next and leave
+/// with it in one segment; the returned flag says the stream has ended.
+/// If it finds more bytes (a short read can stop at an urgent mark) they
+/// join the write, and if it finds an error (a reset also raises the
+/// FIN's readiness) the bytes already read are written before it is
+/// returned, as they would have been without the look ahead.
 async fn copy_once(
     from: &TcpStream,
     to: &TcpStream,
@@ -190,12 +194,31 @@ async fn copy_once(
 ) -> io::Result<(Option<usize>, bool)> {
     use std::os::fd::AsRawFd;
     let mut buf = Buf::take(size);
-    let n = match read_some(from, buf.bytes())? {
+    let mut n = match read_some(from, buf.bytes())? {
         Some(n) => n,
         None => return Ok((None, false)),
     };
-    let last = fin_in && n > 0 && n < size;
-    let flags = SEND_FLAGS | if last { SEND_MORE } else { 0 };
+    let mut ended = false;
+    let mut failed = None;
+    if fin_in && n > 0 && n < size {
+        // A plain recv, outside tokio's readiness: whatever it returns, the
+        // stream is past its FIN, and the next round's readiness is still
+        // set by it.
+        let rest = &mut buf.bytes()[n..];
+        // SAFETY: `rest` is valid for writes of `rest.len()` bytes.
+        let r = unsafe { libc::recv(from.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match r {
+            0 => ended = true,
+            m if m > 0 => n += m as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    failed = Some(e);
+                }
+            }
+        }
+    }
+    let flags = SEND_FLAGS | if ended { SEND_MORE } else { 0 };
     let mut off = 0;
     while off < n {
         to.writable().await?;
@@ -215,7 +238,10 @@ async fn copy_once(
             Err(e) => return Err(e),
         }
     }
-    Ok((Some(n), last))
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok((Some(n), ended))
 }
 
 /// One read; `None` when there was nothing to read. A short read leaves a
@@ -399,5 +425,98 @@ mod pipe {
 
     pub async fn transfer(_: &TcpStream, _: &TcpStream) -> io::Result<Moved> {
         Ok(Moved::Unsupported)
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// Both ends of a loopback TCP connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    /// Waits until the kernel has put `s` in TCP state `state`.
+    async fn reach_state(s: &TcpStream, state: u8) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // SAFETY: tcp_info is plain data; getsockopt fills at most `len` bytes.
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let r = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&mut info as *mut libc::tcp_info).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            if info.tcpi_state == state {
+                return;
+            }
+            assert!(Instant::now() < deadline, "state {} never came", state);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+
+    #[tokio::test]
+    async fn the_last_bytes_before_a_fin_end_the_stream() {
+        let (from, peer) = pair().await;
+        let (to, mut sink) = pair().await;
+        peer.try_write(b"last").unwrap();
+        socket2::SockRef::from(&peer)
+            .shutdown(Shutdown::Write)
+            .unwrap();
+        reach_state(&from, TCP_CLOSE_WAIT).await;
+        let ready = from.ready(Interest::READABLE).await.unwrap();
+        assert!(ready.is_read_closed());
+        let r = copy_once(&from, &to, SMALL, true).await.unwrap();
+        assert_eq!(r, (Some(4), true), "the stream ended with those bytes");
+        // Corked until the FIN the caller sends.
+        socket2::SockRef::from(&to)
+            .shutdown(Shutdown::Write)
+            .unwrap();
+        let mut got = Vec::new();
+        sink.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last");
+    }
+
+    /// A reset also raises the readiness a FIN raises; it must end the
+    /// connection as an error, after the bytes that came before it.
+    #[tokio::test]
+    async fn a_reset_after_the_last_bytes_is_an_error_not_an_end() {
+        let (from, peer) = pair().await;
+        let (to, mut sink) = pair().await;
+        peer.try_write(b"last").unwrap();
+        let peer = peer.into_std().unwrap();
+        socket2::SockRef::from(&peer)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(peer);
+        reach_state(&from, TCP_CLOSE).await;
+        let ready = from.ready(Interest::READABLE).await.unwrap();
+        assert!(ready.is_read_closed());
+        let r = copy_once(&from, &to, SMALL, true).await;
+        assert_eq!(
+            r.unwrap_err().kind(),
+            io::ErrorKind::ConnectionReset,
+            "a reset is no clean end"
+        );
+        let mut got = [0u8; 4];
+        sink.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"last", "the bytes before the reset went on");
     }
 }
