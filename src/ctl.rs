@@ -504,7 +504,13 @@ fn failed(e: CtlError) -> StepError {
 async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), StepError> {
     // 1. Enough others in service, in every service this backend serves.
     let all = c.backends().await.map_err(failed)?;
-    let me = all.iter().find(|b| b.name == name).expect("listed");
+    // A reload may have removed it since the rollout began.
+    let Some(me) = all.iter().find(|b| b.name == name) else {
+        return Err((
+            Outcome::Done,
+            format!("no backend is named `{name}` any more (removed by a reload?)"),
+        ));
+    };
     let serving =
         |b: &&BackendView| b.name != name && b.state == State::Active && b.healthy && b.weight > 0;
     let short = if me.services.is_empty() {
