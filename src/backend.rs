@@ -339,9 +339,7 @@ impl Backend {
     pub fn drain(&self) -> u64 {
         let _one_at_a_time = self.transitions.lock().expect("transition lock");
         self.transition_locked(&[State::Active], State::Draining);
-        if self.live() == 0 {
-            self.transition_locked(&[State::Draining], State::Drained);
-        }
+        self.complete_drain_locked();
         self.generation.load(Ordering::SeqCst)
     }
 
@@ -349,6 +347,10 @@ impl Backend {
     /// and new connection can slip between the check and the move.
     fn complete_drain_if_empty(&self) {
         let _one_at_a_time = self.transitions.lock().expect("transition lock");
+        self.complete_drain_locked();
+    }
+
+    fn complete_drain_locked(&self) {
         if self.live() == 0 {
             self.transition_locked(&[State::Draining], State::Drained);
         }

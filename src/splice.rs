@@ -141,8 +141,8 @@ async fn one_way(
                 }
             }
         } else {
-            // Readiness from before the read: a FIN already in means the
-            // stream ends where a short read stops.
+            // Readiness from before the read: with the FIN already in, a
+            // short read may have taken the stream's last bytes.
             let (n, ended) = copy_once(from, to, size, ready.is_read_closed()).await?;
             // A full small buffer means a bulk flow: splice from now on,
             // or copy through large buffers where splicing is off.
@@ -192,7 +192,6 @@ async fn copy_once(
     size: usize,
     fin_in: bool,
 ) -> io::Result<(Option<usize>, bool)> {
-    use std::os::fd::AsRawFd;
     let mut buf = Buf::take(size);
     let mut n = match read_some(from, buf.bytes())? {
         Some(n) => n,
@@ -204,18 +203,11 @@ async fn copy_once(
         // A plain recv, outside tokio's readiness: whatever it returns, the
         // stream is past its FIN, and the next round's readiness is still
         // set by it.
-        let rest = &mut buf.bytes()[n..];
-        // SAFETY: `rest` is valid for writes of `rest.len()` bytes.
-        let r = unsafe { libc::recv(from.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), 0) };
-        match r {
-            0 => ended = true,
-            m if m > 0 => n += m as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    failed = Some(e);
-                }
-            }
+        match recv(from, &mut buf.bytes()[n..]) {
+            Ok(0) => ended = true,
+            Ok(m) => n += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => failed = Some(e),
         }
     }
     let flags = SEND_FLAGS | if ended { SEND_MORE } else { 0 };
@@ -223,16 +215,7 @@ async fn copy_once(
     while off < n {
         to.writable().await?;
         let chunk = &buf.bytes()[off..n];
-        match to.try_io(Interest::WRITABLE, || {
-            // SAFETY: `chunk` is valid for reads of `chunk.len()` bytes.
-            let w =
-                unsafe { libc::send(to.as_raw_fd(), chunk.as_ptr().cast(), chunk.len(), flags) };
-            if w < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(w as usize)
-            }
-        }) {
+        match to.try_io(Interest::WRITABLE, || send(to, chunk, flags)) {
             Ok(w) => off += w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -251,15 +234,9 @@ async fn copy_once(
 /// that arrives during or after the read has a newer tick and survives the
 /// clear, so no wakeup is lost.
 fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    use std::os::fd::AsRawFd;
     let mut short = 0;
     let r = from.try_io(Interest::READABLE, || {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
+        let n = recv(from, buf)?;
         if n > 0 && n < buf.len() {
             short = n;
             return Err(io::ErrorKind::WouldBlock.into());
@@ -270,6 +247,30 @@ fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
         Ok(n) => Ok(Some(n)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((short > 0).then_some(short)),
         Err(e) => Err(e),
+    }
+}
+
+/// One `recv(2)` on the socket, bypassing tokio's readiness.
+fn recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One `send(2)` with `flags`, bypassing tokio's readiness.
+fn send(s: &TcpStream, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
+    let n = unsafe { libc::send(s.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
