@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::api::{BackendView, ConnView};
 use crate::backend::{Backend, ConnInfo, State};
 use crate::config::parse_duration;
 use crate::server::Shared;
@@ -44,85 +45,38 @@ const MAX_BODY: usize = 4096;
 const IDLE_REPORT: Duration = Duration::from_secs(10);
 
 /// One backend as the API shows it.
-#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
-pub struct BackendView {
-    pub name: String,
-    pub address: String,
-    pub state: State,
-    pub healthy: bool,
-    /// Whether active health checks run for this backend.
-    pub health_checked: bool,
-    pub weight: u32,
-    pub active_connections: usize,
-    /// Live connections that moved no byte in the last 10 s.
-    pub idle_connections: usize,
-    pub total_connections: u64,
-    pub connect_failures: u64,
-    /// Bytes from clients to the backend.
-    pub bytes_in: u64,
-    /// Bytes from the backend to clients.
-    pub bytes_out: u64,
-    /// Bytes, either way, moved by splice(2) without a copy.
-    #[serde(default)]
-    pub bytes_spliced: u64,
-    /// Unix time (ms) of the last admin state change.
-    pub state_since_ms: u64,
-    /// Unix time (ms) of the last health change.
-    pub health_since_ms: u64,
-    /// Unix time (ms) at which the last passing health check began.
-    pub last_ok_check_ms: u64,
-    /// The services that send clients to this backend.
-    #[serde(default)]
-    pub services: Vec<String>,
-}
-
-impl BackendView {
-    pub fn of(b: &Backend, shared: &Shared) -> BackendView {
-        BackendView {
-            services: shared.services_of(b),
-            name: b.name.clone(),
-            address: b.address().to_string(),
-            state: b.state(),
-            healthy: b.healthy(),
-            health_checked: b.is_checked(),
-            weight: b.weight(),
-            active_connections: b.live(),
-            idle_connections: b.idle_count(IDLE_REPORT),
-            total_connections: b.total_connections.load(Ordering::Relaxed),
-            connect_failures: b.connect_failures.load(Ordering::Relaxed),
-            bytes_in: b.bytes_in.load(Ordering::Relaxed),
-            bytes_out: b.bytes_out.load(Ordering::Relaxed),
-            bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),
-            state_since_ms: b.state_since_ms(),
-            health_since_ms: b.health_since_ms(),
-            last_ok_check_ms: b.last_ok_check_ms(),
-        }
+fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
+    BackendView {
+        services: shared.services_of(b),
+        name: b.name.clone(),
+        address: b.address().to_string(),
+        state: b.state(),
+        healthy: b.healthy(),
+        health_checked: b.is_checked(),
+        weight: b.weight(),
+        active_connections: b.live(),
+        idle_connections: b.idle_count(IDLE_REPORT),
+        total_connections: b.total_connections.load(Ordering::Relaxed),
+        connect_failures: b.connect_failures.load(Ordering::Relaxed),
+        bytes_in: b.bytes_in.load(Ordering::Relaxed),
+        bytes_out: b.bytes_out.load(Ordering::Relaxed),
+        bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),
+        state_since_ms: b.state_since_ms(),
+        health_since_ms: b.health_since_ms(),
+        last_ok_check_ms: b.last_ok_check_ms(),
     }
 }
 
 /// One live connection as the API shows it.
-#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq)]
-pub struct ConnView {
-    pub id: u64,
-    pub client: String,
-    pub service: String,
-    pub age_ms: u64,
-    pub idle_ms: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-impl ConnView {
-    fn of(c: &ConnInfo) -> ConnView {
-        ConnView {
-            id: c.id,
-            client: c.client.to_string(),
-            service: c.service.to_string(),
-            age_ms: c.started.elapsed().as_millis() as u64,
-            idle_ms: c.idle().as_millis() as u64,
-            bytes_in: c.bytes_in.load(Ordering::Relaxed),
-            bytes_out: c.bytes_out.load(Ordering::Relaxed),
-        }
+fn conn_view(c: &ConnInfo) -> ConnView {
+    ConnView {
+        id: c.id,
+        client: c.client.to_string(),
+        service: c.service.to_string(),
+        age_ms: c.started.elapsed().as_millis() as u64,
+        idle_ms: c.idle().as_millis() as u64,
+        bytes_in: c.bytes_in.load(Ordering::Relaxed),
+        bytes_out: c.bytes_out.load(Ordering::Relaxed),
     }
 }
 
@@ -317,7 +271,7 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
             let views: Vec<_> = shared
                 .backends()
                 .iter()
-                .map(|b| BackendView::of(b, shared))
+                .map(|b| backend_view(b, shared))
                 .collect();
             json(StatusCode::OK, &views)
         }
@@ -331,9 +285,9 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
             match rest {
                 [] => allow("GET")
                     .or_else(|| only(&[]))
-                    .unwrap_or_else(|| json(StatusCode::OK, &BackendView::of(&b, shared))),
+                    .unwrap_or_else(|| json(StatusCode::OK, &backend_view(&b, shared))),
                 ["connections"] => allow("GET").or_else(|| only(&[])).unwrap_or_else(|| {
-                    let v: Vec<_> = b.connections().iter().map(|c| ConnView::of(c)).collect();
+                    let v: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
                     json(StatusCode::OK, &v)
                 }),
                 ["drain"] => {
@@ -364,14 +318,14 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
                     // so the reply shows the count they leave behind.
                     b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
                         .await;
-                    json(StatusCode::OK, &BackendView::of(&b, shared))
+                    json(StatusCode::OK, &backend_view(&b, shared))
                 }
                 ["start"] => {
                     if let Some(r) = allow("POST").or_else(|| only(&[])) {
                         return r;
                     }
                     b.start();
-                    json(StatusCode::OK, &BackendView::of(&b, shared))
+                    json(StatusCode::OK, &backend_view(&b, shared))
                 }
                 _ => error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
             }
@@ -421,7 +375,7 @@ async fn drain(
     } else {
         StatusCode::ACCEPTED
     };
-    json(status, &BackendView::of(b, shared))
+    json(status, &backend_view(b, shared))
 }
 
 fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {

@@ -15,7 +15,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::admin::{BackendView, ConnView};
+use crate::api::{BackendView, ConnView};
 use crate::backend::State;
 use crate::config::format_duration;
 

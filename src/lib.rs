@@ -10,12 +10,14 @@
 //! - [`pool`]: round-robin selection in fallback order.
 //! - [`backend`]: a backend's state machine and live-connection guard.
 //! - [`health`]: active health checks.
+//! - [`api`]: the admin API's wire types, shared with `ctl`.
 //! - [`admin`]: the HTTP admin API.
 //! - [`ctl`]: `sluice ctl`, the admin client, and `rollout`.
 //! - [`shutdown`]: the signals that end the process.
 //! - [`demo`]: built-in web servers for `sluice demo`.
 
 pub mod admin;
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod ctl;

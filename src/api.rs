@@ -1,0 +1,77 @@
+//! The admin API's wire types: what the server sends and `sluice ctl`
+//! reads. Plain data, so the client needs nothing of the server.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::State;
+
+/// One backend as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct BackendView {
+    pub name: String,
+    pub address: String,
+    pub state: State,
+    pub healthy: bool,
+    /// Whether active health checks run for this backend.
+    pub health_checked: bool,
+    pub weight: u32,
+    pub active_connections: usize,
+    /// Live connections that moved no byte in the last 10 s.
+    pub idle_connections: usize,
+    pub total_connections: u64,
+    pub connect_failures: u64,
+    /// Bytes from clients to the backend.
+    pub bytes_in: u64,
+    /// Bytes from the backend to clients.
+    pub bytes_out: u64,
+    /// Bytes, either way, moved by splice(2) without a copy.
+    #[serde(default)]
+    pub bytes_spliced: u64,
+    /// Unix time (ms) of the last admin state change.
+    pub state_since_ms: u64,
+    /// Unix time (ms) of the last health change.
+    pub health_since_ms: u64,
+    /// Unix time (ms) at which the last passing health check began.
+    pub last_ok_check_ms: u64,
+    /// The services that send clients to this backend.
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+/// One live connection as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct ConnView {
+    pub id: u64,
+    pub client: String,
+    pub service: String,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// `GET /stats`: clients sluice could not serve, and the live total.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct StatsView {
+    pub active_connections: usize,
+    pub rejected_limit: u64,
+    pub rejected_no_backend: u64,
+    pub accept_errors: u64,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct HealthzView {
+    /// `ok`, or `shutting down`.
+    pub status: String,
+    /// The server's clock in Unix milliseconds, so that clients on other
+    /// hosts compare check times without trusting their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ms: Option<u64>,
+}
+
+/// Every error reply: `{"error": "..."}`.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct ErrorView {
+    pub error: String,
+}
