@@ -1,0 +1,190 @@
+//! `sluice ctl`: the admin API from the command line, and `rollout`, the
+//! whole rolling update as one command.
+//!
+//! Every command returns an [`Outcome`]; the binary turns it into the exit
+//! code: 0 done, 1 error, 2 timed out.
+//!
+//! This file holds the single commands; [`Client`] speaks HTTP, `output`
+//! formats for a person and `rollout` is the update policy built on them.
+
+mod client;
+mod output;
+mod rollout;
+
+use std::time::{Duration, Instant};
+
+use crate::backend::State;
+use crate::config::format_duration;
+use output::{colour, print_json, say};
+
+pub use client::Client;
+pub use output::{conns_table, status_table};
+pub use rollout::{RolloutOpts, rollout};
+
+/// How a command ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    TimedOut,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0} is not an admin URL such as http://127.0.0.1:9000")]
+    BadUrl(String),
+    #[error("cannot reach the admin API at {url}: {error}")]
+    Unreachable { url: String, error: std::io::Error },
+    #[error("admin API at {url}: {message}")]
+    Http { url: String, message: String },
+    #[error("{status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("{0}")]
+    Rollout(String),
+}
+
+pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
+    let bs = c.backends().await?;
+    if json {
+        print_json(&bs);
+    } else {
+        print!("{}", status_table(&bs, colour()));
+    }
+    Ok(Outcome::Done)
+}
+
+pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlError> {
+    let list = c.connections(name).await?;
+    if json {
+        print_json(&list);
+    } else {
+        print!("{}", conns_table(&list, name));
+    }
+    Ok(Outcome::Done)
+}
+
+/// Drain options shared by `drain` and `rollout`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DrainOpts {
+    /// Give up waiting after this long; `None` waits until drained.
+    pub wait: Option<Duration>,
+    pub force_after: Option<Duration>,
+    pub close_idle: Option<Duration>,
+}
+
+/// Drains `name` and shows its live count falling until it is drained.
+pub async fn drain(c: &Client, name: &str, opts: DrainOpts) -> Result<Outcome, CtlError> {
+    let started = Instant::now();
+    let b = c
+        .act(
+            name,
+            "drain",
+            &[
+                ("force_after", opts.force_after),
+                ("close_idle", opts.close_idle),
+            ],
+        )
+        .await?;
+    if b.state == State::Draining {
+        say(&format!(
+            "{name}: draining with {} live connection(s); new clients go elsewhere",
+            b.active_connections
+        ));
+    }
+    let mut last = b.active_connections;
+    loop {
+        let b = c.backend(name).await?;
+        if matches!(b.state, State::Drained | State::Stopped) && b.active_connections == 0 {
+            say(&format!(
+                "{name}: {} after {:.1}s, 0 live connections",
+                b.state.as_str(),
+                started.elapsed().as_secs_f64()
+            ));
+            return Ok(Outcome::Done);
+        }
+        if b.state == State::Active {
+            return Err(CtlError::Rollout(format!(
+                "{name} was started again while draining"
+            )));
+        }
+        if b.active_connections != last {
+            say(&format!(
+                "{name}: {} live connection(s), {} idle",
+                b.active_connections, b.idle_connections
+            ));
+            last = b.active_connections;
+        }
+        if let Some(w) = opts.wait
+            && started.elapsed() >= w
+        {
+            say(&format!(
+                "{name}: still draining after {} with {} live connection(s)",
+                format_duration(w),
+                b.active_connections
+            ));
+            return Ok(Outcome::TimedOut);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn stop(c: &Client, name: &str) -> Result<Outcome, CtlError> {
+    let b = c.act(name, "stop", &[]).await?;
+    say(&format!(
+        "{name}: stopped, {} live connection(s) left",
+        b.active_connections
+    ));
+    Ok(Outcome::Done)
+}
+
+pub async fn start(
+    c: &Client,
+    name: &str,
+    wait_healthy: Option<Duration>,
+) -> Result<Outcome, CtlError> {
+    let b = c.act(name, "start", &[]).await?;
+    say(&format!(
+        "{name}: active{}",
+        if b.healthy {
+            ""
+        } else {
+            " (health check failing)"
+        }
+    ));
+    let Some(limit) = wait_healthy else {
+        return Ok(Outcome::Done);
+    };
+    let since = b.state_since_ms;
+    if wait_until_healthy(c, name, since, limit).await? {
+        say(&format!("{name}: healthy"));
+        Ok(Outcome::Done)
+    } else {
+        say(&format!(
+            "{name}: not healthy after {}",
+            format_duration(limit)
+        ));
+        Ok(Outcome::TimedOut)
+    }
+}
+
+/// Waits until a health check that began at or after `since_ms` passed.
+/// A backend without active checks counts as healthy at once. Here, not in
+/// `rollout`, because `start --wait-healthy` waits the same way.
+async fn wait_until_healthy(
+    c: &Client,
+    name: &str,
+    since_ms: u64,
+    limit: Duration,
+) -> Result<bool, CtlError> {
+    let started = Instant::now();
+    loop {
+        let b = c.backend(name).await?;
+        if !b.health_checked || (b.healthy && b.last_ok_check_ms >= since_ms) {
+            return Ok(true);
+        }
+        if started.elapsed() >= limit {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

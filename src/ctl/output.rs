@@ -1,0 +1,177 @@
+//! What `sluice ctl` shows a person, as pure functions where it can be, so
+//! the text is testable without a server.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::time::SystemTime;
+
+use crate::api::{BackendView, ConnView};
+use crate::backend::State;
+
+/// Whether to colour output: only on a terminal.
+pub(super) fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// `HH:MM:SS` in UTC, for step logs.
+fn clock() -> String {
+    let s = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02}Z", s / 3600 % 24, s / 60 % 60, s % 60)
+}
+
+/// One step log line, stamped so a slow step shows in the log.
+pub(super) fn say(msg: &str) {
+    println!("[{}] {msg}", clock());
+}
+
+/// Pretty JSON for `--json`, the same shape the API sends.
+pub(super) fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Names joined by commas, or `none`.
+pub(super) fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = names.map(String::as_str).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Green in service, yellow draining, red out of service or down.
+fn colour_of(b: &BackendView) -> &'static str {
+    const GREEN: &str = "\x1b[32m";
+    const YELLOW: &str = "\x1b[33m";
+    const RED: &str = "\x1b[31m";
+    match (b.state, b.healthy) {
+        (State::Draining, _) => YELLOW,
+        (State::Drained | State::Stopped, _) | (State::Active, false) => RED,
+        (State::Active, true) => GREEN,
+    }
+}
+
+/// The status table.
+pub fn status_table(backends: &[BackendView], colour: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<24} {:<9} {:<7} {:>6} {:>10}",
+        "NAME", "ADDRESS", "STATE", "HEALTH", "LIVE", "TOTAL"
+    );
+    for b in backends {
+        let c = colour_of(b);
+        let state = format!("{:<9}", b.state.as_str());
+        let state = if colour {
+            format!("{c}{state}\x1b[0m")
+        } else {
+            state
+        };
+        let health = if b.healthy { "up" } else { "down" };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<24} {state} {:<7} {:>6} {:>10}",
+            b.name, b.address, health, b.active_connections, b.total_connections
+        );
+    }
+    out
+}
+
+/// The live connections of backend `name`, with a count line at the end.
+pub fn conns_table(list: &[ConnView], name: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12}",
+        "CLIENT", "SERVICE", "AGE", "IDLE", "BYTES IN", "BYTES OUT"
+    );
+    for x in list {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12}",
+            x.client,
+            x.service,
+            format!("{:.1}s", x.age_ms as f64 / 1000.0),
+            format!("{:.1}s", x.idle_ms as f64 / 1000.0),
+            x.bytes_in,
+            x.bytes_out
+        );
+    }
+    let _ = writeln!(out, "{} live connection(s) on {name}", list.len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, state: State, healthy: bool) -> BackendView {
+        BackendView {
+            name: name.into(),
+            address: "127.0.0.1:8080".into(),
+            state,
+            healthy,
+            health_checked: true,
+            weight: 1,
+            active_connections: 3,
+            idle_connections: 1,
+            total_connections: 42,
+            connect_failures: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            bytes_spliced: 0,
+            state_since_ms: 0,
+            health_since_ms: 0,
+            last_ok_check_ms: 0,
+            services: vec![],
+        }
+    }
+
+    #[test]
+    fn status_table_without_colour() {
+        let t = status_table(&[backend("web1", State::Draining, false)], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2, "{t}");
+        for col in ["NAME", "ADDRESS", "STATE", "HEALTH", "LIVE", "TOTAL"] {
+            assert!(lines[0].contains(col), "{t}");
+        }
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            row,
+            ["web1", "127.0.0.1:8080", "draining", "down", "3", "42"]
+        );
+        assert!(!t.contains('\x1b'), "{t}");
+    }
+
+    #[test]
+    fn status_table_colours_the_state() {
+        let t = status_table(&[backend("web1", State::Active, true)], true);
+        assert!(t.contains("\x1b[32mactive"), "{t}");
+    }
+
+    #[test]
+    fn conns_table_rows_and_count() {
+        let c = ConnView {
+            id: 7,
+            client: "10.0.0.1:5000".into(),
+            service: "web".into(),
+            age_ms: 1500,
+            idle_ms: 300,
+            bytes_in: 100,
+            bytes_out: 2000,
+        };
+        let t = conns_table(&[c], "web1");
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("CLIENT"), "{t}");
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(row, ["10.0.0.1:5000", "web", "1.5s", "0.3s", "100", "2000"]);
+        assert_eq!(lines[2], "1 live connection(s) on web1");
+        assert_eq!(
+            conns_table(&[], "web2").lines().last(),
+            Some("0 live connection(s) on web2")
+        );
+    }
+}
