@@ -469,325 +469,22 @@ impl Config {
             message: e.message().trim().to_string(),
         })?;
 
-        let mut admin = match &raw.admin {
-            None => AdminConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
-                token: None,
-                request_timeout: Duration::from_secs(10),
-            },
-            Some(a) => {
-                let listen = match &a.listen {
-                    Some(l) => socket_addr(&ctx, l, "admin.listen")?,
-                    None => SocketAddr::from(([127, 0, 0, 1], 9000)),
-                };
-                let token = match &a.token {
-                    Some(t)
-                        if t.get_ref().is_empty()
-                            || t.get_ref()
-                                .chars()
-                                .any(|c| c.is_whitespace() || c.is_control()) =>
-                    {
-                        return Err(ctx.err(
-                            t.span(),
-                            "admin.token",
-                            "token is empty or has spaces or control characters".into(),
-                        ));
-                    }
-                    Some(t) => Some(t.get_ref().clone()),
-                    None => None,
-                };
-                let request_timeout = ctx
-                    .duration(&a.request_timeout, "admin.request_timeout")?
-                    .unwrap_or(Duration::from_secs(10));
-                if let Some(t) = &a.request_timeout
-                    && request_timeout.is_zero()
-                {
-                    return Err(ctx.err(
-                        t.span(),
-                        "admin.request_timeout",
-                        "must be more than 0".into(),
-                    ));
-                }
-                AdminConfig {
-                    listen,
-                    token,
-                    request_timeout,
-                }
-            }
-        };
-        if admin.token.is_none() {
-            admin.token = fallback_token;
-        }
-        if !admin.listen.ip().is_loopback() && admin.token.is_none() {
-            let line = raw
-                .admin
-                .as_ref()
-                .and_then(|a| a.listen.as_ref())
-                .map(|l| line_of(text, l.span().start));
-            return Err(ConfigError {
-                file: file.to_string(),
-                line,
-                field: Some("admin.listen".into()),
-                message: format!(
-                    "{} is not a loopback address; set [admin] token (or SLUICE_TOKEN in the environment) so that only holders of it can drain and stop backends",
-                    admin.listen
-                ),
-            });
-        }
-
-        let health_defaults = match &raw.health {
-            None => HealthConfig::default(),
-            Some(h) => {
-                let d = HealthConfig::default();
-                let interval = ctx
-                    .duration(&h.interval, "health.interval")?
-                    .unwrap_or(d.interval);
-                let timeout = ctx
-                    .duration(&h.timeout, "health.timeout")?
-                    .unwrap_or(d.timeout);
-                for (v, f) in [
-                    (&h.interval, "health.interval"),
-                    (&h.timeout, "health.timeout"),
-                ] {
-                    if let Some(s) = v
-                        && parse_duration(s.get_ref()).ok() == Some(Duration::ZERO)
-                    {
-                        return Err(ctx.err(s.span(), f, "must be more than 0".into()));
-                    }
-                }
-                HealthConfig {
-                    interval,
-                    timeout,
-                    rise: ctx
-                        .int(&h.rise, "health.rise", 1, 100)?
-                        .map_or(d.rise, |v| v as u32),
-                    fall: ctx
-                        .int(&h.fall, "health.fall", 1, 100)?
-                        .map_or(d.fall, |v| v as u32),
-                }
-            }
-        };
-
-        let mut backends = Vec::with_capacity(raw.backend.len());
-        let mut names = HashSet::new();
-        for (i, b) in raw.backend.iter().enumerate() {
-            let field = |f: &str| format!("backend[{i}].{f}");
-            let name = b.name.get_ref().trim();
-            check_name(&ctx, name, &b.name, &field("name"))?;
-            if !names.insert(name.to_string()) {
-                return Err(ctx.err(
-                    b.name.span(),
-                    &field("name"),
-                    format!("backend name `{name}` is used twice"),
-                ));
-            }
-            let address = BackendAddress::parse(b.address.get_ref())
-                .map_err(|m| ctx.err(b.address.span(), &field("address"), m))?;
-            let weight = ctx.int(&b.weight, &field("weight"), 0, 1000)?.unwrap_or(1) as u32;
-            let port = ctx
-                .int(&b.health_port, &field("health_port"), 1, 65535)?
-                .map(|p| p as u16);
-            let status = ctx.int(&b.health_status, &field("health_status"), 100, 599)?;
-            let kind = b
-                .health_check
-                .as_ref()
-                .map(|s| (s.get_ref().as_str(), s.span()));
-            let health = match kind {
-                Some(("tcp", span)) if b.health_status.is_some() => {
-                    return Err(ctx.err(
-                        span,
-                        &field("health_check"),
-                        "health_status goes with health_check = \"http\"".into(),
-                    ));
-                }
-                None | Some(("tcp", _)) if b.health_path.is_none() && b.health_status.is_none() => {
-                    Some(HealthCheck::Tcp { port })
-                }
-                None | Some(("http", _)) => {
-                    let path = b
-                        .health_path
-                        .as_ref()
-                        .map_or("/".to_string(), |p| p.get_ref().clone());
-                    if !path.starts_with('/') {
-                        let span = b.health_path.as_ref().unwrap().span();
-                        return Err(ctx.err(
-                            span,
-                            &field("health_path"),
-                            format!("`{path}` must start with /"),
-                        ));
-                    }
-                    Some(HealthCheck::Http {
-                        port,
-                        path,
-                        status: status.unwrap_or(200) as u16,
-                    })
-                }
-                Some(("none", span)) => {
-                    if b.health_path.is_some()
-                        || b.health_status.is_some()
-                        || b.health_port.is_some()
-                    {
-                        return Err(ctx.err(
-                            span,
-                            &field("health_check"),
-                            "health_path, health_status and health_port make no sense with \"none\"".into(),
-                        ));
-                    }
-                    None
-                }
-                Some(("tcp", span)) => {
-                    return Err(ctx.err(
-                        span,
-                        &field("health_check"),
-                        "health_path goes with health_check = \"http\"".into(),
-                    ));
-                }
-                Some((other, span)) => {
-                    return Err(ctx.err(
-                        span,
-                        &field("health_check"),
-                        format!("`{other}` is not a check; use \"tcp\", \"http\" or \"none\""),
-                    ));
-                }
-            };
-            backends.push(BackendConfig {
-                name: name.to_string(),
-                address,
-                weight,
-                health,
-            });
-        }
-
-        if raw.service.is_empty() {
-            return Err(ctx.whole(
-                "no [[service]] is defined: sluice needs at least one listening service".into(),
-            ));
-        }
-        let mut services = Vec::with_capacity(raw.service.len());
-        let mut service_names = HashSet::new();
-        let mut listens = HashSet::new();
-        for (i, s) in raw.service.iter().enumerate() {
-            let field = |f: &str| format!("service[{i}].{f}");
-            let name = s.name.get_ref().trim();
-            check_name(&ctx, name, &s.name, &field("name"))?;
-            if !service_names.insert(name.to_string()) {
-                return Err(ctx.err(
-                    s.name.span(),
-                    &field("name"),
-                    format!("service name `{name}` is used twice"),
-                ));
-            }
-            let listen = socket_addr(&ctx, &s.listen, &field("listen"))?;
-            if let Some(other) = listens.iter().find(|o| overlaps(**o, listen)) {
-                return Err(ctx.err(
-                    s.listen.span(),
-                    &field("listen"),
-                    format!("{listen} overlaps {other}, where another service listens"),
-                ));
-            }
-            listens.insert(listen);
-            if overlaps(listen, admin.listen) {
-                return Err(ctx.err(
-                    s.listen.span(),
-                    &field("listen"),
-                    format!("{listen} overlaps the admin address {}", admin.listen),
-                ));
-            }
-            let backend_port = ctx
-                .int(&s.backend_port, &field("backend_port"), 1, 65535)?
-                .map_or(listen.port(), |p| p as u16);
-            let chosen: Vec<String> = match &s.backends {
-                None => backends.iter().map(|b| b.name.clone()).collect(),
-                Some(list) => {
-                    let mut seen = HashSet::new();
-                    for n in list.get_ref() {
-                        if !names.contains(n.get_ref().as_str()) {
-                            return Err(ctx.err(
-                                n.span(),
-                                &field("backends"),
-                                format!("no [[backend]] is named `{}`", n.get_ref()),
-                            ));
-                        }
-                        if !seen.insert(n.get_ref().clone()) {
-                            return Err(ctx.err(
-                                n.span(),
-                                &field("backends"),
-                                format!("`{}` is listed twice", n.get_ref()),
-                            ));
-                        }
-                    }
-                    list.get_ref().iter().map(|n| n.get_ref().clone()).collect()
-                }
-            };
-            if !chosen.is_empty()
-                && backends
-                    .iter()
-                    .filter(|b| chosen.contains(&b.name))
-                    .all(|b| b.weight == 0)
-            {
-                let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
-                return Err(ctx.err(
-                    span,
-                    &field("backends"),
-                    format!("every backend of service `{name}` has weight 0, so it could serve no client"),
-                ));
-            }
-            if chosen.is_empty() {
-                let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
-                return Err(ctx.err(
-                    span,
-                    &field("backends"),
-                    format!("service `{name}` has no backend to forward to; add a [[backend]]"),
-                ));
-            }
-            for b in backends.iter().filter(|b| chosen.contains(&b.name)) {
-                if b.address.port().is_none() && backend_port == 0 {
-                    return Err(ctx.err(
-                        s.listen.span(),
-                        &field("backend_port"),
-                        format!("backend `{}` has no port and this service listens on port 0; set backend_port", b.name),
-                    ));
-                }
-            }
-            services.push(ServiceConfig {
-                name: name.to_string(),
-                listen,
-                backend_port,
-                backends: chosen,
-            });
-        }
-
-        let positive =
-            |v: &Option<Spanned<String>>, f: &str, d: Duration| -> Result<Duration, ConfigError> {
-                let got = ctx.duration(v, f)?.unwrap_or(d);
-                if got.is_zero() {
-                    let span = v.as_ref().map(|s| s.span()).unwrap_or(0..0);
-                    return Err(ctx.err(span, f, "must be more than 0".into()));
-                }
-                Ok(got)
-            };
-        let connect_timeout = positive(
-            &raw.connect_timeout,
-            "connect_timeout",
-            Duration::from_secs(3),
-        )?;
-        let idle_timeout = match ctx.duration(&raw.idle_timeout, "idle_timeout")? {
-            Some(d) if d.is_zero() => {
-                let span = raw.idle_timeout.as_ref().map_or(0..0, |s| s.span());
-                return Err(ctx.err(
-                    span,
-                    "idle_timeout",
-                    "must be more than 0; leave it out for no idle timeout".into(),
-                ));
-            }
-            other => other,
-        };
+        // Sections are checked in this order so that a file with several
+        // mistakes is always refused with the same one.
+        let admin = admin(&ctx, &raw.admin, fallback_token)?;
+        let health = health(&ctx, &raw.health)?;
+        let backends = backends(&ctx, &raw.backend)?;
+        let services = services(&ctx, &raw.service, &backends, admin.listen)?;
+        let connect_timeout = connect_timeout(&ctx, &raw.connect_timeout)?;
+        let idle_timeout = idle_timeout(&ctx, &raw.idle_timeout)?;
         let shutdown_grace = ctx
             .duration(&raw.shutdown_grace, "shutdown_grace")?
             .unwrap_or(Duration::from_secs(30));
         let max_connections = ctx
             .int(&raw.max_connections, "max_connections", 1, 10_000_000)?
             .unwrap_or(100_000) as usize;
+        let workers = workers(&ctx, &raw.workers)?;
+        let runtime = runtime(&ctx, &raw.runtime)?;
 
         Ok(Config {
             admin,
@@ -798,30 +495,392 @@ impl Config {
             idle_timeout,
             shutdown_grace,
             state_file: raw.state_file.map(PathBuf::from),
-            health: health_defaults,
+            health,
             zero_copy: raw.zero_copy.unwrap_or(true),
-            workers: ctx.int(&raw.workers, "workers", 1, 256)?.map_or_else(
-                || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                |w| w as usize,
-            ),
-            runtime: match &raw.runtime {
-                // Chosen by measurement: see README, Performance.
-                None => RuntimeLayout::MultiThread,
-                Some(r) => {
-                    match r.get_ref().as_str() {
-                        "per-core" => RuntimeLayout::PerCore,
-                        "multi-thread" => RuntimeLayout::MultiThread,
-                        other => {
-                            return Err(ctx.err(
-                            r.span(),
-                            "runtime",
-                            format!("`{other}` is not a layout; use \"per-core\" or \"multi-thread\""),
-                        ));
-                        }
-                    }
-                }
-            },
+            workers,
+            runtime,
         })
+    }
+}
+
+/// `[admin]`, with `fallback_token` when the file sets no token.
+fn admin(
+    ctx: &Ctx,
+    raw: &Option<FileAdmin>,
+    fallback_token: Option<String>,
+) -> Result<AdminConfig, ConfigError> {
+    let mut admin = match raw {
+        None => AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            token: None,
+            request_timeout: Duration::from_secs(10),
+        },
+        Some(a) => {
+            let listen = match &a.listen {
+                Some(l) => socket_addr(ctx, l, "admin.listen")?,
+                None => SocketAddr::from(([127, 0, 0, 1], 9000)),
+            };
+            let token = match &a.token {
+                Some(t)
+                    if t.get_ref().is_empty()
+                        || t.get_ref()
+                            .chars()
+                            .any(|c| c.is_whitespace() || c.is_control()) =>
+                {
+                    return Err(ctx.err(
+                        t.span(),
+                        "admin.token",
+                        "token is empty or has spaces or control characters".into(),
+                    ));
+                }
+                Some(t) => Some(t.get_ref().clone()),
+                None => None,
+            };
+            let request_timeout = ctx
+                .duration(&a.request_timeout, "admin.request_timeout")?
+                .unwrap_or(Duration::from_secs(10));
+            if let Some(t) = &a.request_timeout
+                && request_timeout.is_zero()
+            {
+                return Err(ctx.err(
+                    t.span(),
+                    "admin.request_timeout",
+                    "must be more than 0".into(),
+                ));
+            }
+            AdminConfig {
+                listen,
+                token,
+                request_timeout,
+            }
+        }
+    };
+    if admin.token.is_none() {
+        admin.token = fallback_token;
+    }
+    if !admin.listen.ip().is_loopback() && admin.token.is_none() {
+        let line = raw
+            .as_ref()
+            .and_then(|a| a.listen.as_ref())
+            .map(|l| line_of(ctx.text, l.span().start));
+        return Err(ConfigError {
+            file: ctx.file.to_string(),
+            line,
+            field: Some("admin.listen".into()),
+            message: format!(
+                "{} is not a loopback address; set [admin] token (or SLUICE_TOKEN in the environment) so that only holders of it can drain and stop backends",
+                admin.listen
+            ),
+        });
+    }
+    Ok(admin)
+}
+
+/// `[health]`: the check defaults every backend shares.
+fn health(ctx: &Ctx, raw: &Option<FileHealth>) -> Result<HealthConfig, ConfigError> {
+    let d = HealthConfig::default();
+    let Some(h) = raw else {
+        return Ok(d);
+    };
+    let interval = ctx
+        .duration(&h.interval, "health.interval")?
+        .unwrap_or(d.interval);
+    let timeout = ctx
+        .duration(&h.timeout, "health.timeout")?
+        .unwrap_or(d.timeout);
+    for (v, f) in [
+        (&h.interval, "health.interval"),
+        (&h.timeout, "health.timeout"),
+    ] {
+        if let Some(s) = v
+            && parse_duration(s.get_ref()).ok() == Some(Duration::ZERO)
+        {
+            return Err(ctx.err(s.span(), f, "must be more than 0".into()));
+        }
+    }
+    Ok(HealthConfig {
+        interval,
+        timeout,
+        rise: ctx
+            .int(&h.rise, "health.rise", 1, 100)?
+            .map_or(d.rise, |v| v as u32),
+        fall: ctx
+            .int(&h.fall, "health.fall", 1, 100)?
+            .map_or(d.fall, |v| v as u32),
+    })
+}
+
+/// Every `[[backend]]`, in file order.
+fn backends(ctx: &Ctx, raw: &[FileBackend]) -> Result<Vec<BackendConfig>, ConfigError> {
+    let mut backends = Vec::with_capacity(raw.len());
+    for (i, b) in raw.iter().enumerate() {
+        let backend = backend(ctx, i, b, &backends)?;
+        backends.push(backend);
+    }
+    Ok(backends)
+}
+
+/// `[[backend]]` number `i`; `earlier` are the ones before it in the file.
+fn backend(
+    ctx: &Ctx,
+    i: usize,
+    b: &FileBackend,
+    earlier: &[BackendConfig],
+) -> Result<BackendConfig, ConfigError> {
+    let field = |f: &str| format!("backend[{i}].{f}");
+    let name = b.name.get_ref().trim();
+    check_name(ctx, name, &b.name, &field("name"))?;
+    if earlier.iter().any(|e| e.name == name) {
+        return Err(ctx.err(
+            b.name.span(),
+            &field("name"),
+            format!("backend name `{name}` is used twice"),
+        ));
+    }
+    let address = BackendAddress::parse(b.address.get_ref())
+        .map_err(|m| ctx.err(b.address.span(), &field("address"), m))?;
+    let weight = ctx.int(&b.weight, &field("weight"), 0, 1000)?.unwrap_or(1) as u32;
+    let health = health_check(ctx, i, b)?;
+    Ok(BackendConfig {
+        name: name.to_string(),
+        address,
+        weight,
+        health,
+    })
+}
+
+/// The health check of `[[backend]]` number `i`; `None` when it is off.
+fn health_check(ctx: &Ctx, i: usize, b: &FileBackend) -> Result<Option<HealthCheck>, ConfigError> {
+    let field = |f: &str| format!("backend[{i}].{f}");
+    let port = ctx
+        .int(&b.health_port, &field("health_port"), 1, 65535)?
+        .map(|p| p as u16);
+    let status = ctx.int(&b.health_status, &field("health_status"), 100, 599)?;
+    let kind = b
+        .health_check
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()));
+    match kind {
+        Some(("tcp", span)) if b.health_status.is_some() => Err(ctx.err(
+            span,
+            &field("health_check"),
+            "health_status goes with health_check = \"http\"".into(),
+        )),
+        None | Some(("tcp", _)) if b.health_path.is_none() && b.health_status.is_none() => {
+            Ok(Some(HealthCheck::Tcp { port }))
+        }
+        None | Some(("http", _)) => {
+            let path = b
+                .health_path
+                .as_ref()
+                .map_or("/".to_string(), |p| p.get_ref().clone());
+            if !path.starts_with('/') {
+                let span = b.health_path.as_ref().unwrap().span();
+                return Err(ctx.err(
+                    span,
+                    &field("health_path"),
+                    format!("`{path}` must start with /"),
+                ));
+            }
+            Ok(Some(HealthCheck::Http {
+                port,
+                path,
+                status: status.unwrap_or(200) as u16,
+            }))
+        }
+        Some(("none", span)) => {
+            if b.health_path.is_some() || b.health_status.is_some() || b.health_port.is_some() {
+                return Err(ctx.err(
+                    span,
+                    &field("health_check"),
+                    "health_path, health_status and health_port make no sense with \"none\"".into(),
+                ));
+            }
+            Ok(None)
+        }
+        Some(("tcp", span)) => Err(ctx.err(
+            span,
+            &field("health_check"),
+            "health_path goes with health_check = \"http\"".into(),
+        )),
+        Some((other, span)) => Err(ctx.err(
+            span,
+            &field("health_check"),
+            format!("`{other}` is not a check; use \"tcp\", \"http\" or \"none\""),
+        )),
+    }
+}
+
+/// Every `[[service]]`, in file order, over the validated `backends`.
+fn services(
+    ctx: &Ctx,
+    raw: &[FileService],
+    backends: &[BackendConfig],
+    admin_listen: SocketAddr,
+) -> Result<Vec<ServiceConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ctx.whole(
+            "no [[service]] is defined: sluice needs at least one listening service".into(),
+        ));
+    }
+    let mut services = Vec::with_capacity(raw.len());
+    for (i, s) in raw.iter().enumerate() {
+        let service = service(ctx, i, s, backends, admin_listen, &services)?;
+        services.push(service);
+    }
+    Ok(services)
+}
+
+/// `[[service]]` number `i`; `earlier` are the ones before it in the file.
+fn service(
+    ctx: &Ctx,
+    i: usize,
+    s: &FileService,
+    backends: &[BackendConfig],
+    admin_listen: SocketAddr,
+    earlier: &[ServiceConfig],
+) -> Result<ServiceConfig, ConfigError> {
+    let field = |f: &str| format!("service[{i}].{f}");
+    let name = s.name.get_ref().trim();
+    check_name(ctx, name, &s.name, &field("name"))?;
+    if earlier.iter().any(|e| e.name == name) {
+        return Err(ctx.err(
+            s.name.span(),
+            &field("name"),
+            format!("service name `{name}` is used twice"),
+        ));
+    }
+    let listen = socket_addr(ctx, &s.listen, &field("listen"))?;
+    if let Some(other) = earlier
+        .iter()
+        .map(|e| e.listen)
+        .find(|o| overlaps(*o, listen))
+    {
+        return Err(ctx.err(
+            s.listen.span(),
+            &field("listen"),
+            format!("{listen} overlaps {other}, where another service listens"),
+        ));
+    }
+    if overlaps(listen, admin_listen) {
+        return Err(ctx.err(
+            s.listen.span(),
+            &field("listen"),
+            format!("{listen} overlaps the admin address {admin_listen}"),
+        ));
+    }
+    let backend_port = ctx
+        .int(&s.backend_port, &field("backend_port"), 1, 65535)?
+        .map_or(listen.port(), |p| p as u16);
+    let chosen: Vec<String> = match &s.backends {
+        None => backends.iter().map(|b| b.name.clone()).collect(),
+        Some(list) => {
+            let mut seen = HashSet::new();
+            for n in list.get_ref() {
+                if !backends.iter().any(|b| b.name == *n.get_ref()) {
+                    return Err(ctx.err(
+                        n.span(),
+                        &field("backends"),
+                        format!("no [[backend]] is named `{}`", n.get_ref()),
+                    ));
+                }
+                if !seen.insert(n.get_ref().clone()) {
+                    return Err(ctx.err(
+                        n.span(),
+                        &field("backends"),
+                        format!("`{}` is listed twice", n.get_ref()),
+                    ));
+                }
+            }
+            list.get_ref().iter().map(|n| n.get_ref().clone()).collect()
+        }
+    };
+    if !chosen.is_empty()
+        && backends
+            .iter()
+            .filter(|b| chosen.contains(&b.name))
+            .all(|b| b.weight == 0)
+    {
+        let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
+        return Err(ctx.err(
+            span,
+            &field("backends"),
+            format!("every backend of service `{name}` has weight 0, so it could serve no client"),
+        ));
+    }
+    if chosen.is_empty() {
+        let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
+        return Err(ctx.err(
+            span,
+            &field("backends"),
+            format!("service `{name}` has no backend to forward to; add a [[backend]]"),
+        ));
+    }
+    for b in backends.iter().filter(|b| chosen.contains(&b.name)) {
+        if b.address.port().is_none() && backend_port == 0 {
+            return Err(ctx.err(
+                s.listen.span(),
+                &field("backend_port"),
+                format!(
+                    "backend `{}` has no port and this service listens on port 0; set backend_port",
+                    b.name
+                ),
+            ));
+        }
+    }
+    Ok(ServiceConfig {
+        name: name.to_string(),
+        listen,
+        backend_port,
+        backends: chosen,
+    })
+}
+
+fn connect_timeout(ctx: &Ctx, v: &Option<Spanned<String>>) -> Result<Duration, ConfigError> {
+    let got = ctx
+        .duration(v, "connect_timeout")?
+        .unwrap_or(Duration::from_secs(3));
+    if got.is_zero() {
+        let span = v.as_ref().map(|s| s.span()).unwrap_or(0..0);
+        return Err(ctx.err(span, "connect_timeout", "must be more than 0".into()));
+    }
+    Ok(got)
+}
+
+fn idle_timeout(ctx: &Ctx, v: &Option<Spanned<String>>) -> Result<Option<Duration>, ConfigError> {
+    match ctx.duration(v, "idle_timeout")? {
+        Some(d) if d.is_zero() => {
+            let span = v.as_ref().map_or(0..0, |s| s.span());
+            Err(ctx.err(
+                span,
+                "idle_timeout",
+                "must be more than 0; leave it out for no idle timeout".into(),
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
+fn workers(ctx: &Ctx, v: &Option<Spanned<i64>>) -> Result<usize, ConfigError> {
+    Ok(ctx.int(v, "workers", 1, 256)?.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |w| w as usize,
+    ))
+}
+
+fn runtime(ctx: &Ctx, v: &Option<Spanned<String>>) -> Result<RuntimeLayout, ConfigError> {
+    match v {
+        // Chosen by measurement: see README, Performance.
+        None => Ok(RuntimeLayout::MultiThread),
+        Some(r) => match r.get_ref().as_str() {
+            "per-core" => Ok(RuntimeLayout::PerCore),
+            "multi-thread" => Ok(RuntimeLayout::MultiThread),
+            other => Err(ctx.err(
+                r.span(),
+                "runtime",
+                format!("`{other}` is not a layout; use \"per-core\" or \"multi-thread\""),
+            )),
+        },
     }
 }
 
@@ -911,5 +970,308 @@ mod tests {
         assert_eq!(c.services.len(), 1);
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.services[0].backends, ["web1", "web2"]);
+    }
+
+    /// One service on 127.0.0.1:8080 over backends web1 and web2.
+    const BASE: &str = "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+                        [[backend]]\nname = \"web1\"\naddress = \"10.0.0.11\"\n\
+                        [[backend]]\nname = \"web2\"\naddress = \"10.0.0.12\"\n";
+
+    /// The error `text` is refused with, as the user sees it.
+    fn refused(text: &str) -> String {
+        Config::parse("sluice.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_with_its_line() {
+        let text = format!("{BASE}wieght = 2\n");
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:10: wieght: unknown field `wieght`, expected one of `name`, `address`, \
+             `weight`, `health_check`, `health_path`, `health_status`, `health_port`"
+        );
+    }
+
+    #[test]
+    fn a_backend_name_used_twice_is_refused() {
+        let text = BASE.replace("web2", "web1");
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:8: backend[1].name: backend name `web1` is used twice"
+        );
+    }
+
+    #[test]
+    fn a_service_naming_an_unknown_backend_is_refused() {
+        let text = BASE.replace(
+            "listen = \"127.0.0.1:8080\"\n",
+            "listen = \"127.0.0.1:8080\"\nbackends = [\"web1\", \"web3\"]\n",
+        );
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:4: service[0].backends: no [[backend]] is named `web3`"
+        );
+    }
+
+    #[test]
+    fn health_rise_out_of_range_is_refused() {
+        let text = format!("{BASE}[health]\nrise = 0\n");
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:11: health.rise: 0 is out of range (1 to 100)"
+        );
+    }
+
+    #[test]
+    fn an_unknown_runtime_is_refused() {
+        let text = format!("runtime = \"bogus\"\n{BASE}");
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:1: runtime: `bogus` is not a layout; use \"per-core\" or \"multi-thread\""
+        );
+    }
+
+    #[test]
+    fn the_first_section_in_check_order_names_the_error() {
+        // Each case adds a mistake to the one before it, in a section
+        // checked earlier, so the error must move to the new mistake.
+        let mut text = BASE.to_string();
+        let steps = [
+            (
+                "runtime = \"bogus\"\n",
+                "sluice.toml:1: runtime: `bogus` is not a layout; use \"per-core\" or \"multi-thread\"",
+            ),
+            (
+                "workers = 0\n",
+                "sluice.toml:1: workers: 0 is out of range (1 to 256)",
+            ),
+            (
+                "max_connections = 0\n",
+                "sluice.toml:1: max_connections: 0 is out of range (1 to 10000000)",
+            ),
+            (
+                "shutdown_grace = \"soon\"\n",
+                "sluice.toml:1: shutdown_grace: `soon` is not a duration such as 1500ms, 30s, 5m or 1h",
+            ),
+            (
+                "idle_timeout = \"0s\"\n",
+                "sluice.toml:1: idle_timeout: must be more than 0; leave it out for no idle timeout",
+            ),
+            (
+                "connect_timeout = \"0s\"\n",
+                "sluice.toml:1: connect_timeout: must be more than 0",
+            ),
+        ];
+        for (line, want) in steps {
+            text.insert_str(0, line);
+            assert_eq!(refused(&text), want);
+        }
+        let services = text.replace("127.0.0.1:8080", "127.0.0.1:9000");
+        assert_eq!(
+            refused(&services),
+            "sluice.toml:9: service[0].listen: 127.0.0.1:9000 overlaps the admin address 127.0.0.1:9000"
+        );
+        let text = services.replace("10.0.0.12", "10.0.0.12:0");
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:15: backend[1].address: `10.0.0.12:0` has port 0; give the backend's real port"
+        );
+        let text = format!("{text}[health]\nfall = 101\n");
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:17: health.fall: 101 is out of range (1 to 100)"
+        );
+        let text = format!("{text}[admin]\nlisten = \"0.0.0.0:9000\"\n");
+        assert_eq!(
+            refused(&text),
+            "sluice.toml:19: admin.listen: 0.0.0.0:9000 is not a loopback address; set [admin] token \
+             (or SLUICE_TOKEN in the environment) so that only holders of it can drain and stop backends"
+        );
+    }
+
+    #[test]
+    fn errors_in_backends_and_services() {
+        let cases = [
+            (
+                BASE.replace(
+                    "10.0.0.11\"\n",
+                    "10.0.0.11\"\nhealth_check = \"tcp\"\nhealth_status = 204\n",
+                ),
+                "sluice.toml:7: backend[0].health_check: health_status goes with health_check = \"http\"",
+            ),
+            (
+                BASE.replace(
+                    "10.0.0.11\"\n",
+                    "10.0.0.11\"\nhealth_check = \"tcp\"\nhealth_path = \"/up\"\n",
+                ),
+                "sluice.toml:7: backend[0].health_check: health_path goes with health_check = \"http\"",
+            ),
+            (
+                BASE.replace("10.0.0.11\"\n", "10.0.0.11\"\nhealth_path = \"up\"\n"),
+                "sluice.toml:7: backend[0].health_path: `up` must start with /",
+            ),
+            (
+                BASE.replace(
+                    "10.0.0.11\"\n",
+                    "10.0.0.11\"\nhealth_check = \"none\"\nhealth_port = 81\n",
+                ),
+                "sluice.toml:7: backend[0].health_check: health_path, health_status and health_port make no sense with \"none\"",
+            ),
+            (
+                BASE.replace("10.0.0.11\"\n", "10.0.0.11\"\nhealth_check = \"ping\"\n"),
+                "sluice.toml:7: backend[0].health_check: `ping` is not a check; use \"tcp\", \"http\" or \"none\"",
+            ),
+            (
+                BASE.replace("10.0.0.11\"\n", "10.0.0.11\"\nweight = 0\n")
+                    .replace("10.0.0.12\"\n", "10.0.0.12\"\nweight = 0\n"),
+                "sluice.toml:2: service[0].backends: every backend of service `web` has weight 0, so it could serve no client",
+            ),
+            (
+                BASE.replace("127.0.0.1:8080", "127.0.0.1:0"),
+                "sluice.toml:3: service[0].backend_port: backend `web1` has no port and this service listens on port 0; set backend_port",
+            ),
+            (
+                format!("{BASE}[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8081\"\n"),
+                "sluice.toml:11: service[1].name: service name `web` is used twice",
+            ),
+            (
+                format!("{BASE}[[service]]\nname = \"api\"\nlisten = \"0.0.0.0:8080\"\n"),
+                "sluice.toml:12: service[1].listen: 0.0.0.0:8080 overlaps 127.0.0.1:8080, where another service listens",
+            ),
+            (
+                BASE.split("[[backend]]")
+                    .skip(1)
+                    .map(|b| format!("[[backend]]{b}"))
+                    .collect(),
+                "sluice.toml: no [[service]] is defined: sluice needs at least one listening service",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(refused(&text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_admin_token_from_outside_is_used_only_when_the_file_sets_none() {
+        let open = format!("{BASE}[admin]\nlisten = \"0.0.0.0:9000\"\n");
+        let c = Config::parse_with_token("sluice.toml", &open, Some("outside".into())).unwrap();
+        assert_eq!(c.admin.token.as_deref(), Some("outside"));
+        let own = format!("{open}token = \"inside\"\n");
+        let c = Config::parse_with_token("sluice.toml", &own, Some("outside".into())).unwrap();
+        assert_eq!(c.admin.token.as_deref(), Some("inside"));
+        let spaced = format!("{open}token = \"in side\"\n");
+        assert_eq!(
+            Config::parse_with_token("sluice.toml", &spaced, Some("outside".into()))
+                .unwrap_err()
+                .to_string(),
+            "sluice.toml:12: admin.token: token is empty or has spaces or control characters"
+        );
+    }
+
+    #[test]
+    fn defaults_and_explicit_values() {
+        let c = Config::parse("sluice.toml", BASE).unwrap();
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            c,
+            Config {
+                admin: AdminConfig {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+                    token: None,
+                    request_timeout: Duration::from_secs(10),
+                },
+                services: vec![ServiceConfig {
+                    name: "web".into(),
+                    listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                    backend_port: 8080,
+                    backends: vec!["web1".into(), "web2".into()],
+                }],
+                backends: ["web1", "web2"]
+                    .iter()
+                    .zip(["10.0.0.11", "10.0.0.12"])
+                    .map(|(n, a)| BackendConfig {
+                        name: n.to_string(),
+                        address: BackendAddress::parse(a).unwrap(),
+                        weight: 1,
+                        health: Some(HealthCheck::Tcp { port: None }),
+                    })
+                    .collect(),
+                max_connections: 100_000,
+                connect_timeout: Duration::from_secs(3),
+                idle_timeout: None,
+                shutdown_grace: Duration::from_secs(30),
+                state_file: None,
+                health: HealthConfig::default(),
+                zero_copy: true,
+                workers,
+                runtime: RuntimeLayout::MultiThread,
+            }
+        );
+
+        let text = "max_connections = 50\nconnect_timeout = \"2s\"\nidle_timeout = \"5m\"\n\
+                    shutdown_grace = \"1h\"\nstate_file = \"/var/lib/sluice/state.json\"\n\
+                    zero_copy = false\nworkers = 3\nruntime = \"per-core\"\n\
+                    [admin]\nlisten = \"127.0.0.1:9100\"\ntoken = \"s3cret\"\nrequest_timeout = \"4s\"\n\
+                    [health]\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 4\nfall = 5\n\
+                    [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend_port = 81\nbackends = [\"b\"]\n\
+                    [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\n\
+                    [[backend]]\nname = \"b\"\naddress = \"b.lan\"\nweight = 7\n\
+                    health_path = \"/up\"\nhealth_status = 204\nhealth_port = 82\n";
+        let c = Config::parse("sluice.toml", text).unwrap();
+        assert_eq!(
+            c.admin,
+            AdminConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+                token: Some("s3cret".into()),
+                request_timeout: Duration::from_secs(4),
+            }
+        );
+        assert_eq!(
+            c.health,
+            HealthConfig {
+                interval: Duration::from_millis(500),
+                timeout: Duration::from_millis(250),
+                rise: 4,
+                fall: 5,
+            }
+        );
+        assert_eq!(c.services[0].backend_port, 81);
+        assert_eq!(c.services[0].backends, ["b"]);
+        assert_eq!(c.backends[0].health, None);
+        assert_eq!(
+            c.backends[1],
+            BackendConfig {
+                name: "b".into(),
+                address: BackendAddress::Host("b.lan".into(), None),
+                weight: 7,
+                health: Some(HealthCheck::Http {
+                    port: Some(82),
+                    path: "/up".into(),
+                    status: 204,
+                }),
+            }
+        );
+        assert_eq!(
+            (
+                c.max_connections,
+                c.connect_timeout,
+                c.idle_timeout,
+                c.shutdown_grace,
+                c.state_file.as_deref(),
+                c.zero_copy,
+                c.workers,
+                c.runtime,
+            ),
+            (
+                50,
+                Duration::from_secs(2),
+                Some(Duration::from_secs(300)),
+                Duration::from_secs(3600),
+                Some(Path::new("/var/lib/sluice/state.json")),
+                false,
+                3,
+                RuntimeLayout::PerCore,
+            )
+        );
     }
 }

@@ -35,8 +35,8 @@ async fn greeting(addr: SocketAddr) -> (tokio::net::TcpStream, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_backend_stays_drained_across_a_restart() {
     let (a, b) = (Echo::start("a").await, Echo::start("b").await);
-    let dir = tempdir::Dir::new();
-    let state = dir.path.join("state.json");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
     let text = config(
         &format!("state_file = \"{}\"", state.display()),
         &[("a", a.addr, 1), ("b", b.addr, 1)],
@@ -65,8 +65,8 @@ async fn a_drained_backend_stays_drained_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_state_file_stops_the_start_with_its_name() {
     let a = Echo::start("a").await;
-    let dir = tempdir::Dir::new();
-    let state = dir.path.join("state.json");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
     std::fs::write(&state, "{ not json").unwrap();
     let text = config(
         &format!("state_file = \"{}\"", state.display()),

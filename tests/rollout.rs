@@ -200,7 +200,7 @@ fn load(
 /// them, also when a test fails half-way.
 struct Procs {
     path: std::path::PathBuf,
-    _dir: tempdir::Dir,
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Procs {
@@ -212,10 +212,10 @@ impl Drop for Procs {
 /// Three `sluice web` processes, version 1, behind sluice with fast
 /// health checks.
 async fn three_backends() -> (Procs, Sluice) {
-    let dir = tempdir::Dir::new();
+    let dir = tempfile::tempdir().unwrap();
     let backends: Vec<(&str, SocketAddr)> = ["web1", "web2", "web3"]
         .into_iter()
-        .map(|n| (n, start_web(&dir.path, n, "127.0.0.1:0")))
+        .map(|n| (n, start_web(dir.path(), n, "127.0.0.1:0")))
         .collect();
     let mut text = String::from(
         "connect_timeout = \"1s\"\n[health]\ninterval = \"100ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
@@ -227,7 +227,7 @@ async fn three_backends() -> (Procs, Sluice) {
         ));
     }
     let procs = Procs {
-        path: dir.path.clone(),
+        path: dir.path().to_path_buf(),
         _dir: dir,
     };
     (procs, Sluice::from_toml(&text).await)

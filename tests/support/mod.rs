@@ -311,40 +311,11 @@ pub fn reset(s: TcpStream) {
 /// The sluice binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-pub fn write_config(text: &str) -> (tempdir::Dir, PathBuf) {
-    let dir = tempdir::Dir::new();
-    let path = dir.path.join("sluice.toml");
+pub fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
     std::fs::write(&path, text).unwrap();
     (dir, path)
-}
-
-/// A throwaway directory removed on drop.
-pub mod tempdir {
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    pub struct Dir {
-        pub path: PathBuf,
-    }
-
-    impl Dir {
-        pub fn new() -> Dir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "sluice-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            Dir { path }
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 /// A child process that is killed if the test fails.
