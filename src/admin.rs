@@ -29,56 +29,21 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::api::{BackendView, ConnView};
-use crate::backend::{Backend, ConnInfo, State};
+use crate::api::{BackendView, ConnView, ErrorView, HealthzView, StatsView};
+use crate::backend::{Backend, ConnInfo, DrainPolicy};
 use crate::config::parse_duration;
-use crate::server::Shared;
+use crate::health::unix_ms;
+use crate::state::Shared;
 
 /// Largest request body accepted; the API takes its input in the query.
 const MAX_BODY: usize = 4096;
-/// Idle time after which `close_idle` counts a connection as idle, when
-/// nothing else says.
+/// Idle time after which the API counts a connection as idle.
 const IDLE_REPORT: Duration = Duration::from_secs(10);
-
-/// One backend as the API shows it.
-fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
-    BackendView {
-        services: shared.services_of(b),
-        name: b.name.clone(),
-        address: b.address().to_string(),
-        state: b.state(),
-        healthy: b.healthy(),
-        health_checked: b.is_checked(),
-        weight: b.weight(),
-        active_connections: b.live(),
-        idle_connections: b.idle_count(IDLE_REPORT),
-        total_connections: b.total_connections.load(Ordering::Relaxed),
-        connect_failures: b.connect_failures.load(Ordering::Relaxed),
-        bytes_in: b.bytes_in.load(Ordering::Relaxed),
-        bytes_out: b.bytes_out.load(Ordering::Relaxed),
-        bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),
-        state_since_ms: b.state_since_ms(),
-        health_since_ms: b.health_since_ms(),
-        last_ok_check_ms: b.last_ok_check_ms(),
-    }
-}
-
-/// One live connection as the API shows it.
-fn conn_view(c: &ConnInfo) -> ConnView {
-    ConnView {
-        id: c.id,
-        client: c.client.to_string(),
-        service: c.service.to_string(),
-        age_ms: c.started.elapsed().as_millis() as u64,
-        idle_ms: c.idle().as_millis() as u64,
-        bytes_in: c.bytes_in.load(Ordering::Relaxed),
-        bytes_out: c.bytes_out.load(Ordering::Relaxed),
-    }
-}
 
 /// Serves the admin API until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
@@ -96,11 +61,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         };
         let shared = shared.clone();
         let stop = stop.clone();
-        let timeout = shared.admin_timeout;
+        // Read per connection, so a reload applies to the next one.
+        let timeout = shared.runtime().config.admin.request_timeout;
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(req, &shared).await) }
+                async move { Ok::<_, Infallible>(handle(req, &shared, timeout).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -136,12 +102,45 @@ fn json(status: StatusCode, value: &impl Serialize) -> Reply {
     r
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Reply {
-    json(status, &serde_json::json!({ "error": message.into() }))
+/// A request the API refuses, with what to tell the client.
+#[derive(Debug, PartialEq)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    /// For 405: the method the path takes.
+    allow: Option<&'static str>,
 }
 
-async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
-    if let Some(token) = shared.admin_token() {
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    fn reply(self) -> Reply {
+        let mut r = json(
+            self.status,
+            &ErrorView {
+                error: self.message,
+            },
+        );
+        if let Some(allow) = self.allow {
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+async fn handle(req: Request<Incoming>, shared: &Shared, timeout: Duration) -> Reply {
+    if let Some(token) = &shared.runtime().config.admin.token {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -149,14 +148,12 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map_or("", |(_, t)| t.trim());
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            let mut r = error(
+        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            return Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token: send Authorization: Bearer TOKEN",
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            )
+            .reply();
         }
     }
     let too_long = req
@@ -165,109 +162,161 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|n| n > MAX_BODY as u64);
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    if too_long {
-        return error(
+    let too_large = || {
+        Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body over {MAX_BODY} bytes"),
-        );
+        )
+        .reply()
+    };
+    if too_long {
+        return too_large();
     }
-    let body = tokio::time::timeout(
-        shared.admin_timeout,
-        Limited::new(req.into_body(), MAX_BODY).collect(),
-    )
-    .await;
-    match body {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let body = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
+    match body.await {
         Ok(Ok(_)) => {}
-        Ok(Err(_)) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {MAX_BODY} bytes"),
-            );
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body too slow").reply();
         }
-        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body too slow"),
     }
-    route(&method, &path, &query, shared).await
+    let exists = |name: &str| shared.backend(name).is_some();
+    match route(&method, uri.path(), uri.query().unwrap_or(""), exists) {
+        Ok(op) => execute(op, shared).await,
+        Err(refusal) => refusal.reply(),
+    }
 }
 
-async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Reply {
+/// What a request asks for, once routed and its parameters read.
+#[derive(Debug, PartialEq)]
+enum Op {
+    Healthz,
+    Stats,
+    Backends,
+    Backend(String),
+    Connections(String),
+    Drain {
+        name: String,
+        wait: Option<Duration>,
+        policy: DrainPolicy,
+    },
+    Stop(String),
+    Start(String),
+}
+
+/// Routes a request to its operation; `exists` tells which backends do.
+/// Checked in this order: path, backend, method, parameters.
+fn route(
+    method: &Method,
+    path: &str,
+    query: &str,
+    exists: impl Fn(&str) -> bool,
+) -> Result<Op, Refusal> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let allow = |allowed: &'static str| -> Option<Reply> {
-        if method.as_str() == allowed {
-            return None;
-        }
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed on {path}; use {allowed}"),
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static(allowed));
-        Some(r)
-    };
-    let params = match parse_query(query) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let only = |names: &[&str]| -> Option<Reply> {
-        params
-            .iter()
-            .find(|(k, _)| !names.contains(&k.as_str()))
-            .map(|(k, _)| {
-                let known = if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                };
-                error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown parameter `{k}` (accepted: {known})"),
-                )
-            })
-    };
-    match parts.as_slice() {
-        ["healthz"] => {
-            if let Some(r) = allow("GET").or_else(|| only(&[])) {
-                return r;
+    let no_path = || Refusal::new(StatusCode::NOT_FOUND, format!("no such path: {path}"));
+    let (allowed, params): (&'static str, &[&str]) = match parts.as_slice() {
+        ["healthz"] | ["stats"] | ["backends"] => ("GET", &[]),
+        ["backends", name, rest @ ..] => {
+            if !exists(name) {
+                return Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no backend is named `{name}`"),
+                ));
             }
-            if shared.shutting_down.load(Ordering::SeqCst) {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &serde_json::json!({ "status": "shutting down" }),
-                )
-            } else {
-                // The server's clock, so that clients on other hosts can
-                // compare check times without trusting their own.
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "status": "ok", "time_ms": now_ms }),
-                )
+            match rest {
+                [] | ["connections"] => ("GET", &[]),
+                ["drain"] => ("POST", &["wait", "force_after", "close_idle"]),
+                ["stop"] | ["start"] => ("POST", &[]),
+                _ => return Err(no_path()),
             }
         }
-        ["stats"] => {
-            if let Some(r) = allow("GET").or_else(|| only(&[])) {
-                return r;
-            }
-            let s = &shared.stats;
-            let live: usize = shared.backends().iter().map(|b| b.live()).sum();
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "active_connections": live,
-                    "rejected_limit": s.rejected_limit.load(Ordering::Relaxed),
-                    "rejected_no_backend": s.rejected_no_backend.load(Ordering::Relaxed),
-                    "accept_errors": s.accept_errors.load(Ordering::Relaxed),
-                }),
+        _ => return Err(no_path()),
+    };
+    if method.as_str() != allowed {
+        return Err(Refusal {
+            allow: Some(allowed),
+            ..Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}; use {allowed}"),
             )
+        });
+    }
+    let given = parse_query(query, params)?;
+    let name = || parts[1].to_string();
+    Ok(match parts.as_slice() {
+        ["healthz"] => Op::Healthz,
+        ["stats"] => Op::Stats,
+        ["backends"] => Op::Backends,
+        ["backends", _] => Op::Backend(name()),
+        [_, _, "connections"] => Op::Connections(name()),
+        [_, _, "stop"] => Op::Stop(name()),
+        [_, _, "start"] => Op::Start(name()),
+        _ => Op::Drain {
+            name: name(),
+            wait: given[0],
+            policy: DrainPolicy {
+                force_after: given[1],
+                close_idle: given[2],
+            },
+        },
+    })
+}
+
+/// Reads the query's durations, in the order of `accepted`; a parameter
+/// not accepted, given twice, or not a duration is refused by name.
+fn parse_query(query: &str, accepted: &[&str]) -> Result<Vec<Option<Duration>>, Refusal> {
+    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
+    let mut out = vec![None; accepted.len()];
+    let mut seen = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if seen.contains(&k) {
+            return Err(bad(format!("parameter `{k}` is given twice")));
         }
-        ["backends"] => {
-            if let Some(r) = allow("GET").or_else(|| only(&[])) {
-                return r;
+        let Some(i) = accepted.iter().position(|a| *a == k) else {
+            let known = if accepted.is_empty() {
+                "none".to_string()
+            } else {
+                accepted.join(", ")
+            };
+            return Err(bad(format!("unknown parameter `{k}` (accepted: {known})")));
+        };
+        out[i] = Some(parse_duration(&v).map_err(|e| bad(format!("{k}: {e}")))?);
+        seen.push(k);
+    }
+    Ok(out)
+}
+
+async fn execute(op: Op, shared: &Shared) -> Reply {
+    let backend = |name: &str| shared.backend(name);
+    match op {
+        Op::Healthz => {
+            if shared.shutting_down.load(Ordering::SeqCst) {
+                let v = HealthzView {
+                    status: "shutting down".into(),
+                    time_ms: None,
+                };
+                json(StatusCode::SERVICE_UNAVAILABLE, &v)
+            } else {
+                let v = HealthzView {
+                    status: "ok".into(),
+                    time_ms: Some(unix_ms()),
+                };
+                json(StatusCode::OK, &v)
             }
+        }
+        Op::Stats => {
+            let s = &shared.stats;
+            let v = StatsView {
+                active_connections: shared.live(),
+                rejected_limit: s.rejected_limit.load(Ordering::Relaxed),
+                rejected_no_backend: s.rejected_no_backend.load(Ordering::Relaxed),
+                accept_errors: s.accept_errors.load(Ordering::Relaxed),
+            };
+            json(StatusCode::OK, &v)
+        }
+        Op::Backends => {
             let views: Vec<_> = shared
                 .backends()
                 .iter()
@@ -275,148 +324,199 @@ async fn route(method: &Method, path: &str, query: &str, shared: &Shared) -> Rep
                 .collect();
             json(StatusCode::OK, &views)
         }
-        ["backends", name, rest @ ..] => {
-            let Some(b) = shared.backend(name) else {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    format!("no backend is named `{name}`"),
-                );
+        // A backend removed between routing and here is simply gone.
+        Op::Backend(name) => with(backend(&name), &name, |b| {
+            json(StatusCode::OK, &backend_view(&b, shared))
+        }),
+        Op::Connections(name) => with(backend(&name), &name, |b| {
+            let v: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
+            json(StatusCode::OK, &v)
+        }),
+        Op::Drain { name, wait, policy } => {
+            let Some(b) = backend(&name) else {
+                return gone(&name);
             };
-            match rest {
-                [] => allow("GET")
-                    .or_else(|| only(&[]))
-                    .unwrap_or_else(|| json(StatusCode::OK, &backend_view(&b, shared))),
-                ["connections"] => allow("GET").or_else(|| only(&[])).unwrap_or_else(|| {
-                    let v: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
-                    json(StatusCode::OK, &v)
-                }),
-                ["drain"] => {
-                    if let Some(r) =
-                        allow("POST").or_else(|| only(&["wait", "force_after", "close_idle"]))
-                    {
-                        return r;
-                    }
-                    let mut d = [None, None, None];
-                    for (i, k) in ["wait", "force_after", "close_idle"].iter().enumerate() {
-                        if let Some((_, v)) = params.iter().find(|(n, _)| n == k) {
-                            match parse_duration(v) {
-                                Ok(x) => d[i] = Some(x),
-                                Err(e) => {
-                                    return error(StatusCode::BAD_REQUEST, format!("{k}: {e}"));
-                                }
-                            }
-                        }
-                    }
-                    drain(&b, shared, d[0], d[1], d[2]).await
-                }
-                ["stop"] => {
-                    if let Some(r) = allow("POST").or_else(|| only(&[])) {
-                        return r;
-                    }
-                    b.stop();
-                    // Closing is asynchronous; give the connections a moment
-                    // so the reply shows the count they leave behind.
-                    b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
-                        .await;
-                    json(StatusCode::OK, &backend_view(&b, shared))
-                }
-                ["start"] => {
-                    if let Some(r) = allow("POST").or_else(|| only(&[])) {
-                        return r;
-                    }
-                    b.start();
-                    json(StatusCode::OK, &backend_view(&b, shared))
-                }
-                _ => error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
+            let drain = b.drain(policy, &shared.tasks);
+            if let Some(limit) = wait {
+                // Also over when someone starts the backend again meanwhile.
+                drain.wait(limit).await;
             }
+            let status = if b.is_drained() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            json(status, &backend_view(&b, shared))
         }
-        _ => error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
-    }
-}
-
-async fn drain(
-    b: &Arc<Backend>,
-    shared: &Shared,
-    wait: Option<Duration>,
-    force_after: Option<Duration>,
-    close_idle: Option<Duration>,
-) -> Reply {
-    let generation = b.drain();
-    if let Some(limit) = force_after {
-        let b = b.clone();
-        tokio::spawn(async move {
-            if !b.wait_until(limit, |b| b.state() != State::Draining).await {
-                b.force_close_if(generation);
-            }
-        });
-    }
-    if let Some(idle) = close_idle {
-        let b = b.clone();
-        tokio::spawn(async move {
-            let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-            while b.state() == State::Draining && b.generation() == generation {
-                let n = b.close_idle(idle);
-                if n > 0 {
-                    tracing::info!(backend = %b.name, closed = n, "closed idle connections of a draining backend");
-                }
-                b.wait_until(every, |b| b.state() != State::Draining).await;
-            }
-        });
-    }
-    if let Some(limit) = wait {
-        // Also done when someone starts the backend again meanwhile.
-        b.wait_until(limit, |b| {
-            b.is_drained() || b.generation() != generation && b.state() == State::Active
-        })
-        .await;
-    }
-    let status = if b.is_drained() {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    json(status, &backend_view(b, shared))
-}
-
-fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if out.iter().any(|(n, _)| n == k) {
-            return Err(format!("parameter `{k}` is given twice"));
+        Op::Stop(name) => {
+            let Some(b) = backend(&name) else {
+                return gone(&name);
+            };
+            b.stop();
+            // Closing is asynchronous; give the connections a moment so
+            // the reply shows the count they leave behind.
+            b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
+                .await;
+            json(StatusCode::OK, &backend_view(&b, shared))
         }
-        out.push((k.to_string(), v.to_string()));
+        Op::Start(name) => with(backend(&name), &name, |b| {
+            b.start();
+            json(StatusCode::OK, &backend_view(&b, shared))
+        }),
     }
-    Ok(out)
 }
 
-/// Compares without an early exit, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= (x ^ y) as usize;
+fn gone(name: &str) -> Reply {
+    Refusal::new(
+        StatusCode::NOT_FOUND,
+        format!("no backend is named `{name}`"),
+    )
+    .reply()
+}
+
+fn with(b: Option<Arc<Backend>>, name: &str, f: impl FnOnce(Arc<Backend>) -> Reply) -> Reply {
+    b.map_or_else(|| gone(name), f)
+}
+
+/// One backend as the API shows it.
+fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
+    let health = b.health();
+    BackendView {
+        services: shared.services_of(b),
+        name: b.name.clone(),
+        address: b.address().to_string(),
+        state: b.state(),
+        healthy: health.up,
+        health_checked: health.checked,
+        weight: b.weight(),
+        active_connections: b.live(),
+        idle_connections: b.idle_count(IDLE_REPORT),
+        total_connections: b.total_connections.load(Ordering::Relaxed),
+        connect_failures: b.connect_failures.load(Ordering::Relaxed),
+        bytes_in: b.bytes_in.load(Ordering::Relaxed),
+        bytes_out: b.bytes_out.load(Ordering::Relaxed),
+        bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),
+        state_since_ms: b.state_since_ms(),
+        health_since_ms: health.since_ms,
+        last_ok_check_ms: health.last_ok_check_ms,
     }
-    diff == 0
+}
+
+/// One live connection as the API shows it.
+fn conn_view(c: &ConnInfo) -> ConnView {
+    ConnView {
+        id: c.id,
+        client: c.client.to_string(),
+        service: c.service.to_string(),
+        age_ms: c.started.elapsed().as_millis() as u64,
+        idle_ms: c.idle().as_millis() as u64,
+        bytes_in: c.bytes_in.load(Ordering::Relaxed),
+        bytes_out: c.bytes_out.load(Ordering::Relaxed),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn token_compare() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
+    fn at(method: Method, target: &str) -> Result<Op, Refusal> {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        route(&method, path, query, |n| n == "web1")
+    }
+
+    fn refused(r: Result<Op, Refusal>) -> (u16, String) {
+        let r = r.unwrap_err();
+        (r.status.as_u16(), r.message)
     }
 
     #[test]
-    fn query() {
-        assert_eq!(parse_query("wait=5s&force_after=1m").unwrap().len(), 2);
-        assert!(parse_query("wait=1s&wait=2s").is_err());
-        assert!(parse_query("").unwrap().is_empty());
+    fn reads_and_actions() {
+        assert_eq!(at(Method::GET, "/healthz"), Ok(Op::Healthz));
+        assert_eq!(at(Method::GET, "/stats/"), Ok(Op::Stats));
+        assert_eq!(at(Method::GET, "/backends"), Ok(Op::Backends));
+        assert_eq!(
+            at(Method::GET, "/backends/web1"),
+            Ok(Op::Backend("web1".into()))
+        );
+        assert_eq!(
+            at(Method::GET, "/backends/web1/connections"),
+            Ok(Op::Connections("web1".into()))
+        );
+        assert_eq!(
+            at(Method::POST, "/backends/web1/stop"),
+            Ok(Op::Stop("web1".into()))
+        );
+        assert_eq!(
+            at(Method::POST, "/backends/web1/start"),
+            Ok(Op::Start("web1".into()))
+        );
+    }
+
+    #[test]
+    fn drain_reads_its_durations_percent_decoded() {
+        let s = |x| Some(Duration::from_secs(x));
+        assert_eq!(
+            at(
+                Method::POST,
+                "/backends/web1/drain?wait=5s&force_after=1m&close_idle=%32s"
+            ),
+            Ok(Op::Drain {
+                name: "web1".into(),
+                wait: s(5),
+                policy: DrainPolicy {
+                    force_after: s(60),
+                    close_idle: s(2),
+                },
+            })
+        );
+        assert_eq!(
+            at(Method::POST, "/backends/web1/drain"),
+            Ok(Op::Drain {
+                name: "web1".into(),
+                wait: None,
+                policy: DrainPolicy::default(),
+            })
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        assert_eq!(
+            refused(at(Method::GET, "/nope")),
+            (404, "no such path: /nope".into())
+        );
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web2/drain")),
+            (404, "no backend is named `web2`".into()),
+            "an unknown backend before the method"
+        );
+        assert_eq!(
+            refused(at(Method::GET, "/backends/web1/bogus")),
+            (404, "no such path: /backends/web1/bogus".into())
+        );
+        let r = at(Method::GET, "/backends/web1/drain").unwrap_err();
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.allow, Some("POST"));
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web1/drain?wait=1s&wait=2s")),
+            (400, "parameter `wait` is given twice".into())
+        );
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web1/drain?speed=1s")),
+            (
+                400,
+                "unknown parameter `speed` (accepted: wait, force_after, close_idle)".into()
+            )
+        );
+        assert_eq!(
+            refused(at(Method::GET, "/backends?x=1")),
+            (400, "unknown parameter `x` (accepted: none)".into())
+        );
+        let (status, message) = refused(at(Method::POST, "/backends/web1/drain?wait=soon"));
+        assert_eq!(status, 400);
+        assert!(
+            message.starts_with("wait: `soon` is not a duration"),
+            "{message}"
+        );
     }
 }

@@ -1,18 +1,167 @@
-//! Active health checks: a TCP connect, or `GET path` expecting a status.
+//! Health, its own axis beside the admin state: the [`Health`] value,
+//! whose rise and fall is a pure function of what happened, and the active
+//! checks (a TCP connect, or `GET path` expecting a status) that feed it.
+//! Failed proxied connects (passive checks) feed the same value.
 //!
-//! Health is its own axis: a check only ever flips a backend's `healthy`
-//! flag, never its admin state. Passive checks (failed proxied connects)
-//! are counted in [`crate::backend::Backend::connect_failed`].
+//! Nothing here knows a backend: a check loop reports each result to the
+//! function it is given, so this module sits below `backend`.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
 use crate::config::{HealthCheck, HealthConfig};
-use crate::pool::Target;
+use crate::net::Target;
+
+/// Something that tells about a backend's health.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Active checks start (they are configured for the backend).
+    ChecksOn,
+    /// Active checks stop; a backend nobody checks counts as up.
+    ChecksOff,
+    /// An active check that began at this Unix time (ms) passed.
+    CheckPassed { started_ms: u64 },
+    /// An active check failed, and why.
+    CheckFailed(String),
+    /// A proxied connect failed.
+    ConnectFailed,
+    /// A proxied connect succeeded.
+    ConnectSucceeded,
+}
+
+/// The numbers that turn events into up and down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Passes in a row that bring a down backend up.
+    pub rise: u32,
+    /// Failures in a row (checks, or connects while checked) that take an
+    /// up backend down.
+    pub fall: u32,
+}
+
+impl From<&HealthConfig> for Rules {
+    fn from(c: &HealthConfig) -> Rules {
+        Rules {
+            rise: c.rise,
+            fall: c.fall,
+        }
+    }
+}
+
+/// A change of health, with the reason to log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flip {
+    pub up: bool,
+    pub why: String,
+}
+
+/// What is known of one backend's health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub up: bool,
+    /// Whether active checks run, so that a backend marked down can come back.
+    pub checked: bool,
+    checks_ok_in_row: u32,
+    checks_failed_in_row: u32,
+    connects_failed_in_row: u32,
+    /// Unix time (ms) of the last change of `up`.
+    pub since_ms: u64,
+    /// Unix time (ms) at which the last passing check began; 0 if none.
+    pub last_ok_check_ms: u64,
+}
+
+impl Health {
+    /// Up and unchecked, as a backend starts.
+    pub fn new(now_ms: u64) -> Health {
+        Health {
+            up: true,
+            checked: false,
+            checks_ok_in_row: 0,
+            checks_failed_in_row: 0,
+            connects_failed_in_row: 0,
+            since_ms: now_ms,
+            last_ok_check_ms: 0,
+        }
+    }
+
+    /// Records `event`; returns the flip it causes, if any.
+    ///
+    /// - `rise` passing checks in a row bring a down backend up; after
+    ///   passive failures one pass is enough, since the connects were what
+    ///   took it down.
+    /// - `fall` failing checks in a row take it down.
+    /// - `fall` failed connects in a row take it down, only while active
+    ///   checks run: without them nothing could bring it back.
+    pub fn record(&mut self, event: &Event, rules: Rules, now_ms: u64) -> Option<Flip> {
+        let flip = match event {
+            Event::ChecksOn => {
+                self.checked = true;
+                None
+            }
+            Event::ChecksOff => {
+                self.checked = false;
+                self.turn(true, "health checks are off")
+            }
+            Event::CheckPassed { started_ms } => {
+                self.checks_failed_in_row = 0;
+                self.checks_ok_in_row += 1;
+                let passive = std::mem::take(&mut self.connects_failed_in_row) > 0;
+                self.last_ok_check_ms = *started_ms;
+                if self.checks_ok_in_row >= rules.rise || passive {
+                    self.turn(true, "health check passed")
+                } else {
+                    None
+                }
+            }
+            Event::CheckFailed(error) => {
+                self.checks_ok_in_row = 0;
+                self.checks_failed_in_row += 1;
+                let run = self.checks_failed_in_row;
+                if run >= rules.fall {
+                    self.turn(
+                        false,
+                        &format!("{run} health checks failed in a row, last: {error}"),
+                    )
+                } else {
+                    None
+                }
+            }
+            Event::ConnectFailed => {
+                self.connects_failed_in_row += 1;
+                let run = self.connects_failed_in_row;
+                if run >= rules.fall && self.checked && self.up {
+                    self.checks_ok_in_row = 0;
+                    self.turn(false, &format!("{run} connects failed in a row"))
+                } else {
+                    None
+                }
+            }
+            Event::ConnectSucceeded => {
+                self.connects_failed_in_row = 0;
+                None
+            }
+        };
+        if flip.is_some() {
+            self.since_ms = now_ms;
+        }
+        flip
+    }
+
+    fn turn(&mut self, up: bool, why: &str) -> Option<Flip> {
+        if self.up == up {
+            return None;
+        }
+        self.up = up;
+        Some(Flip {
+            up,
+            why: why.to_string(),
+        })
+    }
+}
 
 /// What to check and where.
 #[derive(Debug, Clone)]
@@ -21,20 +170,26 @@ pub struct Probe {
     pub target: Target,
 }
 
-/// Checks `backend` every `cfg.interval` until `stop` is cancelled.
-pub async fn run(backend: Arc<Backend>, probe: Probe, cfg: HealthConfig, stop: CancellationToken) {
-    backend.set_checked(true);
+/// Checks every `cfg.interval` until `stop` is cancelled, and reports each
+/// result to `report` (starting with [`Event::ChecksOn`]).
+pub async fn run(
+    probe: Probe,
+    cfg: HealthConfig,
+    stop: CancellationToken,
+    report: impl Fn(Event) + Send,
+) {
+    report(Event::ChecksOn);
     loop {
-        let started = unix_ms();
+        let started_ms = unix_ms();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(cfg.timeout, check_once(&probe)) => r,
+            r = tokio::time::timeout(cfg.timeout, check_once(&probe, cfg.timeout)) => r,
         };
-        match result {
-            Ok(Ok(())) => backend.check_passed(started, cfg.rise),
-            Ok(Err(e)) => backend.check_failed(cfg.fall, &e),
-            Err(_) => backend.check_failed(cfg.fall, "no answer within the check timeout"),
-        }
+        report(match result {
+            Ok(Ok(())) => Event::CheckPassed { started_ms },
+            Ok(Err(e)) => Event::CheckFailed(e),
+            Err(_) => Event::CheckFailed("no answer within the check timeout".into()),
+        });
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(cfg.interval) => {}
@@ -42,52 +197,125 @@ pub async fn run(backend: Arc<Backend>, probe: Probe, cfg: HealthConfig, stop: C
     }
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One check; the caller bounds it with the timeout.
-async fn check_once(probe: &Probe) -> Result<(), String> {
-    let mut s = crate::proxy::connect(&probe.target, Duration::from_secs(3600))
+/// One check; the caller bounds the whole of it by `timeout` as well.
+async fn check_once(probe: &Probe, timeout: Duration) -> Result<(), String> {
+    let stream = crate::net::connect(&probe.target, timeout)
         .await
         .map_err(|e| format!("connect to {}: {e}", probe.target))?;
     let HealthCheck::Http { path, status, .. } = &probe.check else {
         return Ok(());
     };
-    let host = match &probe.target {
-        Target::Addr(a) => a.to_string(),
-        Target::Host(h, p) => format!("{h}:{p}"),
-    };
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sluice-health\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes())
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("send request: {e}"))?;
-    // Only the status line matters; read until it is complete.
-    let mut buf = [0u8; 512];
-    let mut len = 0;
-    while !buf[..len].contains(&b'\n') && len < buf.len() {
-        let n = s
-            .read(&mut buf[len..])
-            .await
-            .map_err(|e| format!("read reply: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        len += n;
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    // The connection task ends with the check: dropping the sender closes it.
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(path.as_str())
+        .header(hyper::header::HOST, probe.target.to_string())
+        .header(hyper::header::USER_AGENT, "sluice-health")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let reply = sender.send_request(req).await;
+    conn.abort();
+    let code = reply.map_err(|e| format!("GET {path}: {e}"))?.status();
+    if code.as_u16() == *status {
+        Ok(())
+    } else {
+        Err(format!(
+            "GET {path} answered {}, expected {status}",
+            code.as_u16()
+        ))
     }
-    let line = String::from_utf8_lossy(&buf[..len]);
-    let line = line.lines().next().unwrap_or("");
-    let got: Option<u16> = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse().ok());
-    match got {
-        Some(code) if code == *status => Ok(()),
-        Some(code) => Err(format!("GET {path} answered {code}, expected {status}")),
-        None => Err(format!("GET {path}: no HTTP status line in the reply")),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: Rules = Rules { rise: 2, fall: 2 };
+
+    fn checked() -> Health {
+        let mut h = Health::new(0);
+        h.record(&Event::ChecksOn, RULES, 0);
+        h
+    }
+
+    fn failed() -> Event {
+        Event::CheckFailed("x".into())
+    }
+
+    #[test]
+    fn fall_then_rise() {
+        let mut h = checked();
+        assert_eq!(h.record(&failed(), RULES, 1), None);
+        let down = h.record(&failed(), RULES, 2).unwrap();
+        assert!(!down.up && down.why.contains("2 health checks failed"));
+        assert_eq!(h.since_ms, 2);
+        assert_eq!(
+            h.record(&Event::CheckPassed { started_ms: 3 }, RULES, 3),
+            None
+        );
+        assert!(!h.up, "one pass is not a rise of 2");
+        assert!(
+            h.record(&Event::CheckPassed { started_ms: 4 }, RULES, 4)
+                .unwrap()
+                .up
+        );
+        assert_eq!(h.last_ok_check_ms, 4);
+    }
+
+    #[test]
+    fn a_pass_breaks_a_run_of_failures() {
+        let mut h = checked();
+        h.record(&failed(), RULES, 1);
+        h.record(&Event::CheckPassed { started_ms: 2 }, RULES, 2);
+        assert_eq!(h.record(&failed(), RULES, 3), None);
+        assert!(h.up);
+    }
+
+    #[test]
+    fn passive_failures_need_active_checks() {
+        let mut h = Health::new(0);
+        for t in 0..5 {
+            assert_eq!(h.record(&Event::ConnectFailed, RULES, t), None);
+        }
+        assert!(h.up, "nothing would bring it back without checks");
+    }
+
+    #[test]
+    fn passive_failures_take_it_down_until_one_check_passes() {
+        let mut h = checked();
+        h.record(&Event::ConnectFailed, RULES, 1);
+        assert!(!h.record(&Event::ConnectFailed, RULES, 2).unwrap().up);
+        let up = h
+            .record(&Event::CheckPassed { started_ms: 3 }, RULES, 3)
+            .unwrap();
+        assert!(up.up, "one pass is enough after passive failures");
+    }
+
+    #[test]
+    fn a_good_connect_resets_the_passive_run() {
+        let mut h = checked();
+        h.record(&Event::ConnectFailed, RULES, 1);
+        h.record(&Event::ConnectSucceeded, RULES, 2);
+        assert_eq!(h.record(&Event::ConnectFailed, RULES, 3), None);
+        assert!(h.up);
+    }
+
+    #[test]
+    fn checks_off_brings_it_up() {
+        let mut h = checked();
+        h.record(&failed(), RULES, 1);
+        h.record(&failed(), RULES, 2);
+        assert!(h.record(&Event::ChecksOff, RULES, 3).unwrap().up);
+        assert!(!h.checked);
+        assert_eq!(h.record(&Event::ChecksOff, RULES, 4), None);
     }
 }

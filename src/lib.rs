@@ -2,18 +2,24 @@
 //! start over HTTP, so web servers can be updated one at a time without a
 //! client noticing.
 //!
-//! Modules in reading order:
+//! Modules from the bottom up; each uses only those above it in this list:
 //! - [`config`]: the TOML file, parsed then validated.
-//! - [`server`]: the running balancer: shared state, bind, graceful shutdown.
-//! - [`proxy`]: the hot path: accept, pick, connect, splice, account.
+//! - [`shutdown`]: the signals that end the process, and the tracked set
+//!   of background tasks.
+//! - [`net`]: sockets: targets, listeners, options, connect with a timeout.
+//! - [`health`]: the health value (rise and fall) and the active checks.
+//! - [`backend`]: a backend's state machine, live-connection guard and
+//!   drain policy.
+//! - [`pool`]: a service's backends and round-robin in fallback order.
+//! - [`state`]: the shared state below both planes, the runtime settings
+//!   swapped whole, reload, the limit, the state file.
 //! - [`splice`]: moving bytes both ways with half-close.
-//! - [`pool`]: round-robin selection in fallback order.
-//! - [`backend`]: a backend's state machine and live-connection guard.
-//! - [`health`]: active health checks.
+//! - [`proxy`]: the hot path: accept, pick, connect, splice, account.
 //! - [`api`]: the admin API's wire types, shared with `ctl`.
-//! - [`admin`]: the HTTP admin API.
+//! - [`admin`]: the HTTP admin API: routing, then the operation.
+//! - [`server`]: the process lifecycle: bind, workers, SIGHUP, state file
+//!   writer, graceful shutdown.
 //! - [`ctl`]: `sluice ctl`, the admin client, and `rollout`.
-//! - [`shutdown`]: the signals that end the process.
 //! - [`demo`]: built-in web servers for `sluice demo`.
 
 pub mod admin;
@@ -23,37 +29,18 @@ pub mod config;
 pub mod ctl;
 pub mod demo;
 pub mod health;
+pub mod net;
 pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
 pub mod splice;
+pub mod state;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 pub use config::{Config, ConfigError};
-pub use server::Sluice;
-
-/// What can stop sluice from starting or serving.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("cannot listen on {addr} for the {what}: {source}")]
-    Bind {
-        what: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("state file {}: {message}", path.display())]
-    StateFile {
-        path: std::path::PathBuf,
-        message: String,
-    },
-    #[error(transparent)]
-    Io(std::io::Error),
-}
+pub use server::{Error, Sluice};
 
 /// Binds everything `config` names and serves until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {

@@ -1,47 +1,24 @@
-//! The set of backends and weighted round-robin selection.
+//! A service's backends and weighted round-robin selection.
 //!
-//! Selection returns a fallback order, not one backend: the proxy walks it
-//! on connect failure, so a dead server costs the client nothing.
+//! Selection yields a fallback order, not one backend: the proxy walks it
+//! on connect failure, so a dead server costs the client nothing. The order
+//! is a lazy iterator: nothing is allocated unless a fallback is needed,
+//! and the shared cursor moves once per pick however many backends are out
+//! of rotation.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::backend::Backend;
-use crate::config::BackendAddress;
+use crate::net::Target;
 
-/// Where a service connects for one backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Addr(SocketAddr),
-    /// A host name, resolved at connect time.
-    Host(String, u16),
-}
-
-impl Target {
-    pub fn new(address: &BackendAddress, default_port: u16) -> Target {
-        match address {
-            BackendAddress::Ip(ip, port) => {
-                Target::Addr(SocketAddr::new(*ip, port.unwrap_or(default_port)))
-            }
-            BackendAddress::Host(h, port) => Target::Host(h.clone(), port.unwrap_or(default_port)),
-        }
-    }
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Addr(a) => write!(f, "{a}"),
-            Target::Host(h, p) => write!(f, "{h}:{p}"),
-        }
-    }
-}
+/// A backend of a service, and where that service reaches it.
+pub type Member = (Arc<Backend>, Target);
 
 /// The backends of one service and its round-robin schedule.
 #[derive(Debug)]
 pub struct Route {
-    members: Vec<(Arc<Backend>, Target)>,
+    members: Vec<Member>,
     /// Indices into `members`, each backend as often as its weight,
     /// interleaved (smooth weighted round-robin).
     schedule: Vec<usize>,
@@ -49,7 +26,7 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(members: Vec<(Arc<Backend>, Target)>) -> Route {
+    pub fn new(members: Vec<Member>) -> Route {
         let weights: Vec<u32> = members.iter().map(|(b, _)| b.weight()).collect();
         Route {
             schedule: smooth_schedule(&weights),
@@ -58,37 +35,70 @@ impl Route {
         }
     }
 
-    pub fn members(&self) -> &[(Arc<Backend>, Target)] {
+    pub fn members(&self) -> &[Member] {
         &self.members
     }
 
     /// The backends to try for a new connection, best first: the next in
     /// the schedule that takes new connections, then every other one that
-    /// does, in schedule order. Empty when none takes new connections.
-    pub fn pick(&self) -> Vec<&(Arc<Backend>, Target)> {
+    /// does, in member order after it. Empty when none takes new
+    /// connections.
+    ///
+    /// The cursor moves past the chosen slot in one compare-and-swap, so
+    /// slots of backends out of rotation are skipped by the pick that
+    /// meets them, the rest keep their shares in proportion to their
+    /// weights, and concurrent picks cannot use up every slot between them
+    /// and come back empty while a backend takes connections.
+    pub fn pick(&self) -> Candidates<'_> {
         let len = self.schedule.len();
-        let mut order: Vec<&(Arc<Backend>, Target)> = Vec::new();
-        if len == 0 {
-            return order;
+        let mut first = None;
+        if len > 0 {
+            let _ = self
+                .cursor
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    let start = c % len;
+                    let k = (0..len).find(|k| {
+                        let m = &self.members[self.schedule[(start + k) % len]];
+                        m.0.takes_new_connections()
+                    })?;
+                    first = Some(self.schedule[(start + k) % len]);
+                    Some((start + k + 1) % len)
+                });
         }
-        // Slots of backends out of rotation are consumed, so the rest keep
-        // their share in proportion to their weights.
-        let mut start = None;
-        for _ in 0..len {
-            let i = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-            if self.members[self.schedule[i]].0.takes_new_connections() {
-                start = Some(i);
-                break;
+        Candidates {
+            members: &self.members,
+            first,
+            step: 0,
+        }
+    }
+}
+
+/// A pick's fallback order; see [`Route::pick`].
+#[derive(Debug)]
+pub struct Candidates<'a> {
+    members: &'a [Member],
+    /// The chosen member's index; `None` when no backend takes connections.
+    first: Option<usize>,
+    /// Members looked at so far, from `first` on.
+    step: usize,
+}
+
+impl<'a> Iterator for Candidates<'a> {
+    type Item = &'a Member;
+
+    fn next(&mut self) -> Option<&'a Member> {
+        let first = self.first?;
+        let n = self.members.len();
+        while self.step < n {
+            let m = &self.members[(first + self.step) % n];
+            self.step += 1;
+            // The first was eligible when picked; the slot it takes
+            // checks again.
+            if self.step == 1 || m.0.takes_new_connections() {
+                return Some(m);
             }
         }
-        let Some(start) = start else { return order };
-        for k in 0..len {
-            let m = &self.members[self.schedule[(start + k) % len]];
-            if m.0.takes_new_connections() && !order.iter().any(|o| Arc::ptr_eq(&o.0, &m.0)) {
-                order.push(m);
-            }
-        }
-        order
+        None
     }
 }
 
@@ -116,7 +126,9 @@ fn smooth_schedule(weights: &[u32]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::State;
+    use crate::backend::{DrainPolicy, State};
+    use crate::config::BackendAddress;
+    use crate::shutdown::Background;
 
     fn route(weights: &[u32]) -> Route {
         let members = weights
@@ -137,7 +149,13 @@ mod tests {
     }
 
     fn firsts(r: &Route, n: usize) -> Vec<String> {
-        (0..n).map(|_| r.pick()[0].0.name.clone()).collect()
+        (0..n)
+            .map(|_| r.pick().next().unwrap().0.name.clone())
+            .collect()
+    }
+
+    fn drain(b: &Arc<Backend>) {
+        b.drain(DrainPolicy::default(), &Background::default());
     }
 
     #[test]
@@ -151,20 +169,52 @@ mod tests {
     fn round_robin_with_fallback_order() {
         let r = route(&[1, 1, 1]);
         assert_eq!(firsts(&r, 6), ["b0", "b1", "b2", "b0", "b1", "b2"]);
-        let order: Vec<_> = r.pick().iter().map(|m| m.0.name.clone()).collect();
+        let order: Vec<_> = r.pick().map(|m| m.0.name.clone()).collect();
         assert_eq!(order, ["b0", "b1", "b2"]);
+        let order: Vec<_> = r.pick().map(|m| m.0.name.clone()).collect();
+        assert_eq!(order, ["b1", "b2", "b0"], "fallbacks follow the first");
     }
 
     #[test]
     fn backends_out_of_rotation_keep_shares_fair() {
         let r = route(&[1, 1, 1]);
-        r.members()[1].0.drain();
+        drain(&r.members()[1].0);
         let picks = firsts(&r, 6);
         assert_eq!(picks.iter().filter(|n| *n == "b0").count(), 3);
         assert_eq!(picks.iter().filter(|n| *n == "b2").count(), 3);
+        let order: Vec<_> = r.pick().map(|m| m.0.name.clone()).collect();
+        assert_eq!(order, ["b0", "b2"], "no fallback to a drained backend");
         for m in r.members() {
-            m.0.drain();
+            drain(&m.0);
         }
-        assert!(r.pick().is_empty());
+        assert_eq!(r.pick().count(), 0);
+    }
+
+    #[test]
+    fn weights_decide_shares_and_fallbacks_appear_once() {
+        let r = route(&[3, 1]);
+        assert_eq!(firsts(&r, 4), ["b0", "b0", "b1", "b0"]);
+        for _ in 0..4 {
+            let order: Vec<_> = r.pick().map(|m| m.0.name.clone()).collect();
+            assert_eq!(order.len(), 2, "each backend once: {order:?}");
+        }
+    }
+
+    #[test]
+    fn concurrent_picks_never_come_back_empty_while_one_backend_serves() {
+        let r = Arc::new(route(&[1, 1, 1, 1]));
+        for m in &r.members()[..3] {
+            drain(&m.0);
+        }
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    (0..20_000).filter(|_| r.pick().next().is_none()).count()
+                })
+            })
+            .collect();
+        let empty: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(empty, 0, "picks that found no backend");
     }
 }

@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::ConnGuard;
-use crate::pool::Target;
-use crate::server::{Service, Settings, Shared};
+use crate::backend::{ConnGuard, ConnInfo};
+use crate::net;
+use crate::state::{ConnSettings, Permit, Service, Shared};
 
 /// Accepts clients of one service until `stop` is cancelled. Accept errors
 /// (EMFILE, ENFILE, ...) back off and are logged; they never end the loop.
@@ -51,7 +51,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+        let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
@@ -59,11 +59,7 @@ pub async fn accept_loop(
         let span = info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty);
         let (service, shared) = (service.clone(), shared.clone());
         tracker.spawn(
-            async move {
-                handle(client, peer, &service, &shared).await;
-                shared.release(permit);
-            }
-            .instrument(span),
+            async move { handle(client, peer, &service, &shared, permit).await }.instrument(span),
         );
     }
 }
@@ -78,10 +74,16 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-/// One client's life.
-async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
+/// One client's life. The permit is held to the end, whatever the end is.
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    service: &Service,
+    shared: &Shared,
+    _permit: Permit,
+) {
     let route = service.route();
-    let settings = shared.settings();
+    let settings = shared.conn_settings();
     for (backend, target) in route.pick() {
         // The slot is held from before the connect, so a pending connect
         // counts and a drain waits for it.
@@ -93,7 +95,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
         }
         tracing::Span::current().record("backend", backend.name.as_str());
         let connected = tokio::select! {
-            r = connect(target, settings.connect_timeout) => r,
+            r = net::connect(target, settings.connect_timeout) => r,
             _ = client_gone(&client) => {
                 debug!("client left while the backend connect was pending");
                 return;
@@ -108,7 +110,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
                 return;
             }
             Err(e) => {
-                backend.connect_failed(settings.fall);
+                backend.connect_failed(settings.health);
                 warn!(backend = %backend.name, address = %target, error = %e, "backend connect failed; trying the next");
             }
         }
@@ -122,7 +124,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
 
 /// Splices until both sides are done, the connection is closed by the admin
 /// or shutdown, or it stays idle too long. The guard drops at the end.
-async fn relay(client: TcpStream, server: TcpStream, guard: ConnGuard, settings: Settings) {
+async fn relay(client: TcpStream, server: TcpStream, guard: ConnGuard, settings: ConnSettings) {
     let info = guard.info();
     tokio::select! {
         r = crate::splice::splice(&client, &server, info, guard.backend(), settings.zero_copy) => match r {
@@ -134,41 +136,8 @@ async fn relay(client: TcpStream, server: TcpStream, guard: ConnGuard, settings:
     }
 }
 
-/// Socket options of every proxied socket: TCP_NODELAY, so small writes go
-/// out at once, and keepalive, so a peer that vanished without FIN or RST
-/// is noticed and cannot hold a drain open forever. Set on the listener,
-/// accepted sockets inherit them, which saves syscalls per connection.
-pub fn tune(s: &socket2::SockRef<'_>) -> io::Result<()> {
-    s.set_tcp_nodelay(true)?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    s.set_tcp_keepalive(&keepalive)
-}
-
-/// A listening socket for a service: options for its clients set once,
-/// and a long accept queue so that bursts of new clients are not dropped.
-/// With `reuseport`, several workers can each listen on the same address.
-pub fn listen(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    if reuseport {
-        socket.set_reuse_port(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    tune(&socket2::SockRef::from(&socket))?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
-}
-
 /// Resolves when the connection has moved no byte for `limit`.
-async fn idle_expired(info: &crate::backend::ConnInfo, limit: Option<Duration>) {
+async fn idle_expired(info: &ConnInfo, limit: Option<Duration>) {
     let Some(limit) = limit else {
         return std::future::pending().await;
     };
@@ -187,53 +156,6 @@ async fn idle_expired(info: &crate::backend::ConnInfo, limit: Option<Duration>) 
 /// readiness comes from epoll, so this costs no syscall.
 async fn client_gone(client: &TcpStream) {
     let _ = client.ready(tokio::io::Interest::ERROR).await;
-}
-
-/// One connect, with the socket options set before it.
-async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
-    let socket = match a {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    // Fewer options than on the listener, each one a syscall per connect:
-    // the kernel's probe interval and count stand for the backend side.
-    socket.set_nodelay(true)?;
-    socket2::SockRef::from(&socket)
-        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)))?;
-    socket.connect(a).await
-}
-
-/// Connects to a target within `timeout`, trying each resolved address.
-pub(crate) async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream> {
-    let attempt = async {
-        match target {
-            Target::Addr(a) => connect_to(*a).await,
-            Target::Host(h, p) => {
-                let mut last = io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{h} resolved to no address"),
-                );
-                for a in tokio::net::lookup_host((h.as_str(), *p)).await? {
-                    match connect_to(a).await {
-                        Ok(s) => return Ok(s),
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
-            }
-        }
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within {}",
-                    crate::config::format_duration(timeout)
-                ),
-            ))
-        })
 }
 
 #[cfg(test)]
@@ -256,7 +178,8 @@ mod tests {
             );
             let s = crate::Sluice::bind(crate::Config::parse("t", &text).unwrap()).await.unwrap();
             let shared = s.shared().clone();
-            let f = super::handle(c, a, &shared.services[0], &shared);
+            let permit = shared.limit.try_acquire().unwrap();
+            let f = super::handle(c, a, &shared.services[0], &shared, permit);
             let size = std::mem::size_of_val(&f);
             assert!(size <= 2048, "a connection's future is {size} bytes");
         });

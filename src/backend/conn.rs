@@ -1,0 +1,142 @@
+//! A connection's place in its backend: what the admin API lists of it
+//! ([`ConnInfo`]) and its slot in the live count ([`ConnGuard`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::Backend;
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One live proxied connection, as the admin API lists it.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub service: Arc<str>,
+    pub started: Instant,
+    /// Milliseconds after `started` at which the last byte moved.
+    last_active_ms: AtomicU64,
+    /// Whether the last bytes went to the backend: a request may be
+    /// waiting for its reply, so the connection is not idle.
+    awaiting_reply: AtomicBool,
+    /// Bytes from the client to the backend.
+    pub bytes_in: AtomicU64,
+    /// Bytes from the backend to the client.
+    pub bytes_out: AtomicU64,
+    /// Cancelled to close this connection (stop, force, idle close, shutdown).
+    pub cancel: CancellationToken,
+}
+
+impl ConnInfo {
+    /// Records that `n` bytes moved now in the given direction, spliced
+    /// (zero-copy) or copied.
+    pub fn record(&self, backend: &Backend, to_backend: bool, n: usize, spliced: bool) {
+        let n = n as u64;
+        if spliced {
+            backend.bytes_spliced.fetch_add(n, Ordering::Relaxed);
+        }
+        if to_backend {
+            self.bytes_in.fetch_add(n, Ordering::Relaxed);
+            backend.bytes_in.fetch_add(n, Ordering::Relaxed);
+        } else {
+            self.bytes_out.fetch_add(n, Ordering::Relaxed);
+            backend.bytes_out.fetch_add(n, Ordering::Relaxed);
+        }
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+        if self.awaiting_reply.load(Ordering::Relaxed) != to_backend {
+            self.awaiting_reply.store(to_backend, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `close_idle` may close it: silent for `d`, and not waiting
+    /// for the backend to answer what the client last sent.
+    pub fn closable_when_idle(&self, d: Duration) -> bool {
+        self.idle() >= d && !self.awaiting_reply.load(Ordering::Relaxed)
+    }
+
+    /// How long no byte has moved in either direction.
+    pub fn idle(&self) -> Duration {
+        let age = self.started.elapsed();
+        age.saturating_sub(Duration::from_millis(
+            self.last_active_ms.load(Ordering::Relaxed),
+        ))
+    }
+}
+
+impl Backend {
+    /// Takes a slot for a new connection, or `None` when the backend does
+    /// not take new connections. The slot is taken first and the rule is
+    /// checked after, so that a concurrent drain or stop either sees this
+    /// connection or this connection sees the new state: none slips past.
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        service: Arc<str>,
+    ) -> Option<ConnGuard> {
+        let info = Arc::new(ConnInfo {
+            id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+            client,
+            service,
+            started: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
+            awaiting_reply: AtomicBool::new(false),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+        });
+        self.live.fetch_add(1, Ordering::SeqCst);
+        self.conns.insert(info.id, info.clone());
+        let guard = ConnGuard {
+            backend: self.clone(),
+            info,
+        };
+        if self.takes_new_connections() {
+            Some(guard)
+        } else {
+            None
+        }
+    }
+}
+
+/// A connection's slot in its backend's live count. Dropping it, on any
+/// path (close, error, panic, cancellation), gives the slot back and may
+/// complete a drain.
+#[derive(Debug)]
+pub struct ConnGuard {
+    backend: Arc<Backend>,
+    info: Arc<ConnInfo>,
+}
+
+impl ConnGuard {
+    pub fn info(&self) -> &Arc<ConnInfo> {
+        &self.info
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// Counts the connection as made, once the backend connect succeeded.
+    pub fn established(&self) {
+        self.backend
+            .total_connections
+            .fetch_add(1, Ordering::Relaxed);
+        self.backend.connect_succeeded();
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.backend.conns.remove(&self.info.id);
+        if self.backend.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.backend.complete_drain_if_empty();
+            self.backend.changed.notify_waiters();
+        }
+    }
+}

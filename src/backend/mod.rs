@@ -1,0 +1,459 @@
+//! A backend: its address, its admin state machine, its health, and the
+//! exact count of the connections it carries.
+//!
+//! The admin state and every transition live here, and so does the one rule
+//! that decides whether a backend takes a new connection:
+//! [`Backend::takes_new_connections`]. A connection's slot is a
+//! [`ConnGuard`] (`conn.rs`); how a drain ends besides its connections
+//! finishing is the [`DrainPolicy`] (`drain.rs`).
+//!
+//! ```text
+//!             drain                  live count reaches 0
+//!   active ───────────▶ draining ───────────────────────▶ drained
+//!     ▲                    │ force_after / stop
+//!     │ start (any state)  ▼
+//!     └──────────────── stopped / drained
+//! ```
+
+mod conn;
+mod drain;
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use crate::config::BackendAddress;
+use crate::health::{Event, Health, Rules, unix_ms};
+
+pub use conn::{ConnGuard, ConnInfo};
+pub use drain::{Drain, DrainPolicy};
+
+/// The admin state of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// In rotation.
+    Active,
+    /// No new connections; existing ones run on until the count reaches 0.
+    Draining,
+    /// Out of rotation, with no connections.
+    Drained,
+    /// Out of rotation; its connections were closed.
+    Stopped,
+}
+
+impl State {
+    fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Active,
+            1 => State::Draining,
+            2 => State::Drained,
+            _ => State::Stopped,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Active => "active",
+            State::Draining => "draining",
+            State::Drained => "drained",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// A backend server shared by every service that forwards to it.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    address: Mutex<BackendAddress>,
+    weight: AtomicU32,
+    state: AtomicU8,
+    /// `health.up`, readable without the lock on the hot path.
+    healthy: AtomicBool,
+    health: Mutex<Health>,
+    /// Set when a connect failed, so that a good connect takes the health
+    /// lock only when it has a run of failures to reset.
+    connect_failing: AtomicBool,
+    /// Unix time in milliseconds of the last admin state change.
+    state_since_ms: AtomicU64,
+    /// Set while a reload has removed this backend and it drains to go.
+    pub removed: AtomicBool,
+    /// Told of every admin transition, for the state file.
+    on_change: Option<Arc<Notify>>,
+    /// Held while the state changes; never across an await.
+    transitions: Mutex<()>,
+    /// Bumped on every admin transition, so a delayed action (force_after)
+    /// can tell whether the drain it was meant for is still the current one.
+    generation: AtomicU64,
+    /// The policy of the current drain; never held across an await.
+    policy: Mutex<drain::Slot>,
+    live: AtomicUsize,
+    pub total_connections: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Bytes, either way, that moved by splice(2) rather than a copy.
+    pub bytes_spliced: AtomicU64,
+    conns: DashMap<u64, Arc<ConnInfo>>,
+    /// Woken on every state or health change, every passing check, a
+    /// tightened drain policy, and whenever the live count falls to zero.
+    changed: Notify,
+}
+
+impl Backend {
+    pub fn new(name: String, address: BackendAddress, weight: u32, state: State) -> Backend {
+        let now = unix_ms();
+        Backend {
+            name,
+            address: Mutex::new(address),
+            weight: AtomicU32::new(weight),
+            state: AtomicU8::new(state as u8),
+            healthy: AtomicBool::new(true),
+            health: Mutex::new(Health::new(now)),
+            connect_failing: AtomicBool::new(false),
+            state_since_ms: AtomicU64::new(now),
+            removed: AtomicBool::new(false),
+            on_change: None,
+            transitions: Mutex::new(()),
+            generation: AtomicU64::new(0),
+            policy: Mutex::new(drain::Slot::default()),
+            live: AtomicUsize::new(0),
+            total_connections: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            bytes_spliced: AtomicU64::new(0),
+            conns: DashMap::new(),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Tells `n` of every admin transition.
+    pub fn notify_changes_to(mut self, n: Arc<Notify>) -> Backend {
+        self.on_change = Some(n);
+        self
+    }
+
+    pub fn address(&self) -> BackendAddress {
+        self.address.lock().expect("address lock").clone()
+    }
+
+    pub fn set_address(&self, a: BackendAddress) {
+        *self.address.lock().expect("address lock") = a;
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn set_weight(&self, w: u32) {
+        self.weight.store(w, Ordering::Relaxed);
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// What is known of its health, as of now.
+    pub fn health(&self) -> Health {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    /// Bumped on every admin transition.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub fn state_since_ms(&self) -> u64 {
+        self.state_since_ms.load(Ordering::Relaxed)
+    }
+
+    /// The live-connection count: open proxied connections plus pending
+    /// connects to this backend.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// The one rule for new connections.
+    pub fn takes_new_connections(&self) -> bool {
+        self.state() == State::Active && self.healthy() && self.weight() > 0
+    }
+
+    /// Snapshot of the live connections.
+    pub fn connections(&self) -> Vec<Arc<ConnInfo>> {
+        let mut v: Vec<_> = self.conns.iter().map(|e| e.value().clone()).collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Live connections that have been idle for at least `d`.
+    pub fn idle_count(&self, d: Duration) -> usize {
+        self.conns.iter().filter(|c| c.idle() >= d).count()
+    }
+
+    /// Moves from one of `from` to `to`; returns whether it moved.
+    fn transition(&self, from: &[State], to: State) -> bool {
+        let _one_at_a_time = self.transitions.lock().expect("transition lock");
+        self.transition_locked(from, to)
+    }
+
+    fn transition_locked(&self, from: &[State], to: State) -> bool {
+        let mut cur = self.state.load(Ordering::SeqCst);
+        loop {
+            let s = State::from_u8(cur);
+            if !from.contains(&s) || s == to {
+                return false;
+            }
+            match self
+                .state
+                .compare_exchange(cur, to as u8, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => {
+                    self.generation.fetch_add(1, Ordering::SeqCst);
+                    self.state_since_ms.store(unix_ms(), Ordering::Relaxed);
+                    tracing::info!(
+                        backend = %self.name,
+                        from = s.as_str(),
+                        to = to.as_str(),
+                        live = self.live(),
+                        "backend state changed"
+                    );
+                    self.changed.notify_waiters();
+                    if let Some(n) = &self.on_change {
+                        n.notify_one();
+                    }
+                    return true;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Checks the count and moves under the transition lock, so no start
+    /// and new connection can slip between the check and the move.
+    fn complete_drain_if_empty(&self) {
+        let _one_at_a_time = self.transitions.lock().expect("transition lock");
+        self.complete_drain_locked();
+    }
+
+    fn complete_drain_locked(&self) {
+        if self.live() == 0 {
+            self.transition_locked(&[State::Draining], State::Drained);
+        }
+    }
+
+    /// Out of rotation, closing every connection now.
+    pub fn stop(&self) {
+        self.transition(
+            &[State::Active, State::Draining, State::Drained],
+            State::Stopped,
+        );
+        self.close_all();
+    }
+
+    /// Back into rotation from any state.
+    pub fn start(&self) {
+        self.transition(
+            &[State::Draining, State::Drained, State::Stopped],
+            State::Active,
+        );
+    }
+
+    /// Restores a saved state at start-up without logging it as a change.
+    /// A drain did not survive the restart, and neither did its
+    /// connections, so `draining` comes back `drained`.
+    pub fn restore(&self, s: State) {
+        let s = if s == State::Draining {
+            State::Drained
+        } else {
+            s
+        };
+        self.state.store(s as u8, Ordering::SeqCst);
+    }
+
+    /// Closes every connection of this backend; returns how many.
+    pub fn close_all(&self) -> usize {
+        let mut n = 0;
+        for c in self.conns.iter() {
+            c.cancel.cancel();
+            n += 1;
+        }
+        n
+    }
+
+    /// Feeds one health event through the rise and fall `rules`, and
+    /// publishes a flip for the hot path.
+    pub fn record_health(&self, event: Event, rules: Rules) {
+        let passed = matches!(event, Event::CheckPassed { .. });
+        let mut health = self.health.lock().expect("health lock");
+        if let Event::CheckFailed(e) = &event {
+            tracing::debug!(backend = %self.name, error = %e, "health check failed");
+        }
+        let flip = health.record(&event, rules, unix_ms());
+        if let Some(flip) = flip {
+            // Stored under the lock, so flips are published in order.
+            self.healthy.store(flip.up, Ordering::SeqCst);
+            drop(health);
+            let state = self.state().as_str();
+            if flip.up {
+                tracing::info!(backend = %self.name, state, "backend is up: {}", flip.why);
+            } else {
+                tracing::warn!(backend = %self.name, state, "backend is down: {}", flip.why);
+            }
+            self.changed.notify_waiters();
+        } else if passed {
+            drop(health);
+            // Someone may wait for a check that began after some moment.
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether active health checks run for this backend.
+    pub fn is_checked(&self) -> bool {
+        self.health.lock().expect("health lock").checked
+    }
+
+    /// A proxied connect failed: counted, and a passive health event.
+    pub fn connect_failed(&self, rules: Rules) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.connect_failing.store(true, Ordering::Relaxed);
+        self.record_health(Event::ConnectFailed, rules);
+    }
+
+    /// A proxied connect succeeded; it ends a run of failed connects.
+    fn connect_succeeded(&self) {
+        if self.connect_failing.swap(false, Ordering::Relaxed) {
+            // The rules do not matter for a success.
+            self.record_health(Event::ConnectSucceeded, Rules { rise: 1, fall: 1 });
+        }
+    }
+
+    /// Waits until `done` holds or `limit` passes; returns whether it held.
+    pub async fn wait_until(&self, limit: Duration, done: impl Fn(&Backend) -> bool) -> bool {
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(limit)
+            .unwrap_or(now + Duration::from_secs(86400 * 365));
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(self) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return done(self);
+            }
+        }
+    }
+
+    /// Whether the backend is out of rotation and carries nothing.
+    pub fn is_drained(&self) -> bool {
+        matches!(self.state(), State::Drained | State::Stopped) && self.live() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shutdown::Background;
+
+    pub(super) fn backend() -> Arc<Backend> {
+        Arc::new(Backend::new(
+            "b".into(),
+            BackendAddress::parse("127.0.0.1:1").unwrap(),
+            1,
+            State::Active,
+        ))
+    }
+
+    pub(super) fn acquire(b: &Arc<Backend>) -> Option<ConnGuard> {
+        b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into())
+    }
+
+    fn drain(b: &Arc<Backend>) -> Drain {
+        b.drain(DrainPolicy::default(), &Background::default())
+    }
+
+    #[test]
+    fn drain_completes_when_last_connection_closes() {
+        let b = backend();
+        let g1 = acquire(&b).unwrap();
+        let g2 = acquire(&b).unwrap();
+        drain(&b);
+        assert_eq!(b.state(), State::Draining);
+        assert!(
+            acquire(&b).is_none(),
+            "a draining backend takes nothing new"
+        );
+        assert_eq!(b.live(), 2, "the refused attempt gave its slot back");
+        drop(g1);
+        assert_eq!(b.state(), State::Draining);
+        drop(g2);
+        assert_eq!(b.state(), State::Drained);
+        assert_eq!(b.live(), 0);
+    }
+
+    #[test]
+    fn drain_of_idle_backend_is_immediate_and_repeatable() {
+        let b = backend();
+        drain(&b);
+        assert_eq!(b.state(), State::Drained);
+        drain(&b);
+        assert_eq!(b.state(), State::Drained);
+        b.start();
+        assert_eq!(b.state(), State::Active);
+    }
+
+    #[test]
+    fn stop_cancels_connections_and_start_restores() {
+        let b = backend();
+        let g = acquire(&b).unwrap();
+        b.stop();
+        assert!(g.info().cancel.is_cancelled());
+        assert_eq!(b.state(), State::Stopped);
+        drop(g);
+        assert_eq!(b.live(), 0);
+        b.start();
+        assert!(acquire(&b).is_some());
+    }
+
+    #[test]
+    fn unhealthy_or_zero_weight_takes_nothing() {
+        let b = backend();
+        let rules = Rules { rise: 1, fall: 1 };
+        b.record_health(Event::ChecksOn, rules);
+        b.record_health(Event::CheckFailed("test".into()), rules);
+        assert!(!b.healthy());
+        assert!(acquire(&b).is_none());
+        b.record_health(Event::CheckPassed { started_ms: 1 }, rules);
+        b.set_weight(0);
+        assert!(acquire(&b).is_none());
+        assert_eq!(b.live(), 0);
+    }
+
+    #[test]
+    fn passive_failures_count_and_flip_only_a_checked_backend() {
+        let b = backend();
+        let rules = Rules { rise: 2, fall: 2 };
+        b.connect_failed(rules);
+        b.connect_failed(rules);
+        assert!(b.healthy(), "no active checks: nothing would bring it back");
+        b.record_health(Event::ChecksOn, rules);
+        b.connect_failed(rules);
+        assert!(!b.healthy());
+        assert_eq!(b.state(), State::Active, "health is a separate axis");
+        assert_eq!(b.connect_failures.load(Ordering::Relaxed), 3);
+        b.record_health(Event::CheckPassed { started_ms: 5 }, rules);
+        assert!(b.healthy());
+        assert_eq!(b.health().last_ok_check_ms, 5);
+    }
+}

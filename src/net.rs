@@ -1,0 +1,116 @@
+//! Sockets: where a backend is ([`Target`]), the listening sockets, the
+//! options every proxied socket carries, and a connect bounded by a
+//! timeout. The proxy and the health checker both connect through here.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::config::{BackendAddress, format_duration};
+
+/// Where a service connects for one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Addr(SocketAddr),
+    /// A host name, resolved at connect time.
+    Host(String, u16),
+}
+
+impl Target {
+    pub fn new(address: &BackendAddress, default_port: u16) -> Target {
+        match address {
+            BackendAddress::Ip(ip, port) => {
+                Target::Addr(SocketAddr::new(*ip, port.unwrap_or(default_port)))
+            }
+            BackendAddress::Host(h, port) => Target::Host(h.clone(), port.unwrap_or(default_port)),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+/// Socket options of every proxied socket: TCP_NODELAY, so small writes go
+/// out at once, and keepalive, so a peer that vanished without FIN or RST
+/// is noticed and cannot hold a drain open forever. Set on the listener,
+/// accepted sockets inherit them, which saves syscalls per connection.
+pub fn tune(s: &socket2::SockRef<'_>) -> io::Result<()> {
+    s.set_tcp_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    s.set_tcp_keepalive(&keepalive)
+}
+
+/// A listening socket for a service: options for its clients set once,
+/// and a long accept queue so that bursts of new clients are not dropped.
+/// With `reuseport`, several workers can each listen on the same address.
+pub fn listen(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    tune(&socket2::SockRef::from(&socket))?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// One connect, with the socket options set before it.
+async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // Fewer options than on the listener, each one a syscall per connect:
+    // the kernel's probe interval and count stand for the backend side.
+    socket.set_nodelay(true)?;
+    socket2::SockRef::from(&socket)
+        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)))?;
+    socket.connect(a).await
+}
+
+/// Connects to a target within `timeout`, trying each resolved address.
+pub async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        match target {
+            Target::Addr(a) => connect_to(*a).await,
+            Target::Host(h, p) => {
+                let mut last = io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{h} resolved to no address"),
+                );
+                for a in tokio::net::lookup_host((h.as_str(), *p)).await? {
+                    match connect_to(a).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {}", format_duration(timeout)),
+            ))
+        })
+}

@@ -1,0 +1,63 @@
+//! The state file: every backend's admin state, so that a backend drained
+//! for maintenance stays drained when sluice restarts.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use crate::backend::{Backend, State};
+
+/// Admin states by backend name.
+pub type Saved = HashMap<String, State>;
+
+/// Reads a state file; none yet is empty. The error says what to do.
+pub fn load(path: &Path) -> Result<Saved, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| format!("{e}; fix it, or delete it to start with every backend active")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Writes the admin states of `backends` to `path`, atomically.
+pub fn save(path: &Path, backends: &[std::sync::Arc<Backend>]) -> std::io::Result<()> {
+    let states: Saved = backends
+        .iter()
+        .map(|b| (b.name.clone(), b.state()))
+        .collect();
+    let text = serde_json::to_string_pretty(&states).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all((text + "\n").as_bytes())?;
+        // On disk before the rename, so a power cut leaves the old file
+        // or the new one, never a torn one.
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendAddress;
+    use std::sync::Arc;
+
+    #[test]
+    fn states_round_trip_and_a_missing_file_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        assert!(load(&path).unwrap().is_empty());
+        let b = Arc::new(Backend::new(
+            "web1".into(),
+            BackendAddress::parse("127.0.0.1:1").unwrap(),
+            1,
+            State::Stopped,
+        ));
+        save(&path, &[b]).unwrap();
+        assert_eq!(load(&path).unwrap()["web1"], State::Stopped);
+        std::fs::write(&path, "{").unwrap();
+        assert!(load(&path).unwrap_err().contains("delete it"));
+    }
+}

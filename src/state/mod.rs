@@ -1,0 +1,218 @@
+//! The shared state below both planes: the data plane (`proxy`) and the
+//! admin plane (`admin`) read and change the balancer only through
+//! [`Shared`], and neither imports the other.
+//!
+//! The configuration in force is one [`Runtime`] value, built from a
+//! validated [`Config`] in one place ([`Runtime::new`]) and swapped whole
+//! on reload (`reload.rs`), so no setting can be accepted and forgotten.
+
+mod file;
+mod limit;
+mod reload;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, State};
+use crate::config::Config;
+use crate::health::Rules;
+use crate::pool::Route;
+use crate::shutdown::Background;
+
+pub use file::{Saved, load as load_state_file};
+pub use limit::{Limit, Permit};
+pub use reload::{NeedsRestart, ReloadError};
+
+/// The configuration in force, and what is derived from it.
+#[derive(Debug)]
+pub struct Runtime {
+    pub config: Config,
+    /// What a connection reads when it starts.
+    pub conn: ConnSettings,
+}
+
+/// Settings a connection reads when it starts: a reload applies them to
+/// the connections that start after it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// Whether bulk flows may use splice(2).
+    pub zero_copy: bool,
+    /// Rise and fall, for failed connects.
+    pub health: Rules,
+}
+
+impl Runtime {
+    /// The one place a configuration becomes the runtime settings.
+    pub fn new(config: Config) -> Runtime {
+        let conn = ConnSettings {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            zero_copy: config.zero_copy,
+            health: Rules::from(&config.health),
+        };
+        Runtime { config, conn }
+    }
+}
+
+/// A listening socket whose clients are spread over its backends.
+#[derive(Debug)]
+pub struct Service {
+    pub name: Arc<str>,
+    /// The bound address (a port 0 in the file is resolved here).
+    pub listen: SocketAddr,
+    route: ArcSwap<Route>,
+}
+
+impl Service {
+    /// The current backends of this service; a reload swaps it whole, so
+    /// a connection past its pick is untouched.
+    pub fn route(&self) -> Arc<Route> {
+        self.route.load_full()
+    }
+}
+
+/// Counters of clients sluice could not serve.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Closed at once because of `max_connections`.
+    pub rejected_limit: AtomicU64,
+    /// Closed at once because no backend took or answered the connection.
+    pub rejected_no_backend: AtomicU64,
+    pub accept_errors: AtomicU64,
+}
+
+/// State shared by the accept loops, the connections, the admin API and
+/// the background tasks.
+#[derive(Debug)]
+pub struct Shared {
+    runtime: ArcSwap<Runtime>,
+    /// Every backend, including removed ones still draining.
+    backends: ArcSwap<Vec<Arc<Backend>>>,
+    pub services: Vec<Arc<Service>>,
+    pub limit: Limit,
+    pub stats: Stats,
+    /// Set when the shutdown grace period ends: every connection closes,
+    /// and one that registers after that closes at once.
+    pub closing_all: AtomicBool,
+    /// Set once shutdown has begun.
+    pub shutting_down: AtomicBool,
+    /// Health checks, drain policies, removals, the state file writer.
+    pub tasks: Background,
+    /// Cancels the health checks of the configuration in force.
+    health_checks: Mutex<CancellationToken>,
+    /// Serializes the writers of the backend list (reload, removal); held
+    /// for no await.
+    changes: Mutex<()>,
+    /// Woken on every admin transition, for the state file.
+    pub state_changed: Arc<Notify>,
+}
+
+impl Shared {
+    /// The balancer for `config`, its services bound at `listens` (in the
+    /// config's order), admin states restored from `saved` before anything
+    /// accepts, and health checks started.
+    pub fn new(config: Config, listens: &[SocketAddr], saved: &Saved) -> Arc<Shared> {
+        let services = config
+            .services
+            .iter()
+            .zip(listens)
+            .map(|(s, &listen)| {
+                Arc::new(Service {
+                    name: s.name.as_str().into(),
+                    listen,
+                    route: ArcSwap::from_pointee(Route::new(Vec::new())),
+                })
+            })
+            .collect();
+        let state_changed = Arc::new(Notify::new());
+        let backends: Vec<_> = config
+            .backends
+            .iter()
+            .map(|bc| {
+                let b = reload::new_backend(bc, &state_changed);
+                if let Some(&state) = saved.get(&bc.name) {
+                    // Saved states first, so a backend drained for
+                    // maintenance never takes a connection because sluice
+                    // restarted.
+                    b.restore(state);
+                    if state != State::Active {
+                        tracing::info!(backend = %bc.name, state = b.state().as_str(), "admin state restored from the state file");
+                    }
+                }
+                b
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            limit: Limit::new(config.max_connections),
+            runtime: ArcSwap::from_pointee(Runtime::new(config)),
+            backends: ArcSwap::from_pointee(backends),
+            services,
+            stats: Stats::default(),
+            closing_all: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            tasks: Background::default(),
+            health_checks: Mutex::new(CancellationToken::new()),
+            changes: Mutex::new(()),
+            state_changed,
+        });
+        let runtime = shared.runtime();
+        let list = shared.backends();
+        shared.set_routes(&list, &runtime.config);
+        shared.restart_health_checks(&list, &runtime.config);
+        shared
+    }
+
+    /// The configuration in force.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// What a new connection reads, without touching a reference count.
+    pub fn conn_settings(&self) -> ConnSettings {
+        self.runtime.load().conn
+    }
+
+    pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends.load_full()
+    }
+
+    pub fn backend(&self, name: &str) -> Option<Arc<Backend>> {
+        self.backends
+            .load()
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+    }
+
+    /// Names of the services that send clients to `b`.
+    pub fn services_of(&self, b: &Backend) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|s| s.route().members().iter().any(|(m, _)| m.name == b.name))
+            .map(|s| s.name.to_string())
+            .collect()
+    }
+
+    /// Live connections over every backend.
+    pub fn live(&self) -> usize {
+        self.backends.load().iter().map(|b| b.live()).sum()
+    }
+
+    /// Writes every backend's admin state to `path`, atomically.
+    pub fn save_states(&self, path: &std::path::Path) -> std::io::Result<()> {
+        file::save(path, &self.backends())
+    }
+
+    /// Stops every health check, at shutdown.
+    pub fn stop_health_checks(&self) {
+        self.health_checks.lock().expect("health lock").cancel();
+    }
+}

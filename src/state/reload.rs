@@ -1,0 +1,375 @@
+//! Reload: a new validated configuration applied to the running balancer.
+//!
+//! Every field either applies or refuses the whole file with a
+//! [`ReloadError`] that names each field needing a restart: the services'
+//! names and addresses, the admin address, the state file, `workers` and
+//! `runtime` (sockets and threads made at start). Everything else applies:
+//! backends are matched by name (existing ones keep their state, counters
+//! and live connections; new ones join `active`; removed ones drain and
+//! are dropped once empty), routes are rebuilt and swapped whole, health
+//! checks restart, the limit is resized, and the new [`Runtime`] is
+//! swapped in for the token, the timeouts, `zero_copy` and the grace
+//! period. Admin states are kept and no live connection is cut.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::Notify;
+
+use super::{Runtime, Shared};
+use crate::backend::{Backend, DrainPolicy, State};
+use crate::config::{BackendAddress, BackendConfig, Config, HealthCheck};
+use crate::health::Probe;
+use crate::net::Target;
+use crate::pool::Route;
+
+/// A field whose change needs a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeedsRestart {
+    /// Dotted path, such as `admin.listen` or `service[0].name`.
+    pub field: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// Why a reload was refused; the running configuration stays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ReloadError(pub Vec<NeedsRestart>);
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields: Vec<String> = self
+            .0
+            .iter()
+            .map(|c| format!("{} ({} -> {})", c.field, c.from, c.to))
+            .collect();
+        write!(
+            f,
+            "{} changed, which needs a restart: {}",
+            if fields.len() == 1 {
+                "a field that sockets or threads were made from"
+            } else {
+                "fields that sockets or threads were made from"
+            },
+            fields.join(", ")
+        )
+    }
+}
+
+/// The changes from `old` to `new` that a running balancer cannot apply.
+fn needs_restart(old: &Config, new: &Config) -> Vec<NeedsRestart> {
+    let mut out = Vec::new();
+    let mut differ = |field: String, from: String, to: String| {
+        if from != to {
+            out.push(NeedsRestart { field, from, to });
+        }
+    };
+    differ(
+        "admin.listen".into(),
+        old.admin.listen.to_string(),
+        new.admin.listen.to_string(),
+    );
+    let path = |c: &Config| {
+        c.state_file
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string())
+    };
+    differ("state_file".into(), path(old), path(new));
+    differ(
+        "workers".into(),
+        old.workers.to_string(),
+        new.workers.to_string(),
+    );
+    differ(
+        "runtime".into(),
+        format!("{:?}", old.runtime),
+        format!("{:?}", new.runtime),
+    );
+    let count = old.services.len().max(new.services.len());
+    for i in 0..count {
+        let (o, n) = (old.services.get(i), new.services.get(i));
+        let name =
+            |s: Option<&crate::config::ServiceConfig>| s.map_or("none".into(), |s| s.name.clone());
+        let listen = |s: Option<&crate::config::ServiceConfig>| {
+            s.map_or("none".into(), |s| s.listen.to_string())
+        };
+        differ(format!("service[{i}].name"), name(o), name(n));
+        differ(format!("service[{i}].listen"), listen(o), listen(n));
+    }
+    out
+}
+
+pub(super) fn new_backend(bc: &BackendConfig, state_changed: &Arc<Notify>) -> Arc<Backend> {
+    Arc::new(
+        Backend::new(
+            bc.name.clone(),
+            bc.address.clone(),
+            bc.weight,
+            State::Active,
+        )
+        .notify_changes_to(state_changed.clone()),
+    )
+}
+
+impl Shared {
+    /// Applies `new` to the running balancer, or refuses it whole.
+    pub fn reload(self: &Arc<Self>, new: Config) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.changes.lock().expect("changes lock");
+        let old = self.runtime();
+        let refused = needs_restart(&old.config, &new);
+        if !refused.is_empty() {
+            return Err(ReloadError(refused));
+        }
+        let mut list: Vec<Arc<Backend>> = self.backends().to_vec();
+        for bc in &new.backends {
+            match list.iter().find(|b| b.name == bc.name) {
+                Some(b) => {
+                    // Back in the file before its removal drain ended: it
+                    // joins again, as an added backend would.
+                    if b.removed.swap(false, Ordering::SeqCst) {
+                        b.start();
+                    }
+                    b.set_weight(bc.weight);
+                    b.set_address(bc.address.clone());
+                }
+                None => {
+                    tracing::info!(backend = %bc.name, address = %bc.address, "backend added");
+                    list.push(new_backend(bc, &self.state_changed));
+                }
+            }
+        }
+        for b in &list {
+            if new.backends.iter().any(|c| c.name == b.name)
+                || b.removed.swap(true, Ordering::SeqCst)
+            {
+                continue;
+            }
+            tracing::info!(backend = %b.name, live = b.live(), "backend removed from the configuration: draining it");
+            let drain = b.drain(DrainPolicy::default(), &self.tasks);
+            let (b, shared) = (b.clone(), Arc::downgrade(self));
+            self.tasks.spawn(async move {
+                drain.finished().await;
+                drop_removed(&shared, &b);
+            });
+        }
+        self.backends.store(Arc::new(list));
+        let list = self.backends();
+        self.set_routes(&list, &new);
+        self.restart_health_checks(&list, &new);
+        self.limit.resize(new.max_connections);
+        self.runtime.store(Arc::new(Runtime::new(new)));
+        Ok(())
+    }
+
+    /// Builds every service's route from `config` and swaps it in.
+    pub(super) fn set_routes(&self, list: &[Arc<Backend>], config: &Config) {
+        for (service, sc) in self.services.iter().zip(&config.services) {
+            let members = sc
+                .backends
+                .iter()
+                .filter_map(|n| list.iter().find(|b| &b.name == n))
+                .map(|b| (b.clone(), Target::new(&b.address(), sc.backend_port)))
+                .collect();
+            service.route.store(Arc::new(Route::new(members)));
+        }
+    }
+
+    /// Ends the running health checks and starts those `config` asks for.
+    pub(super) fn restart_health_checks(&self, list: &[Arc<Backend>], config: &Config) {
+        let token = self.tasks.child_token();
+        std::mem::replace(
+            &mut *self.health_checks.lock().expect("health lock"),
+            token.clone(),
+        )
+        .cancel();
+        let rules = crate::health::Rules::from(&config.health);
+        for b in list {
+            let Some(bc) = config.backends.iter().find(|c| c.name == b.name) else {
+                continue;
+            };
+            let Some(probe) = probe(bc, config) else {
+                b.record_health(crate::health::Event::ChecksOff, rules);
+                continue;
+            };
+            let (b, stop) = (b.clone(), token.clone());
+            let cfg = config.health.clone();
+            self.tasks
+                .spawn(crate::health::run(probe, cfg, stop, move |e| {
+                    b.record_health(e, rules)
+                }));
+        }
+    }
+}
+
+/// Drops a removed backend once its drain is over, unless a reload brought
+/// it back meanwhile (checked under the lock that reloads hold).
+fn drop_removed(shared: &Weak<Shared>, b: &Arc<Backend>) {
+    let Some(shared) = shared.upgrade() else {
+        return;
+    };
+    let _one_at_a_time = shared.changes.lock().expect("changes lock");
+    if b.removed.load(Ordering::SeqCst) {
+        let mut list = shared.backends().to_vec();
+        list.retain(|x| !Arc::ptr_eq(x, b));
+        shared.backends.store(Arc::new(list));
+        tracing::info!(backend = %b.name, "removed backend drained and dropped");
+    }
+}
+
+/// What to check for a backend and where, or `None` without checks.
+fn probe(bc: &BackendConfig, config: &Config) -> Option<Probe> {
+    let check = bc.health.as_ref()?;
+    let explicit = match check {
+        HealthCheck::Tcp { port } | HealthCheck::Http { port, .. } => *port,
+    };
+    // The port to check: the check's own, the address's, or that of the
+    // first service that uses the backend.
+    let port = explicit.or(bc.address.port()).or_else(|| {
+        config
+            .services
+            .iter()
+            .find(|s| s.backends.contains(&bc.name))
+            .map(|s| s.backend_port)
+    })?;
+    // An explicit check port wins over the address's own.
+    let address = match (explicit, &bc.address) {
+        (Some(p), BackendAddress::Ip(ip, _)) => BackendAddress::Ip(*ip, Some(p)),
+        (Some(p), BackendAddress::Host(h, _)) => BackendAddress::Host(h.clone(), Some(p)),
+        (None, a) => a.clone(),
+    };
+    Some(Probe {
+        check: check.clone(),
+        target: Target::new(&address, port),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn text(extra_top: &str, extra_admin: &str, backends: &[(&str, u32)]) -> String {
+        let mut t = format!(
+            "{extra_top}\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra_admin}\n\
+             [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend_port = 80\n"
+        );
+        for (name, w) in backends {
+            t += &format!(
+                "[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nweight = {w}\nhealth_check = \"none\"\n"
+            );
+        }
+        t
+    }
+
+    fn parse(t: &str) -> Config {
+        Config::parse("t.toml", t).unwrap()
+    }
+
+    fn shared(t: &str) -> Arc<Shared> {
+        let c = parse(t);
+        let listens: Vec<_> = c.services.iter().map(|s| s.listen).collect();
+        Shared::new(c, &listens, &Default::default())
+    }
+
+    /// Reloads `field = value` into a fresh balancer and returns the
+    /// runtime after it.
+    fn reloaded(top: &str, admin: &str) -> Arc<Runtime> {
+        let s = shared(&text("", "", &[("a", 1)]));
+        s.reload(parse(&text(top, admin, &[("a", 1)]))).unwrap();
+        s.runtime()
+    }
+
+    #[tokio::test]
+    async fn every_reloadable_top_level_field_applies() {
+        let r = reloaded("connect_timeout = \"7s\"", "");
+        assert_eq!(r.conn.connect_timeout, Duration::from_secs(7));
+        let r = reloaded("idle_timeout = \"9s\"", "");
+        assert_eq!(r.conn.idle_timeout, Some(Duration::from_secs(9)));
+        let r = reloaded("zero_copy = false", "");
+        assert!(!r.conn.zero_copy);
+        let r = reloaded("shutdown_grace = \"3s\"", "");
+        assert_eq!(r.config.shutdown_grace, Duration::from_secs(3));
+        let r = reloaded("[health]\nrise = 5\nfall = 6\ninterval = \"4s\"", "");
+        assert_eq!(r.conn.health, crate::health::Rules { rise: 5, fall: 6 });
+        assert_eq!(r.config.health.interval, Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn admin_token_and_request_timeout_apply() {
+        let r = reloaded("", "token = \"s3cret\"\nrequest_timeout = \"2s\"");
+        assert_eq!(r.config.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(r.config.admin.request_timeout, Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn max_connections_resizes_the_limit() {
+        let s = shared(&text("max_connections = 4", "", &[("a", 1)]));
+        assert_eq!(s.limit.max(), 4);
+        s.reload(parse(&text("max_connections = 2", "", &[("a", 1)])))
+            .unwrap();
+        assert_eq!(s.limit.max(), 2);
+        assert_eq!(s.limit.available(), 2);
+    }
+
+    #[tokio::test]
+    async fn backends_join_change_and_leave_and_routes_follow() {
+        let s = shared(&text("", "", &[("a", 1), ("b", 1)]));
+        s.backend("b").unwrap().stop();
+        s.reload(parse(&text("", "", &[("b", 3), ("c", 1)])))
+            .unwrap();
+        let b = s.backend("b").unwrap();
+        assert_eq!(b.weight(), 3);
+        assert_eq!(b.state(), State::Stopped, "admin states are kept");
+        assert_eq!(s.backend("c").unwrap().state(), State::Active);
+        let names: Vec<_> = s.services[0]
+            .route()
+            .members()
+            .iter()
+            .map(|(m, _)| m.name.clone())
+            .collect();
+        assert_eq!(names, ["b", "c"], "a removed backend leaves every route");
+        // `a` carried nothing, so its drain ended at once and it is dropped.
+        let a_gone = async {
+            while s.backend("a").is_some() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), a_gone)
+            .await
+            .expect("a dropped");
+    }
+
+    #[tokio::test]
+    async fn a_service_backend_port_change_applies() {
+        let s = shared(&text("", "", &[("a", 1)]));
+        s.reload(parse(
+            &text("", "", &[("a", 1)]).replace("backend_port = 80", "backend_port = 8080"),
+        ))
+        .unwrap();
+        let route = s.services[0].route();
+        assert_eq!(route.members()[0].1.to_string(), "127.0.0.1:8080");
+    }
+
+    #[tokio::test]
+    async fn fields_made_into_sockets_or_threads_are_refused_by_name() {
+        let s = shared(&text("workers = 2", "", &[("a", 1)]));
+        let before = s.runtime();
+        let err = s
+            .reload(parse(
+                &text("workers = 4\nruntime = \"per-core\"\nstate_file = \"/tmp/x\"\nconnect_timeout = \"9s\"", "", &[("a", 1)])
+                    .replace("name = \"web\"", "name = \"www\""),
+            ))
+            .unwrap_err();
+        let fields: Vec<_> = err.0.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["state_file", "workers", "runtime", "service[0].name"]
+        );
+        assert!(err.to_string().contains("workers (2 -> 4)"), "{err}");
+        assert!(
+            Arc::ptr_eq(&before, &s.runtime()),
+            "nothing of a refused file applies"
+        );
+    }
+}
