@@ -212,3 +212,94 @@ async fn a_limit_lowered_while_busy_applies_as_connections_end_and_can_rise_agai
     let _ = stop.send(());
     within("shutdown", task).await.unwrap().unwrap();
 }
+
+/// sluice in-process with a handle on its shared state, to reload it.
+async fn bound(
+    text: &str,
+) -> (
+    std::sync::Arc<sluice::state::Shared>,
+    SocketAddr,
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), sluice::Error>>,
+) {
+    let server = sluice::Sluice::bind(sluice::Config::parse("t.toml", text).unwrap())
+        .await
+        .unwrap();
+    let shared = server.shared().clone();
+    let (addr, admin) = (server.service_addr("web").unwrap(), server.admin_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    (shared, addr, admin, stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_admin_request_timeout_applies_to_the_next_admin_connection() {
+    let a = Echo::start("a").await;
+    let cfg = |t: &str| {
+        support::config(
+            "shutdown_grace = \"100ms\"",
+            &format!("request_timeout = \"{t}\""),
+            &[("a", a.addr)],
+        )
+    };
+    let (shared, _, admin, stop, task) = bound(&cfg("1h")).await;
+    shared
+        .reload(sluice::Config::parse("t.toml", &cfg("200ms")).unwrap())
+        .unwrap();
+    // A request that never finishes its head: closed after the new timeout,
+    // well before the old hour.
+    let mut slow = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /backends HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_peer(&mut slow).await, "still open after 200ms");
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_shutdown_grace_applies_at_the_next_shutdown() {
+    let a = Echo::start("a").await;
+    let cfg = |g: &str| support::config(&format!("shutdown_grace = \"{g}\""), "", &[("a", a.addr)]);
+    let (shared, addr, _, stop, task) = bound(&cfg("1h")).await;
+    shared
+        .reload(sluice::Config::parse("t.toml", &cfg("100ms")).unwrap())
+        .unwrap();
+    let (mut held, name) = greeting(addr).await;
+    assert_eq!(name, "a");
+    let _ = stop.send(());
+    // The held connection keeps shutdown waiting for the grace period:
+    // the reloaded 100ms, not the hour sluice started with.
+    within("shutdown after the reloaded grace", task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(closed_by_peer(&mut held).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_workers_is_refused_by_name() {
+    let a = Echo::start("a").await;
+    let cfg = |w: u32| {
+        support::config(
+            &format!("workers = {w}\nshutdown_grace = \"100ms\""),
+            "",
+            &[("a", a.addr)],
+        )
+    };
+    let (shared, addr, _, stop, task) = bound(&cfg(1)).await;
+    let err = shared
+        .reload(sluice::Config::parse("t.toml", &cfg(2)).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("workers (1 -> 2)"), "{err}");
+    assert_eq!(
+        greeting(addr).await.1,
+        "a",
+        "the running configuration stays"
+    );
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}
