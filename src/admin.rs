@@ -11,7 +11,10 @@
 //! | GET  | `/backends/{name}/connections` | live connections: client, service, age, idle time, bytes each way |
 //! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
 //!
-//! Durations read like `1500ms`, `30s`, `5m`. Errors are `{"error": "..."}`
+//! Repeating a drain while the same drain runs keeps one policy, the
+//! tighter one (the earlier `force_after` deadline, the shorter
+//! `close_idle`). Durations read like `1500ms`, `30s`, `5m`; query values
+//! may be percent-encoded. Errors are `{"error": "..."}`
 //! with 400 (bad parameter), 401 (token), 404 (unknown path or backend),
 //! 405 (wrong method), 413 (body too large). With `[admin] token` set every
 //! call needs `Authorization: Bearer TOKEN`.
@@ -207,16 +210,27 @@ enum Op {
 }
 
 /// Routes a request to its operation; `exists` tells which backends do.
-/// Checked in this order: path, backend, method, parameters.
+/// Checked in this order: a parameter given twice, the path, the backend,
+/// the method, unknown parameters, then the values in the order the path
+/// lists them.
 fn route(
     method: &Method,
     path: &str,
     query: &str,
     exists: impl Fn(&str) -> bool,
 ) -> Result<Op, Refusal> {
+    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    for (i, (k, _)) in params.iter().enumerate() {
+        if params[..i].iter().any(|(n, _)| n == k) {
+            return Err(bad(format!("parameter `{k}` is given twice")));
+        }
+    }
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let no_path = || Refusal::new(StatusCode::NOT_FOUND, format!("no such path: {path}"));
-    let (allowed, params): (&'static str, &[&str]) = match parts.as_slice() {
+    let (allowed, accepted): (&'static str, &[&str]) = match parts.as_slice() {
         ["healthz"] | ["stats"] | ["backends"] => ("GET", &[]),
         ["backends", name, rest @ ..] => {
             if !exists(name) {
@@ -243,7 +257,20 @@ fn route(
             )
         });
     }
-    let given = parse_query(query, params)?;
+    if let Some((k, _)) = params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
+        let known = if accepted.is_empty() {
+            "none".to_string()
+        } else {
+            accepted.join(", ")
+        };
+        return Err(bad(format!("unknown parameter `{k}` (accepted: {known})")));
+    }
+    let mut given = [None; 3];
+    for (slot, k) in given.iter_mut().zip(accepted) {
+        if let Some((_, v)) = params.iter().find(|(n, _)| n == k) {
+            *slot = Some(parse_duration(v).map_err(|e| bad(format!("{k}: {e}")))?);
+        }
+    }
     let name = || parts[1].to_string();
     Ok(match parts.as_slice() {
         ["healthz"] => Op::Healthz,
@@ -262,30 +289,6 @@ fn route(
             },
         },
     })
-}
-
-/// Reads the query's durations, in the order of `accepted`; a parameter
-/// not accepted, given twice, or not a duration is refused by name.
-fn parse_query(query: &str, accepted: &[&str]) -> Result<Vec<Option<Duration>>, Refusal> {
-    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
-    let mut out = vec![None; accepted.len()];
-    let mut seen = Vec::new();
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        if seen.contains(&k) {
-            return Err(bad(format!("parameter `{k}` is given twice")));
-        }
-        let Some(i) = accepted.iter().position(|a| *a == k) else {
-            let known = if accepted.is_empty() {
-                "none".to_string()
-            } else {
-                accepted.join(", ")
-            };
-            return Err(bad(format!("unknown parameter `{k}` (accepted: {known})")));
-        };
-        out[i] = Some(parse_duration(&v).map_err(|e| bad(format!("{k}: {e}")))?);
-        seen.push(k);
-    }
-    Ok(out)
 }
 
 async fn execute(op: Op, shared: &Shared) -> Reply {
@@ -511,6 +514,24 @@ mod tests {
         assert_eq!(
             refused(at(Method::GET, "/backends?x=1")),
             (400, "unknown parameter `x` (accepted: none)".into())
+        );
+        assert_eq!(
+            refused(at(Method::GET, "/nope?a=1&a=2")),
+            (400, "parameter `a` is given twice".into()),
+            "a repeated parameter before the path"
+        );
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web1/drain?wait=bad&speed=1s")),
+            (
+                400,
+                "unknown parameter `speed` (accepted: wait, force_after, close_idle)".into()
+            ),
+            "unknown parameters before values"
+        );
+        let (_, message) = refused(at(Method::POST, "/backends/web1/drain?close_idle=x&wait=y"));
+        assert!(
+            message.starts_with("wait: "),
+            "values in the path's order: {message}"
         );
         let (status, message) = refused(at(Method::POST, "/backends/web1/drain?wait=soon"));
         assert_eq!(status, 400);

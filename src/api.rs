@@ -53,10 +53,10 @@ pub struct ConnView {
 /// `GET /stats`: clients sluice could not serve, and the live total.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct StatsView {
+    pub accept_errors: u64,
     pub active_connections: usize,
     pub rejected_limit: u64,
     pub rejected_no_backend: u64,
-    pub accept_errors: u64,
 }
 
 /// `GET /healthz`.

@@ -674,12 +674,18 @@ fn health_check(ctx: &Ctx, i: usize, b: &FileBackend) -> Result<Option<HealthChe
                 .health_path
                 .as_ref()
                 .map_or("/".to_string(), |p| p.get_ref().clone());
+            let refuse = |m: String| {
+                let span = b.health_path.as_ref().map_or(0..0, |p| p.span());
+                Err(ctx.err(span, &field("health_path"), m))
+            };
             if !path.starts_with('/') {
-                let span = b.health_path.as_ref().unwrap().span();
-                return Err(ctx.err(
-                    span,
-                    &field("health_path"),
-                    format!("`{path}` must start with /"),
+                return refuse(format!("`{path}` must start with /"));
+            }
+            // The check sends it as the request target, which has no room
+            // for spaces and the like.
+            if path.parse::<hyper::Uri>().is_err() {
+                return refuse(format!(
+                    "`{path}` is not a request path: percent-encode spaces and other special characters"
                 ));
             }
             Ok(Some(HealthCheck::Http {
@@ -1109,6 +1115,10 @@ mod tests {
             (
                 BASE.replace("10.0.0.11\"\n", "10.0.0.11\"\nhealth_path = \"up\"\n"),
                 "sluice.toml:7: backend[0].health_path: `up` must start with /",
+            ),
+            (
+                BASE.replace("10.0.0.11\"\n", "10.0.0.11\"\nhealth_path = \"/is up\"\n"),
+                "sluice.toml:7: backend[0].health_path: `/is up` is not a request path: percent-encode spaces and other special characters",
             ),
             (
                 BASE.replace(

@@ -108,7 +108,7 @@ impl Health {
             }
             Event::CheckPassed { started_ms } => {
                 self.checks_failed_in_row = 0;
-                self.checks_ok_in_row += 1;
+                self.checks_ok_in_row = self.checks_ok_in_row.saturating_add(1);
                 let passive = std::mem::take(&mut self.connects_failed_in_row) > 0;
                 self.last_ok_check_ms = *started_ms;
                 if self.checks_ok_in_row >= rules.rise || passive {
@@ -119,7 +119,7 @@ impl Health {
             }
             Event::CheckFailed(error) => {
                 self.checks_ok_in_row = 0;
-                self.checks_failed_in_row += 1;
+                self.checks_failed_in_row = self.checks_failed_in_row.saturating_add(1);
                 let run = self.checks_failed_in_row;
                 if run >= rules.fall {
                     self.turn(
@@ -131,7 +131,7 @@ impl Health {
                 }
             }
             Event::ConnectFailed => {
-                self.connects_failed_in_row += 1;
+                self.connects_failed_in_row = self.connects_failed_in_row.saturating_add(1);
                 let run = self.connects_failed_in_row;
                 if run >= rules.fall && self.checked && self.up {
                     self.checks_ok_in_row = 0;
@@ -149,6 +149,11 @@ impl Health {
             self.since_ms = now_ms;
         }
         flip
+    }
+
+    /// Whether a run of failed connects is under way.
+    pub fn connects_failing(&self) -> bool {
+        self.connects_failed_in_row > 0
     }
 
     fn turn(&mut self, up: bool, why: &str) -> Option<Flip> {

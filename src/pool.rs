@@ -56,6 +56,7 @@ impl Route {
             let _ = self
                 .cursor
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    first = None;
                     let start = c % len;
                     let k = (0..len).find(|k| {
                         let m = &self.members[self.schedule[(start + k) % len]];

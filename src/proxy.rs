@@ -160,6 +160,8 @@ async fn client_gone(client: &TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Every idle connection holds its task's future: keep it small, since
     /// it is most of sluice's memory per connection.
     #[test]
@@ -176,8 +178,8 @@ mod tests {
                 "[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
                  [[backend]]\nname = \"b\"\naddress = \"{a}\"\n"
             );
-            let s = crate::Sluice::bind(crate::Config::parse("t", &text).unwrap()).await.unwrap();
-            let shared = s.shared().clone();
+            let config = crate::config::Config::parse("t", &text).unwrap();
+            let shared = Shared::new(config, &[a], &Default::default());
             let permit = shared.limit.try_acquire().unwrap();
             let f = super::handle(c, a, &shared.services[0], &shared, permit);
             let size = std::mem::size_of_val(&f);

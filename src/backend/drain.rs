@@ -29,6 +29,14 @@ pub struct DrainPolicy {
 }
 
 impl DrainPolicy {
+    #[cfg(test)]
+    fn max_idle(self, d: Duration) -> DrainPolicy {
+        DrainPolicy {
+            close_idle: Some(d),
+            ..self
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.force_after.is_none() && self.close_idle.is_none()
     }
@@ -59,11 +67,6 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// The generation of the drain; a later transition supersedes it.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
     /// Whether the drain is over: the backend carries nothing and is out
     /// of rotation, or someone started it again.
     pub fn is_over(&self) -> bool {
@@ -74,11 +77,6 @@ impl Drain {
     /// Waits at most `limit` for the drain to be over; returns whether it is.
     pub async fn wait(&self, limit: Duration) -> bool {
         self.backend.wait_until(limit, |_| self.is_over()).await
-    }
-
-    /// Waits for as long as the drain takes.
-    pub async fn finished(&self) {
-        while !self.wait(crate::config::MAX_DURATION).await {}
     }
 }
 
@@ -107,6 +105,10 @@ impl Backend {
     fn tighten(self: &Arc<Self>, generation: u64, policy: DrainPolicy, tasks: &Background) {
         let start_task = {
             let mut slot = self.policy.lock().expect("policy lock");
+            // A drain that a later transition ended has no policy to set.
+            if !self.draining_since(generation) {
+                return;
+            }
             if slot.generation != generation {
                 *slot = Slot {
                     generation,
@@ -250,5 +252,30 @@ mod tests {
         drop(g);
         tokio::task::yield_now().await;
         assert!(tasks.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_call_for_an_ended_drain_leaves_the_current_policy_alone() {
+        let tasks = Background::default();
+        let b = backend();
+        let g = acquire(&b).unwrap();
+        let first = b.drain(DrainPolicy::default(), &tasks).generation;
+        b.start();
+        let force = DrainPolicy {
+            force_after: Some(Duration::from_secs(10)),
+            close_idle: None,
+        };
+        b.drain(force, &tasks);
+        // The first request's policy arrives after the start and new drain.
+        b.tighten(
+            first,
+            DrainPolicy::default().max_idle(Duration::from_secs(3600)),
+            &tasks,
+        );
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(
+            g.info().cancel.is_cancelled(),
+            "the current drain's deadline held"
+        );
     }
 }

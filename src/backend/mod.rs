@@ -298,6 +298,9 @@ impl Backend {
             tracing::debug!(backend = %self.name, error = %e, "health check failed");
         }
         let flip = health.record(&event, rules, unix_ms());
+        // Under the lock, so the hint never disagrees with the value.
+        self.connect_failing
+            .store(health.connects_failing(), Ordering::Relaxed);
         if let Some(flip) = flip {
             // Stored under the lock, so flips are published in order.
             self.healthy.store(flip.up, Ordering::SeqCst);
@@ -324,13 +327,13 @@ impl Backend {
     /// A proxied connect failed: counted, and a passive health event.
     pub fn connect_failed(&self, rules: Rules) {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
-        self.connect_failing.store(true, Ordering::Relaxed);
         self.record_health(Event::ConnectFailed, rules);
     }
 
     /// A proxied connect succeeded; it ends a run of failed connects.
     fn connect_succeeded(&self) {
-        if self.connect_failing.swap(false, Ordering::Relaxed) {
+        // A read, not a write, on the hot path.
+        if self.connect_failing.load(Ordering::Relaxed) {
             // The rules do not matter for a success.
             self.record_health(Event::ConnectSucceeded, Rules { rise: 1, fall: 1 });
         }

@@ -146,10 +146,16 @@ impl Shared {
                 continue;
             }
             tracing::info!(backend = %b.name, live = b.live(), "backend removed from the configuration: draining it");
-            let drain = b.drain(DrainPolicy::default(), &self.tasks);
+            b.drain(DrainPolicy::default(), &self.tasks);
             let (b, shared) = (b.clone(), Arc::downgrade(self));
             self.tasks.spawn(async move {
-                drain.finished().await;
+                // Its last connection, not the drain: an admin may start a
+                // removed backend, and it must stay listed (and stoppable)
+                // while it carries anything.
+                while !b
+                    .wait_until(crate::config::MAX_DURATION, |b| b.live() == 0)
+                    .await
+                {}
                 drop_removed(&shared, &b);
             });
         }
@@ -371,5 +377,33 @@ mod tests {
             Arc::ptr_eq(&before, &s.runtime()),
             "nothing of a refused file applies"
         );
+    }
+
+    #[tokio::test]
+    async fn a_removed_backend_stays_listed_while_it_carries_connections_even_if_started() {
+        let s = shared(&text("", "", &[("a", 1), ("b", 1)]));
+        let b = s.backend("b").unwrap();
+        let conn = b
+            .try_acquire("127.0.0.1:9".parse().unwrap(), "web".into())
+            .unwrap();
+        s.reload(parse(&text("", "", &[("a", 1)]))).unwrap();
+        b.start();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            s.backend("b").is_some(),
+            "listed while a connection is on it"
+        );
+        assert_eq!(s.live(), 1);
+        drop(conn);
+        let gone = async {
+            while s.backend("b").is_some() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("b dropped once empty");
     }
 }
