@@ -296,9 +296,13 @@ mod tests {
         assert!(!r.conn.zero_copy);
         let r = reloaded("shutdown_grace = \"3s\"", "");
         assert_eq!(r.config.shutdown_grace, Duration::from_secs(3));
-        let r = reloaded("[health]\nrise = 5\nfall = 6\ninterval = \"4s\"", "");
+        let r = reloaded(
+            "[health]\nrise = 5\nfall = 6\ninterval = \"4s\"\ntimeout = \"3s\"",
+            "",
+        );
         assert_eq!(r.conn.health, crate::health::Rules { rise: 5, fall: 6 });
         assert_eq!(r.config.health.interval, Duration::from_secs(4));
+        assert_eq!(r.config.health.timeout, Duration::from_secs(3));
     }
 
     #[tokio::test]
@@ -344,6 +348,29 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), a_gone)
             .await
             .expect("a dropped");
+    }
+
+    #[tokio::test]
+    async fn an_address_change_and_a_service_backends_list_apply() {
+        let s = shared(&text("", "", &[("a", 1), ("b", 1)]));
+        let t = text("", "", &[("a", 1), ("b", 1)])
+            .replacen("address = \"127.0.0.1\"", "address = \"127.0.0.2:81\"", 1)
+            .replace(
+                "backend_port = 80\n",
+                "backend_port = 80\nbackends = [\"a\"]\n",
+            );
+        s.reload(parse(&t)).unwrap();
+        assert_eq!(
+            s.backend("a").unwrap().address().to_string(),
+            "127.0.0.2:81"
+        );
+        let route = s.services[0].route();
+        let members: Vec<_> = route
+            .members()
+            .iter()
+            .map(|(b, t)| format!("{} {t}", b.name))
+            .collect();
+        assert_eq!(members, ["a 127.0.0.2:81"]);
     }
 
     #[tokio::test]
