@@ -51,10 +51,10 @@ const IDLE_REPORT: Duration = Duration::from_secs(10);
 /// Serves the admin API until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, addr)) => (s, Peer::Tcp(addr)),
                 Err(e) => {
                     warn!(error = %e, "admin accept failed; backing off");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -62,32 +62,53 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 }
             },
         };
+        tokio::spawn(serve_connection(stream, peer, shared.clone(), stop.clone()));
+    }
+}
+
+/// Who is at the other end of an admin connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Serves one admin connection until it ends or `stop` is cancelled (then
+/// the request in progress is answered first). Any byte stream will do,
+/// which is how the fuzz target drives the whole request path.
+pub async fn serve_connection<I>(io: I, peer: Peer, shared: Arc<Shared>, stop: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let _ = &peer;
+    // Read per connection, so a reload applies to the next one.
+    let timeout = shared.runtime().config.admin.request_timeout;
+    let svc = service_fn(move |req| {
         let shared = shared.clone();
-        let stop = stop.clone();
-        // Read per connection, so a reload applies to the next one.
-        let timeout = shared.runtime().config.admin.request_timeout;
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(req, &shared, timeout).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let r = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = r {
-                debug!(error = %e, "admin connection ended with an error");
-            }
-        });
+        async move { Ok::<_, Infallible>(handle(req, &shared, timeout).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        debug!(error = %e, "admin connection ended with an error");
     }
 }
 
