@@ -332,11 +332,17 @@ async fn execute(op: Op, shared: &Shared) -> Reply {
         }
         Op::Stats => {
             let s = &shared.stats;
+            let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
             let v = StatsView {
+                abandoned: n(&s.abandoned),
+                accept_errors: n(&s.accept_errors),
+                accepted: n(&s.accepted),
                 active_connections: shared.live(),
-                rejected_limit: s.rejected_limit.load(Ordering::Relaxed),
-                rejected_no_backend: s.rejected_no_backend.load(Ordering::Relaxed),
-                accept_errors: s.accept_errors.load(Ordering::Relaxed),
+                established: n(&s.established),
+                rejected_limit: n(&s.rejected_limit),
+                rejected_no_backend: n(&s.rejected_no_backend),
+                rejected_resources: n(&s.rejected_resources),
+                resource_shortages: n(&s.shortage.total),
             };
             json(StatusCode::OK, &v)
         }

@@ -50,13 +50,23 @@ pub struct ConnView {
     pub bytes_out: u64,
 }
 
-/// `GET /stats`: clients sluice could not serve, and the live total.
+/// `GET /stats`: what became of the clients, and the live total. Once a
+/// client's connect phase is over it is in exactly one of `established`,
+/// `rejected_limit`, `rejected_no_backend`, `rejected_resources` and
+/// `abandoned`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct StatsView {
+    pub abandoned: u64,
     pub accept_errors: u64,
+    pub accepted: u64,
     pub active_connections: usize,
+    pub established: u64,
     pub rejected_limit: u64,
     pub rejected_no_backend: u64,
+    pub rejected_resources: u64,
+    /// sluice's own shortages of file descriptors or buffers (accept and
+    /// connect), never counted against a backend.
+    pub resource_shortages: u64,
 }
 
 /// `GET /healthz`.

@@ -190,11 +190,17 @@ pub async fn run(
             _ = stop.cancelled() => return,
             r = tokio::time::timeout(cfg.timeout, check_once(&probe, cfg.timeout)) => r,
         };
-        report(match result {
-            Ok(Ok(())) => Event::CheckPassed { started_ms },
-            Ok(Err(e)) => Event::CheckFailed(e),
-            Err(_) => Event::CheckFailed("no answer within the check timeout".into()),
-        });
+        match result {
+            Ok(Ok(())) => report(Event::CheckPassed { started_ms }),
+            // sluice's own shortage says nothing of the backend.
+            Ok(Err(Failure::Shortage(e))) => {
+                tracing::debug!(target = %probe.target, error = %e, "health check skipped: sluice is short of a resource");
+            }
+            Ok(Err(Failure::Backend(e))) => report(Event::CheckFailed(e)),
+            Err(_) => report(Event::CheckFailed(
+                "no answer within the check timeout".into(),
+            )),
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(cfg.interval) => {}
@@ -208,11 +214,27 @@ pub(crate) fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Why a check did not pass.
+enum Failure {
+    /// The backend's doing, with what to log.
+    Backend(String),
+    /// sluice had no descriptor or buffer to check with.
+    Shortage(std::io::Error),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Backend(e)
+    }
+}
+
 /// One check; the caller bounds the whole of it by `timeout` as well.
-async fn check_once(probe: &Probe, timeout: Duration) -> Result<(), String> {
-    let stream = crate::net::connect(&probe.target, timeout)
-        .await
-        .map_err(|e| format!("connect to {}: {e}", probe.target))?;
+async fn check_once(probe: &Probe, timeout: Duration) -> Result<(), Failure> {
+    let stream = match crate::net::connect(&probe.target, timeout).await {
+        Ok(s) => s,
+        Err(e) if crate::net::is_shortage(&e) => return Err(Failure::Shortage(e)),
+        Err(e) => return Err(format!("connect to {}: {e}", probe.target).into()),
+    };
     let HealthCheck::Http { path, status, .. } = &probe.check else {
         return Ok(());
     };
@@ -233,10 +255,7 @@ async fn check_once(probe: &Probe, timeout: Duration) -> Result<(), String> {
     if code.as_u16() == *status {
         Ok(())
     } else {
-        Err(format!(
-            "GET {path} answered {}, expected {status}",
-            code.as_u16()
-        ))
+        Err(format!("GET {path} answered {}, expected {status}", code.as_u16()).into())
     }
 }
 

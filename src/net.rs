@@ -71,6 +71,15 @@ pub fn listen(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpList
     Ok(socket.into())
 }
 
+/// Whether an error is sluice's own shortage of a resource (file
+/// descriptors, kernel buffers, memory) rather than the peer's doing.
+pub fn is_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// One connect, with the socket options set before it.
 async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
     let socket = match a {

@@ -19,6 +19,8 @@ use crate::state::{ConnSettings, Permit, Service, Shared};
 
 /// Accepts clients of one service until `stop` is cancelled. Accept errors
 /// (EMFILE, ENFILE, ...) back off and are logged; they never end the loop.
+/// The backoff lasts as long as the shortage: one accept that gets through
+/// does not reset it, and the episode is logged once.
 pub async fn accept_loop(
     listener: TcpListener,
     service: Arc<Service>,
@@ -26,7 +28,8 @@ pub async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+    let mut backoff = FIRST_BACKOFF;
     loop {
         // Stop first: once shutdown begins, no client is taken in.
         let accepted = tokio::select! {
@@ -36,13 +39,19 @@ pub async fn accept_loop(
         };
         let (client, peer) = match accepted {
             Ok(a) => {
-                backoff = Duration::from_millis(5);
+                if !shared.stats.shortage.recovered() {
+                    backoff = FIRST_BACKOFF;
+                }
                 a
             }
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
-                shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(service = %service.name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                if net::is_shortage(&e) {
+                    shared.stats.shortage.hit("accept", &e);
+                } else {
+                    shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(service = %service.name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -51,6 +60,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
@@ -74,6 +84,16 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// Why a client got no backend.
+enum Refused {
+    /// None took it or answered.
+    NoBackend,
+    /// sluice was short of descriptors or buffers to connect with.
+    Shortage,
+    /// The client left, or shutdown closed it, first.
+    Abandoned,
+}
+
 /// One client's life. The permit is held to the end, whatever the end is.
 async fn handle(
     client: TcpStream,
@@ -82,8 +102,35 @@ async fn handle(
     shared: &Shared,
     _permit: Permit,
 ) {
-    let route = service.route();
     let settings = shared.conn_settings();
+    let stats = &shared.stats;
+    let counter = match connect(&client, peer, service, shared, settings).await {
+        Ok((server, guard)) => {
+            stats.established.fetch_add(1, Ordering::Relaxed);
+            relay(client, server, guard, settings).await;
+            return;
+        }
+        Err(Refused::NoBackend) => {
+            warn!("no backend took the connection; closing client");
+            &stats.rejected_no_backend
+        }
+        Err(Refused::Shortage) => &stats.rejected_resources,
+        Err(Refused::Abandoned) => &stats.abandoned,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Connects to the first backend in the pick's order that answers. Until
+/// a backend answers no byte has moved, so a backend stopped or forced
+/// closed meanwhile costs the client nothing: the next one is tried.
+async fn connect(
+    client: &TcpStream,
+    peer: SocketAddr,
+    service: &Service,
+    shared: &Shared,
+    settings: ConnSettings,
+) -> Result<(TcpStream, ConnGuard), Refused> {
+    let route = service.route();
     for (backend, target) in route.pick() {
         // The slot is held from before the connect, so a pending connect
         // counts and a drain waits for it.
@@ -91,23 +138,32 @@ async fn handle(
             continue;
         };
         if shared.closing_all.load(Ordering::SeqCst) {
-            return;
+            return Err(Refused::Abandoned);
         }
         tracing::Span::current().record("backend", backend.name.as_str());
         let connected = tokio::select! {
             r = net::connect(target, settings.connect_timeout) => r,
-            _ = client_gone(&client) => {
+            _ = client_gone(client) => {
                 debug!("client left while the backend connect was pending");
-                return;
+                return Err(Refused::Abandoned);
             }
-            _ = guard.info().cancel.cancelled() => return,
+            _ = guard.info().cancel.cancelled() => {
+                if shared.closing_all.load(Ordering::SeqCst) {
+                    return Err(Refused::Abandoned);
+                }
+                debug!(backend = %backend.name, "backend taken out while the connect was pending; trying the next");
+                continue;
+            }
         };
         match connected {
             Ok(server) => {
                 guard.established();
                 debug!("connected");
-                relay(client, server, guard, settings).await;
-                return;
+                return Ok((server, guard));
+            }
+            Err(e) if net::is_shortage(&e) => {
+                shared.stats.shortage.hit("connect to a backend", &e);
+                return Err(Refused::Shortage);
             }
             Err(e) => {
                 backend.connect_failed(settings.health);
@@ -115,11 +171,7 @@ async fn handle(
             }
         }
     }
-    shared
-        .stats
-        .rejected_no_backend
-        .fetch_add(1, Ordering::Relaxed);
-    warn!("no backend took the connection; closing client");
+    Err(Refused::NoBackend)
 }
 
 /// Splices until both sides are done, the connection is closed by the admin

@@ -283,29 +283,6 @@ async fn live_count_is_exact_after_backend_reset() {
     lb.shutdown().await;
 }
 
-/// A backend whose accept queue is full: connects to it hang.
-async fn hanging_backend() -> (socket2::Socket, std::net::SocketAddr, Vec<TcpStream>) {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(
-        &"127.0.0.1:0"
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-            .into(),
-    )
-    .unwrap();
-    sock.listen(0).unwrap();
-    let addr = sock.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
-        {
-            fillers.push(s);
-        }
-    }
-    (sock, addr, fillers)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_count_is_exact_when_the_client_leaves_during_a_pending_connect() {
     let (_sock, addr, _fillers) = hanging_backend().await;

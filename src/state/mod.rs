@@ -9,6 +9,7 @@
 mod file;
 mod limit;
 mod reload;
+mod shortage;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -28,6 +29,7 @@ use crate::shutdown::Background;
 pub use file::{Saved, load as load_state_file};
 pub use limit::{Limit, Permit};
 pub use reload::{NeedsRestart, ReloadError};
+pub use shortage::Shortage;
 
 /// The configuration in force, and what is derived from it.
 #[derive(Debug)]
@@ -79,14 +81,28 @@ impl Service {
     }
 }
 
-/// Counters of clients sluice could not serve.
+/// What became of the clients. Every accepted client lands in exactly one
+/// of `established`, `rejected_limit`, `rejected_no_backend`,
+/// `rejected_resources` and `abandoned` once its connect phase is over.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Clients accepted.
+    pub accepted: AtomicU64,
+    /// Connected to a backend (each also counts in its backend's total).
+    pub established: AtomicU64,
     /// Closed at once because of `max_connections`.
     pub rejected_limit: AtomicU64,
-    /// Closed at once because no backend took or answered the connection.
+    /// Closed because no backend took or answered the connection.
     pub rejected_no_backend: AtomicU64,
+    /// Closed because sluice itself was short of file descriptors or
+    /// buffers when it connected to a backend.
+    pub rejected_resources: AtomicU64,
+    /// Left, or closed by the end of shutdown, before a backend answered.
+    pub abandoned: AtomicU64,
+    /// Accepts that failed for another reason than a shortage.
     pub accept_errors: AtomicU64,
+    /// sluice's own shortages, on accept and on connect.
+    pub shortage: Shortage,
 }
 
 /// State shared by the accept loops, the connections, the admin API and

@@ -327,8 +327,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
+        Self::spawn_command(Command::new(BIN).args(args))
+    }
+
+    /// Runs `command` (such as a shell that sets limits, then runs sluice).
+    pub fn spawn_command(command: &mut Command) -> Proc {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -430,4 +434,27 @@ pub fn run_must_fail(path: &std::path::Path) -> String {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "sluice run should have failed");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A backend whose accept queue is full: connects to it hang.
+pub async fn hanging_backend() -> (socket2::Socket, std::net::SocketAddr, Vec<TcpStream>) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    (sock, addr, fillers)
 }

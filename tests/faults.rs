@@ -1,0 +1,211 @@
+//! Faults on the data plane: what the mission promises under them is that
+//! no client pays for a drain, a stop or sluice's own trouble, and that
+//! every client lands in exactly one counter.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+use tokio::net::TcpStream;
+
+/// Every accepted client is in exactly one of these once it is settled.
+fn settled(stats: &Value) -> u64 {
+    [
+        "established",
+        "rejected_limit",
+        "rejected_no_backend",
+        "rejected_resources",
+        "abandoned",
+    ]
+    .iter()
+    .map(|k| {
+        stats[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {stats}"))
+    })
+    .sum()
+}
+
+/// Connects `n` clients, `parallel` at a time, and returns how many were
+/// refused (closed without a greeting).
+async fn refusals(addr: SocketAddr, n: usize, parallel: usize) -> usize {
+    let mut refused = 0;
+    for _ in 0..n / parallel {
+        let batch: Vec<_> = (0..parallel)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    within("greeting", read_line(&mut s)).await
+                })
+            })
+            .collect();
+        for t in batch {
+            if t.await.unwrap().is_empty() {
+                refused += 1;
+            }
+        }
+    }
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_costs_no_client_a_refusal_under_concurrent_connects() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    // Two workers, and a schedule in which the drained backend holds 100
+    // slots for the other's 1: picks that raced over the slots would find
+    // nothing.
+    let text = config(
+        "workers = 2\nruntime = \"per-core\"",
+        "",
+        &[("a", a.addr), ("b", b.addr)],
+    )
+    .replacen(
+        "health_check = \"none\"",
+        "health_check = \"none\"\nweight = 100",
+        1,
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let (status, _) = lb.post("/backends/a/drain").await;
+    assert_eq!(status, 200);
+    assert_eq!(refusals(lb.addr, 2000, 50).await, 0, "clients refused");
+    let (_, stats) = lb.get("/stats").await;
+    assert_eq!(stats["rejected_no_backend"], 0);
+    assert_eq!(stats["established"], 2000);
+
+    // Negative control: with both out of rotation the harness sees refusals.
+    lb.post("/backends/b/drain").await;
+    assert_eq!(refusals(lb.addr, 50, 50).await, 50);
+    let (_, stats) = lb.get("/stats").await;
+    assert_eq!(stats["rejected_no_backend"], 50);
+    assert_eq!(settled(&stats), stats["accepted"].as_u64().unwrap());
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_pending_connect_sends_the_client_to_the_next_backend() {
+    let (_sock, stuck, _fillers) = hanging_backend().await;
+    let b = Echo::start("b").await;
+    let lb = Sluice::start(
+        "connect_timeout = \"1h\"",
+        &[("stuck", stuck), ("b", b.addr)],
+    )
+    .await;
+    // The first pick is `stuck`, whose connect hangs.
+    let mut client = TcpStream::connect(lb.addr).await.unwrap();
+    wait_for("pending connect counted", || async {
+        lb.live("stuck").await == 1
+    })
+    .await;
+    let (status, _) = lb.post("/backends/stuck/stop").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        within("greeting", read_line(&mut client)).await,
+        "b",
+        "no byte had moved: the client goes to the next backend"
+    );
+    echo(&mut client, b"still here").await;
+    assert_eq!(lb.live("stuck").await, 0);
+    drop(client);
+
+    // With nothing left to go to, the client is refused and counted.
+    lb.post("/backends/stuck/start").await;
+    lb.post("/backends/b/drain").await;
+    wait_for("b drained", || async { lb.state("b").await == "drained" }).await;
+    let mut client = TcpStream::connect(lb.addr).await.unwrap();
+    wait_for("pending connect counted", || async {
+        lb.live("stuck").await == 1
+    })
+    .await;
+    lb.post("/backends/stuck/stop").await;
+    assert!(closed_by_peer(&mut client).await);
+    wait_for("every client settled", || async {
+        let (_, stats) = lb.get("/stats").await;
+        settled(&stats) == stats["accepted"].as_u64().unwrap()
+    })
+    .await;
+    let (_, stats) = lb.get("/stats").await;
+    assert_eq!(
+        (
+            stats["established"].as_u64(),
+            stats["rejected_no_backend"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{stats}"
+    );
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_sluices_trouble_not_the_backends() {
+    let a = Echo::start("a").await;
+    // Active checks on, so that failures blamed on the backend would take
+    // it down (fall = 1).
+    let text = config(
+        "[health]\ninterval = \"100ms\"\nfall = 1\nrise = 1",
+        "",
+        &[("a", a.addr)],
+    )
+    .replace("health_check = \"none\"\n", "");
+    let (_dir, path) = write_config(&text);
+    // A hard limit of 48 descriptors, which the clients below exhaust.
+    let script = format!("ulimit -n 48 && exec {BIN} run --config {}", path.display());
+    let mut p = Proc::spawn_command(std::process::Command::new("sh").args(["-c", &script]));
+    let addr = addr_after(&p.wait_line("service listening"), "listen=");
+    let admin = addr_after(&p.wait_line("admin API listening"), "listen=");
+    wait_for("a checked and up", || async {
+        let (_, v) = http(admin, "GET", "/backends/a", None).await;
+        v["health_checked"] == true && v["healthy"] == true
+    })
+    .await;
+
+    // Idle clients until sluice cannot take more: some are served, the
+    // rest meet EMFILE on accept or on the backend socket.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+        {
+            clients.push(s);
+        }
+    }
+    p.wait_line("short of a resource");
+    // Checks keep running meanwhile; a few rounds of them must not count
+    // the shortage against the backend.
+    let checks_before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    drop(clients);
+    wait_for("serving again", || async {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            return false;
+        };
+        within("greeting", read_line(&mut s)).await == "a"
+    })
+    .await;
+    let (_, v) = http(admin, "GET", "/backends/a", None).await;
+    assert_eq!(v["healthy"], true, "marked down for sluice's shortage: {v}");
+    assert_eq!(v["connect_failures"], 0, "{v}");
+    assert!(
+        v["health_since_ms"].as_u64().unwrap() < checks_before,
+        "{v}"
+    );
+    let (_, stats) = http(admin, "GET", "/stats", None).await;
+    assert!(stats["resource_shortages"].as_u64().unwrap() > 0, "{stats}");
+    p.signal("TERM");
+    assert_eq!(p.wait_exit().code(), Some(0));
+    let warnings = p
+        .log
+        .iter()
+        .filter(|l| l.contains("short of a resource"))
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "one warning per episode:\n{}",
+        p.log.join("\n")
+    );
+}
