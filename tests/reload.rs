@@ -303,3 +303,81 @@ async fn a_reload_that_changes_workers_is_refused_by_name() {
     let _ = stop.send(());
     within("shutdown", task).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_and_added_back_keeps_its_admin_state() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let top = format!(
+        "state_file = \"{}\"\nshutdown_grace = \"100ms\"",
+        state.display()
+    );
+    let both = support::config(&top, "", &[("a", a.addr), ("b", b.addr)]);
+    let only_a = support::config(&top, "", &[("a", a.addr)]);
+    let parse = |t: &str| sluice::Config::parse("t.toml", t).unwrap();
+    let (shared, addr, admin, stop, task) = bound(&both).await;
+    let state_of = |name: &'static str| async move {
+        let (status, v) = http(admin, "GET", &format!("/backends/{name}"), None).await;
+        (status == 200).then(|| v["state"].as_str().unwrap().to_string())
+    };
+    let saved = || -> HashMap<String, String> {
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap()
+    };
+
+    // Drained by an admin, removed, dropped, added back: still drained.
+    http(admin, "POST", "/backends/b/drain", None).await;
+    shared.reload(parse(&only_a)).unwrap();
+    wait_for("b dropped", || async { state_of("b").await.is_none() }).await;
+    wait_for("the state file keeps b", || async {
+        saved().get("b").map(String::as_str) == Some("drained")
+    })
+    .await;
+    shared.reload(parse(&both)).unwrap();
+    assert_eq!(state_of("b").await.as_deref(), Some("drained"));
+    for _ in 0..4 {
+        assert_eq!(greeting(addr).await.1, "a", "b takes no client");
+    }
+
+    // Draining with a client on it, removed and added back before the
+    // client leaves: still draining, not active.
+    http(admin, "POST", "/backends/b/start", None).await;
+    http(admin, "POST", "/backends/a/drain", None).await;
+    let (on_b, name) = greeting(addr).await;
+    assert_eq!(name, "b");
+    http(admin, "POST", "/backends/a/start", None).await;
+    http(admin, "POST", "/backends/b/drain", None).await;
+    shared.reload(parse(&only_a)).unwrap();
+    shared.reload(parse(&both)).unwrap();
+    assert_eq!(state_of("b").await.as_deref(), Some("draining"));
+    drop(on_b);
+    wait_for("b drained", || async {
+        state_of("b").await.as_deref() == Some("drained")
+    })
+    .await;
+
+    // Active before its removal: active again when it comes back, whether
+    // its removal drain had ended or not.
+    http(admin, "POST", "/backends/b/start", None).await;
+    shared.reload(parse(&only_a)).unwrap();
+    wait_for("b dropped", || async { state_of("b").await.is_none() }).await;
+    assert_eq!(
+        saved()["b"],
+        "active",
+        "the removal's own drain is not saved"
+    );
+    shared.reload(parse(&both)).unwrap();
+    assert_eq!(state_of("b").await.as_deref(), Some("active"));
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+
+    // A restart with b out of the file keeps its saved state for later.
+    std::fs::write(&state, r#"{"a": "active", "b": "stopped"}"#).unwrap();
+    let (shared, _, admin, stop, task) = bound(&only_a).await;
+    assert_eq!(saved()["b"], "stopped", "written at start, b kept");
+    shared.reload(parse(&both)).unwrap();
+    let (_, v) = http(admin, "GET", "/backends/b", None).await;
+    assert_eq!(v["state"], "stopped");
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}

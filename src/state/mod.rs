@@ -11,8 +11,9 @@ mod limit;
 mod reload;
 mod shortage;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -129,6 +130,17 @@ pub struct Shared {
     changes: Mutex<()>,
     /// Woken on every admin transition, for the state file.
     pub state_changed: Arc<Notify>,
+    /// Admin states of backends a reload removed, by name, so that one
+    /// that comes back has the state it had.
+    retired: Mutex<HashMap<String, Retired>>,
+}
+
+/// A removed backend's admin state, and the generation its removal drain
+/// left it at (a later one means an admin acted on it since).
+#[derive(Debug, Clone, Copy)]
+struct Retired {
+    state: State,
+    generation: u64,
 }
 
 impl Shared {
@@ -149,6 +161,18 @@ impl Shared {
             })
             .collect();
         let state_changed = Arc::new(Notify::new());
+        // Saved states of backends the file no longer names wait for them.
+        let retired = saved
+            .iter()
+            .filter(|(name, _)| !config.backends.iter().any(|b| &b.name == *name))
+            .map(|(name, &state)| {
+                let r = Retired {
+                    state,
+                    generation: 0,
+                };
+                (name.clone(), r)
+            })
+            .collect();
         let backends: Vec<_> = config
             .backends
             .iter()
@@ -178,6 +202,7 @@ impl Shared {
             health_checks: Mutex::new(CancellationToken::new()),
             changes: Mutex::new(()),
             state_changed,
+            retired: Mutex::new(retired),
         });
         let runtime = shared.runtime();
         let list = shared.backends();
@@ -222,9 +247,32 @@ impl Shared {
         self.backends.load().iter().map(|b| b.live()).sum()
     }
 
+    /// Every backend's admin state by name, removed ones included: what
+    /// the state file keeps. A removed backend counts with the state it had
+    /// before its removal drain, unless an admin acted on it since.
+    pub fn admin_states(&self) -> Saved {
+        let retired = self.retired.lock().expect("retired lock");
+        let mut states: Saved = retired.iter().map(|(n, r)| (n.clone(), r.state)).collect();
+        for b in self.backends().iter() {
+            let state = match retired.get(&b.name) {
+                Some(r) if b.removed.load(Ordering::SeqCst) && r.generation == b.generation() => {
+                    r.state
+                }
+                _ => b.state(),
+            };
+            states.insert(b.name.clone(), state);
+        }
+        states
+    }
+
+    /// Takes the retired entry of a backend that comes back.
+    fn retired_remove(&self, name: &str) -> Option<Retired> {
+        self.retired.lock().expect("retired lock").remove(name)
+    }
+
     /// Writes every backend's admin state to `path`, atomically.
     pub fn save_states(&self, path: &std::path::Path) -> std::io::Result<()> {
-        file::save(path, &self.backends())
+        file::save(path, &self.admin_states())
     }
 
     /// Stops every health check, at shutdown.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::Notify;
 
-use super::{Runtime, Shared};
+use super::{Retired, Runtime, Shared};
 use crate::backend::{Backend, DrainPolicy, State};
 use crate::config::{BackendAddress, BackendConfig, Config, HealthCheck};
 use crate::health::Probe;
@@ -126,16 +126,32 @@ impl Shared {
             match list.iter().find(|b| b.name == bc.name) {
                 Some(b) => {
                     // Back in the file before its removal drain ended: it
-                    // joins again, as an added backend would.
+                    // takes back the admin state it had, unless an admin
+                    // acted on it meanwhile.
                     if b.removed.swap(false, Ordering::SeqCst) {
-                        b.start();
+                        let retired = self.retired_remove(&b.name);
+                        if retired.is_some_and(|r| {
+                            r.state == State::Active && r.generation == b.generation()
+                        }) {
+                            b.start();
+                        }
                     }
                     b.set_weight(bc.weight);
                     b.set_address(bc.address.clone());
                 }
                 None => {
-                    tracing::info!(backend = %bc.name, address = %bc.address, "backend added");
-                    list.push(new_backend(bc, &self.state_changed));
+                    let b = new_backend(bc, &self.state_changed);
+                    match self.retired_remove(&bc.name) {
+                        // Its admin state outlives its absence from the file.
+                        Some(r) => {
+                            b.restore(r.state);
+                            tracing::info!(backend = %bc.name, address = %bc.address, state = b.state().as_str(), "backend added back, with the admin state it had");
+                        }
+                        None => {
+                            tracing::info!(backend = %bc.name, address = %bc.address, "backend added")
+                        }
+                    }
+                    list.push(b);
                 }
             }
         }
@@ -146,7 +162,13 @@ impl Shared {
                 continue;
             }
             tracing::info!(backend = %b.name, live = b.live(), "backend removed from the configuration: draining it");
+            let state = b.state();
             b.drain(DrainPolicy::default(), &self.tasks);
+            let generation = b.generation();
+            self.retired
+                .lock()
+                .expect("retired lock")
+                .insert(b.name.clone(), Retired { state, generation });
             let (b, shared) = (b.clone(), Arc::downgrade(self));
             self.tasks.spawn(async move {
                 // Its last connection, not the drain: an admin may start a
@@ -165,6 +187,8 @@ impl Shared {
         self.restart_health_checks(&list, &new);
         self.limit.resize(new.max_connections);
         self.runtime.store(Arc::new(Runtime::new(new)));
+        // Removed and returning backends change what the state file says.
+        self.state_changed.notify_one();
         Ok(())
     }
 
@@ -216,10 +240,21 @@ fn drop_removed(shared: &Weak<Shared>, b: &Arc<Backend>) {
     };
     let _one_at_a_time = shared.changes.lock().expect("changes lock");
     if b.removed.load(Ordering::SeqCst) {
+        if let Some(r) = shared
+            .retired
+            .lock()
+            .expect("retired lock")
+            .get_mut(&b.name)
+            && r.generation != b.generation()
+        {
+            // An admin acted on it after its removal: that is its state now.
+            r.state = b.state();
+        }
         let mut list = shared.backends().to_vec();
         list.retain(|x| !Arc::ptr_eq(x, b));
         shared.backends.store(Arc::new(list));
         tracing::info!(backend = %b.name, "removed backend drained and dropped");
+        shared.state_changed.notify_one();
     }
 }
 
