@@ -168,11 +168,8 @@ async fn handle(req: Request<Incoming>, shared: &Shared, timeout: Duration) -> R
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, t)| t.trim());
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            .map_or(&b""[..], |v| bearer(v.as_bytes()));
+        if !bool::from(given.ct_eq(token.as_bytes())) {
             return Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token: send Authorization: Bearer TOKEN",
@@ -210,6 +207,20 @@ async fn handle(req: Request<Incoming>, shared: &Shared, timeout: Duration) -> R
     match route(&method, uri.path(), uri.query().unwrap_or(""), exists) {
         Ok(op) => execute(op, shared).await,
         Err(refusal) => refusal.reply(),
+    }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value, as bytes (a value
+/// that is not text compares unequal, it does not fail); empty if none.
+fn bearer(value: &[u8]) -> &[u8] {
+    let Some(space) = value.iter().position(|&b| b == b' ') else {
+        return b"";
+    };
+    let (scheme, token) = value.split_at(space);
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        token.trim_ascii()
+    } else {
+        b""
     }
 }
 
@@ -457,6 +468,15 @@ mod tests {
     fn refused(r: Result<Op, Refusal>) -> (u16, String) {
         let r = r.unwrap_err();
         (r.status.as_u16(), r.message)
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        assert_eq!(bearer(b"Bearer s3cret"), b"s3cret");
+        assert_eq!(bearer(b"bearer  s3cret "), b"s3cret");
+        assert_eq!(bearer(b"Basic s3cret"), b"");
+        assert_eq!(bearer(b"s3cret"), b"");
+        assert_eq!(bearer("Bearer s\u{e9}".as_bytes()), "s\u{e9}".as_bytes());
     }
 
     #[test]

@@ -74,7 +74,21 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Time an admin client has to send a request's head and body.
     pub request_timeout: Duration,
+    /// Admin connections open at once; more are closed at once, so the
+    /// admin plane can never take the data plane's descriptors.
+    pub max_connections: usize,
 }
+
+/// Admin connections at once when the file says nothing.
+pub const ADMIN_MAX_CONNECTIONS: usize = 32;
+
+/// Whether `t` can be a bearer token: what an HTTP header value carries
+/// as text, visible ASCII without spaces.
+pub fn valid_token(t: &str) -> bool {
+    !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
+const TOKEN_RULE: &str = "a token must be 1 or more visible ASCII characters (letters, digits, punctuation; no spaces or accents), as an HTTP header carries them";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
@@ -297,6 +311,7 @@ struct FileAdmin {
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -514,6 +529,7 @@ fn admin(
             listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
             token: None,
             request_timeout: Duration::from_secs(10),
+            max_connections: ADMIN_MAX_CONNECTIONS,
         },
         Some(a) => {
             let listen = match &a.listen {
@@ -521,17 +537,8 @@ fn admin(
                 None => SocketAddr::from(([127, 0, 0, 1], 9000)),
             };
             let token = match &a.token {
-                Some(t)
-                    if t.get_ref().is_empty()
-                        || t.get_ref()
-                            .chars()
-                            .any(|c| c.is_whitespace() || c.is_control()) =>
-                {
-                    return Err(ctx.err(
-                        t.span(),
-                        "admin.token",
-                        "token is empty or has spaces or control characters".into(),
-                    ));
+                Some(t) if !valid_token(t.get_ref()) => {
+                    return Err(ctx.err(t.span(), "admin.token", TOKEN_RULE.into()));
                 }
                 Some(t) => Some(t.get_ref().clone()),
                 None => None,
@@ -548,14 +555,23 @@ fn admin(
                     "must be more than 0".into(),
                 ));
             }
+            let max_connections = ctx
+                .int(&a.max_connections, "admin.max_connections", 1, 1024)?
+                .map_or(ADMIN_MAX_CONNECTIONS, |n| n as usize);
             AdminConfig {
                 listen,
                 token,
                 request_timeout,
+                max_connections,
             }
         }
     };
     if admin.token.is_none() {
+        if let Some(t) = fallback_token.as_deref()
+            && !valid_token(t)
+        {
+            return Err(ctx.whole(format!("SLUICE_TOKEN in the environment: {TOKEN_RULE}")));
+        }
         admin.token = fallback_token;
     }
     if !admin.listen.ip().is_loopback() && admin.token.is_none() {
@@ -1174,7 +1190,17 @@ mod tests {
             Config::parse_with_token("sluice.toml", &spaced, Some("outside".into()))
                 .unwrap_err()
                 .to_string(),
-            "sluice.toml:12: admin.token: token is empty or has spaces or control characters"
+            format!("sluice.toml:12: admin.token: {TOKEN_RULE}")
+        );
+        // What `check` passed and then locked everyone out with: a token no
+        // HTTP header can carry as text.
+        let accented = format!("{open}token = \"s\u{e9}same\"\n");
+        assert!(Config::parse("sluice.toml", &accented).is_err());
+        assert_eq!(
+            Config::parse_with_token("sluice.toml", &open, Some("s\u{e9}same".into()))
+                .unwrap_err()
+                .to_string(),
+            format!("sluice.toml: SLUICE_TOKEN in the environment: {TOKEN_RULE}")
         );
     }
 
@@ -1189,6 +1215,7 @@ mod tests {
                     listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
                     token: None,
                     request_timeout: Duration::from_secs(10),
+                    max_connections: ADMIN_MAX_CONNECTIONS,
                 },
                 services: vec![ServiceConfig {
                     name: "web".into(),
@@ -1221,7 +1248,7 @@ mod tests {
         let text = "max_connections = 50\nconnect_timeout = \"2s\"\nidle_timeout = \"5m\"\n\
                     shutdown_grace = \"1h\"\nstate_file = \"/var/lib/sluice/state.json\"\n\
                     zero_copy = false\nworkers = 3\nruntime = \"per-core\"\n\
-                    [admin]\nlisten = \"127.0.0.1:9100\"\ntoken = \"s3cret\"\nrequest_timeout = \"4s\"\n\
+                    [admin]\nlisten = \"127.0.0.1:9100\"\ntoken = \"s3cret\"\nrequest_timeout = \"4s\"\nmax_connections = 8\n\
                     [health]\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 4\nfall = 5\n\
                     [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend_port = 81\nbackends = [\"b\"]\n\
                     [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\n\
@@ -1234,6 +1261,7 @@ mod tests {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
                 token: Some("s3cret".into()),
                 request_timeout: Duration::from_secs(4),
+                max_connections: 8,
             }
         );
         assert_eq!(

@@ -6,6 +6,9 @@
 //! - [`config`]: the TOML file, parsed then validated.
 //! - [`shutdown`]: the signals that end the process, and the tracked set
 //!   of background tasks.
+//! - [`reuse`]: a capped pool of things kept for reuse, trimmed when idle.
+//! - [`limits`]: the file descriptor limit, raised at start, and what it
+//!   allows.
 //! - [`net`]: sockets: targets, listeners, options, connect with a timeout.
 //! - [`health`]: the health value (rise and fall) and the active checks.
 //! - [`backend`]: a backend's state machine, live-connection guard and
@@ -29,9 +32,11 @@ pub mod config;
 pub mod ctl;
 pub mod demo;
 pub mod health;
+pub mod limits;
 pub mod net;
 pub mod pool;
 pub mod proxy;
+pub mod reuse;
 pub mod server;
 pub mod shutdown;
 pub mod splice;

@@ -355,6 +355,17 @@ fn summary(c: &Config) -> String {
             b.weight
         );
     }
+    if let Ok(n) = sluice::limits::raise_nofile() {
+        let budget = sluice::limits::Budget::of(n.now, c.admin.max_connections);
+        let _ = writeln!(s, "files          {budget}");
+        if c.max_connections as u64 > budget.clients {
+            let _ = writeln!(
+                s,
+                "warning        max_connections {} is more than the open-file limit allows; raise it (LimitNOFILE=, ulimit -n)",
+                c.max_connections
+            );
+        }
+    }
     let fmt = sluice::config::format_duration;
     let _ = writeln!(
         s,

@@ -47,6 +47,7 @@ impl Sluice {
     /// builds the shared state, so that start-up errors surface before
     /// serving.
     pub async fn bind(config: Config) -> Result<Sluice, Error> {
+        fd_budget(&config);
         let saved = match &config.state_file {
             Some(path) => {
                 crate::state::load_state_file(path).map_err(|message| Error::StateFile {
@@ -149,6 +150,7 @@ impl Sluice {
                 Err(e) => warn!(error = %e, "cannot listen for SIGHUP: reload is off"),
             }
         }
+        shared.tasks.spawn(trim_pools());
         let workers = Workers::start(&shared, listeners)?;
         let admin_stop = CancellationToken::new();
         info!(listen = %admin.local_addr().map_err(Error::Io)?, "admin API listening");
@@ -308,6 +310,43 @@ async fn finish_connections(shared: &Shared, conns: &TaskTracker) {
             b.close_all();
         }
         conns.wait().await;
+    }
+}
+
+/// Raises the descriptor limit, says what it allows, and caps the idle
+/// pipe pool to fit it.
+fn fd_budget(config: &Config) {
+    match crate::limits::raise_nofile() {
+        Ok(n) => {
+            let budget = crate::limits::Budget::of(n.now, config.admin.max_connections);
+            crate::splice::set_pipe_cap(budget.pipes);
+            info!(raised_from = n.was, "{budget}");
+            if config.max_connections as u64 > budget.clients {
+                warn!(
+                    max_connections = config.max_connections,
+                    "the open-file limit allows about {} proxied clients, fewer than max_connections: raise the limit (LimitNOFILE= under systemd, ulimit -n) or lower max_connections",
+                    budget.clients
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
+/// How often buffers and pipes no connection used are freed.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Frees, every [`TRIM_EVERY`], the pooled buffers and pipes that went
+/// unused for a whole interval, so a burst's leftovers do not keep memory
+/// and descriptors.
+async fn trim_pools() {
+    let mut every = tokio::time::interval(TRIM_EVERY);
+    loop {
+        every.tick().await;
+        let freed = crate::splice::trim_pools();
+        if freed > 0 {
+            tracing::debug!(freed, "idle buffers and pipes freed");
+        }
     }
 }
 

@@ -23,20 +23,21 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::backend::{Backend, ConnInfo};
+use crate::reuse::Pool;
 
 /// Buffer for requests and replies; a read that fills it marks a bulk flow.
 const SMALL: usize = 16 * 1024;
 /// Buffer for bulk flows on the copy path.
 const LARGE: usize = 128 * 1024;
-/// Buffers and pipes kept for reuse; beyond this they are freed after use.
-const POOL_MAX: usize = 1024;
+/// Buffers kept for reuse of each size; beyond this they are freed after
+/// use. Pipes have a cap of their own, from the file descriptor budget.
+const BUFS_KEPT: usize = 1024;
 
 /// No SIGPIPE from a write to a closed peer: the error is enough.
 #[cfg(target_os = "linux")]
@@ -49,10 +50,10 @@ const SEND_MORE: libc::c_int = libc::MSG_MORE;
 #[cfg(not(target_os = "linux"))]
 const SEND_MORE: libc::c_int = 0;
 
-static SMALL_BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
-static LARGE_BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static SMALL_BUFS: Pool<Box<[u8]>> = Pool::new(BUFS_KEPT);
+static LARGE_BUFS: Pool<Box<[u8]>> = Pool::new(BUFS_KEPT);
 
-fn pool(size: usize) -> &'static Mutex<Vec<Box<[u8]>>> {
+fn pool(size: usize) -> &'static Pool<Box<[u8]>> {
     if size == LARGE {
         &LARGE_BUFS
     } else {
@@ -60,12 +61,20 @@ fn pool(size: usize) -> &'static Mutex<Vec<Box<[u8]>>> {
     }
 }
 
+/// Frees the buffers and pipes that no connection took since the last
+/// call; the server calls it on a timer, so a burst's leftovers go.
+pub fn trim_pools() -> usize {
+    SMALL_BUFS.trim() + LARGE_BUFS.trim() + pipe::trim()
+}
+
+pub use pipe::{pooled_pipes, set_pipe_cap};
+
 /// A buffer borrowed from a pool for one read-then-write.
 struct Buf(Option<Box<[u8]>>);
 
 impl Buf {
     fn take(size: usize) -> Buf {
-        let b = pool(size).lock().ok().and_then(|mut p| p.pop());
+        let b = pool(size).take();
         Buf(Some(
             b.unwrap_or_else(|| vec![0u8; size].into_boxed_slice()),
         ))
@@ -78,11 +87,8 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if let Some(b) = self.0.take()
-            && let Ok(mut p) = pool(b.len()).lock()
-            && p.len() < POOL_MAX
-        {
-            p.push(b);
+        if let Some(b) = self.0.take() {
+            pool(b.len()).give(b);
         }
     }
 }
@@ -278,9 +284,9 @@ fn send(s: &TcpStream, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
 mod pipe {
     use std::io;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::sync::Mutex;
 
-    use super::{Interest, POOL_MAX, TcpStream};
+    use super::{Interest, TcpStream};
+    use crate::reuse::Pool;
 
     /// A kernel pipe used as the buffer between two sockets.
     pub struct Pipe {
@@ -290,7 +296,23 @@ mod pipe {
         size: usize,
     }
 
-    static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+    /// Idle pipes, two descriptors each: their cap comes from the file
+    /// descriptor budget (`set_pipe_cap`).
+    static PIPES: Pool<Pipe> = Pool::new(256);
+
+    /// Caps how many idle pipes are kept.
+    pub fn set_pipe_cap(n: usize) {
+        PIPES.set_cap(n);
+    }
+
+    /// Idle pipes kept now.
+    pub fn pooled_pipes() -> usize {
+        PIPES.len()
+    }
+
+    pub(super) fn trim() -> usize {
+        PIPES.trim()
+    }
 
     impl Pipe {
         fn new() -> io::Result<Pipe> {
@@ -317,7 +339,7 @@ mod pipe {
         }
 
         fn take() -> io::Result<Pipe> {
-            match PIPES.lock().ok().and_then(|mut p| p.pop()) {
+            match PIPES.take() {
                 Some(p) => Ok(p),
                 None => Pipe::new(),
             }
@@ -325,11 +347,7 @@ mod pipe {
 
         /// Returns an empty pipe to the pool.
         fn give_back(self) {
-            if let Ok(mut p) = PIPES.lock()
-                && p.len() < POOL_MAX
-            {
-                p.push(self);
-            }
+            PIPES.give(self);
         }
     }
 
@@ -426,6 +444,16 @@ mod pipe {
 
     pub async fn transfer(_: &TcpStream, _: &TcpStream) -> io::Result<Moved> {
         Ok(Moved::Unsupported)
+    }
+
+    pub fn set_pipe_cap(_: usize) {}
+
+    pub fn pooled_pipes() -> usize {
+        0
+    }
+
+    pub(super) fn trim() -> usize {
+        0
     }
 }
 

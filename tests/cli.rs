@@ -32,6 +32,29 @@ fn check_accepts_the_example_and_prints_a_summary() {
         "{out}"
     );
     assert!(out.contains("OK"), "{out}");
+    assert!(
+        out.contains("open files: room for about") && out.contains("admin connections"),
+        "what the descriptor limit allows: {out}"
+    );
+}
+
+#[test]
+fn check_warns_when_the_file_limit_cannot_carry_max_connections() {
+    let (_dir, path) = write_config(&format!("max_connections = 10000000\n{GOOD}"));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 1024 && exec {BIN} check --config {}",
+            path.display()
+        ))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("limit 1024 open files"), "{out}");
+    assert!(
+        out.contains("warning        max_connections 10000000"),
+        "{out}"
+    );
 }
 
 #[test]

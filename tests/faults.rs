@@ -209,3 +209,72 @@ async fn running_out_of_file_descriptors_is_sluices_trouble_not_the_backends() {
         p.log.join("\n")
     );
 }
+
+/// Open pipe descriptors of a process.
+fn pipes_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipes_left_by_bulk_flows_are_freed_when_idle() {
+    let a = Echo::start("a").await;
+    let (_dir, path) = write_config(&config("", "", &[("a", a.addr)]));
+    let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+    let budget = p.wait_line("open files: room for about");
+    assert!(budget.contains("idle pipes kept for reuse"), "{budget}");
+    let addr = addr_after(&p.wait_line("service listening"), "listen=");
+    let admin = addr_after(&p.wait_line("admin API listening"), "listen=");
+    let pid = p.child.id();
+    // Its own stdout and stderr, and the like.
+    let baseline = pipes_of(pid);
+
+    // Bulk flows at once, spliced both ways through pooled pipes.
+    let flows: Vec<_> = (0..16)
+        .map(|_| {
+            tokio::spawn(async move {
+                let s = TcpStream::connect(addr).await.unwrap();
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                let mut greeting = String::new();
+                tokio::io::AsyncBufReadExt::read_line(&mut r, &mut greeting)
+                    .await
+                    .unwrap();
+                let send = tokio::spawn(async move {
+                    tokio::io::AsyncWriteExt::write_all(&mut w, &vec![7u8; 4 << 20])
+                        .await
+                        .unwrap();
+                    w
+                });
+                let mut back = vec![0u8; 4 << 20];
+                within(
+                    "echo",
+                    tokio::io::AsyncReadExt::read_exact(&mut r, &mut back),
+                )
+                .await
+                .unwrap();
+                drop(send.await.unwrap());
+            })
+        })
+        .collect();
+    for f in flows {
+        f.await.unwrap();
+    }
+    wait_for("connections closed", || async {
+        let (_, v) = http(admin, "GET", "/stats", None).await;
+        v["active_connections"] == 0
+    })
+    .await;
+    // The harness sees pooled pipes: the flows are gone, their pipes stay.
+    let kept = pipes_of(pid);
+    assert!(
+        kept >= baseline + 2,
+        "no pipe kept after bulk flows: {baseline} -> {kept}"
+    );
+    wait_for("idle pipes freed", || async { pipes_of(pid) == baseline }).await;
+    p.signal("TERM");
+    assert_eq!(p.wait_exit().code(), Some(0));
+}
