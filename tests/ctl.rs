@@ -3,12 +3,13 @@
 
 mod support;
 
-use std::process::Output;
+use std::process::{Output, Stdio};
 
 use support::*;
 use tokio::io::AsyncBufReadExt;
 
-async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
+/// `sluice ctl --admin ADMIN ARGS`, without a token from the environment.
+fn command(lb: &Sluice, args: &[&str]) -> tokio::process::Command {
     let admin = format!("http://{}", lb.admin);
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.arg("ctl")
@@ -16,7 +17,26 @@ async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
         .arg(&admin)
         .args(args)
         .env_remove("SLUICE_TOKEN");
-    within("sluice ctl", cmd.output()).await.unwrap()
+    cmd
+}
+
+async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
+    within("sluice ctl", command(lb, args).output())
+        .await
+        .unwrap()
+}
+
+/// Starts ctl with its stdout a pipe whose reading end is closed at once,
+/// before ctl can write anything, as `sluice ctl status | true` may do.
+fn spawn_with_stdout_closed(lb: &Sluice, args: &[&str]) -> tokio::process::Child {
+    let mut child = command(lb, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child
 }
 
 fn text(o: &Output) -> String {
@@ -294,5 +314,63 @@ async fn rollout_leaves_a_stopped_backend_as_it_is() {
     assert_eq!(lb.state("b").await, "stopped");
     assert_eq!(lb.state("a").await, "active");
     assert_eq!(lb.state("c").await, "active");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_does_not_make_ctl_panic() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    for args in [&["status", "--json"][..], &["status"], &["conns", "a"]] {
+        for _ in 0..5 {
+            let child = spawn_with_stdout_closed(&lb, args);
+            let out = within("ctl", child.wait_with_output()).await.unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "ctl {args:?}: {err}");
+            assert!(!err.contains("panicked"), "ctl {args:?}: {err}");
+        }
+    }
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_a_closed_stdout_goes_on_until_drained() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let (on_a, name) = lb.connect().await;
+    assert_eq!(name, "a");
+    let child = spawn_with_stdout_closed(&lb, &["drain", "a"]);
+    wait_for("a draining", || async { lb.state("a").await == "draining" }).await;
+    // ctl has said "draining with 1 live connection" into the closed pipe
+    // by now or will soon; either way it must wait for the end.
+    drop(on_a);
+    let out = within("ctl drain", child.wait_with_output()).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(lb.state("a").await, "drained");
+    lb.shutdown().await;
+}
+
+/// The `--exec` command writes to ctl's stdout too: it must not be killed
+/// by SIGPIPE, and the round must reach its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_with_a_closed_stdout_goes_to_its_end() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exec = format!(
+        "echo updating $SLUICE_BACKEND; echo on stderr >&2; touch {}/$SLUICE_BACKEND.done",
+        dir.path().display()
+    );
+    let child = spawn_with_stdout_closed(&lb, &["rollout", "--exec", &exec, "--settle", "200ms"]);
+    let out = within("ctl rollout", child.wait_with_output())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    for n in ["a", "b"] {
+        assert!(dir.path().join(format!("{n}.done")).exists(), "{n}: {err}");
+        assert_eq!(lb.state(n).await, "active");
+    }
     lb.shutdown().await;
 }

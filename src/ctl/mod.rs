@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::State;
 use crate::config::format_duration;
-use output::{colour, print_json, say};
+use output::{colour, out, print_json, say};
 
 pub use client::Client;
 pub use output::{conns_table, status_table};
@@ -48,7 +48,7 @@ pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
     if json {
         print_json(&bs);
     } else {
-        print!("{}", status_table(&bs, colour()));
+        out(&status_table(&bs, colour()));
     }
     Ok(Outcome::Done)
 }
@@ -58,7 +58,7 @@ pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlErr
     if json {
         print_json(&list);
     } else {
-        print!("{}", conns_table(&list, name));
+        out(&conns_table(&list, name));
     }
     Ok(Outcome::Done)
 }

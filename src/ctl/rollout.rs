@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::output::{list, say};
+use super::output::{list, out, run_relayed, say};
 use super::{Client, CtlError, DrainOpts, Outcome, drain, wait_until_healthy};
 use crate::api::BackendView;
 use crate::backend::State;
@@ -70,13 +70,12 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
                     .iter()
                     .filter(|n| !done.contains(n) && *n != name)
                     .collect();
-                println!(
-                    "\nrollout stopped after {:.1}s",
-                    started.elapsed().as_secs_f64()
-                );
-                println!("  updated:     {}", list(done.iter()));
-                println!("  failed:      {name} ({why}); it stays out of rotation");
-                println!("  not touched: {}", list(left.into_iter()));
+                out(&format!(
+                    "\nrollout stopped after {:.1}s\n  updated:     {}\n  failed:      {name} ({why}); it stays out of rotation\n  not touched: {}\n",
+                    started.elapsed().as_secs_f64(),
+                    list(done.iter()),
+                    list(left.into_iter())
+                ));
                 return match outcome {
                     Outcome::TimedOut => Ok(Outcome::TimedOut),
                     Outcome::Done => Err(CtlError::Rollout(format!("rollout failed at {name}"))),
@@ -84,11 +83,11 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
             }
         }
     }
-    println!(
-        "\nrollout done in {:.1}s: {} updated, every one back in rotation",
+    out(&format!(
+        "\nrollout done in {:.1}s: {} updated, every one back in rotation\n",
         started.elapsed().as_secs_f64(),
         done.join(", ")
-    );
+    ));
     Ok(Outcome::Done)
 }
 
@@ -225,13 +224,13 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
 /// Runs `command` with `sh -c`, its output shown, with the backend in its
 /// environment.
 async fn run_shell(command: &str, name: &str, address: &str) -> Result<(), String> {
-    let status = tokio::process::Command::new("sh")
-        .arg("-c")
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
         .arg(command)
         .env("SLUICE_BACKEND", name)
         .env("SLUICE_ADDRESS", address)
-        .stdin(Stdio::null())
-        .status()
+        .stdin(Stdio::null());
+    let status = run_relayed(cmd)
         .await
         .map_err(|e| format!("cannot run `{command}`: {e}"))?;
     if status.success() {
