@@ -67,7 +67,7 @@ struct CtlArgs {
     #[arg(
         long,
         env = "SLUICE_ADMIN",
-        default_value = "http://127.0.0.1:9000",
+        default_value = sluice::ctl::DEFAULT_ADMIN,
         global = true
     )]
     admin: String,
@@ -219,10 +219,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => {
-            let outcome = small_runtime()?.block_on(ctl(args))?;
-            Ok(match outcome {
-                sluice::ctl::Outcome::Done => ExitCode::SUCCESS,
-                sluice::ctl::Outcome::TimedOut => ExitCode::from(2),
+            use sluice::ctl::{Ended, Outcome};
+            let ended = small_runtime()?.block_on(ctl(args))?;
+            Ok(match ended {
+                Ended::Finished(Outcome::Done) => ExitCode::SUCCESS,
+                Ended::Finished(Outcome::TimedOut) => ExitCode::from(2),
+                Ended::Interrupted(sig) => ExitCode::from(sig.exit_code()),
             })
         }
         Command::Demo { listen, admin, web } => {
@@ -236,15 +238,30 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
+/// Runs a ctl command; SIGINT or SIGTERM stops it with a report of what
+/// it leaves (see `ctl::until_interrupted`).
+async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Ended> {
     use sluice::ctl;
+    // Before anything is sent to the balancer.
+    let mut signals = ctl::Signals::install().context("cannot install signal handlers")?;
     let c = ctl::Client::new(&args.admin, args.token)?;
-    let outcome = match args.command {
-        CtlCommand::Status { json } => ctl::status(&c, json).await?,
-        CtlCommand::Drain { name, drain } => ctl::drain(&c, &name, drain.into()).await?,
-        CtlCommand::Stop { name } => ctl::stop(&c, &name).await?,
-        CtlCommand::Start { name, wait_healthy } => ctl::start(&c, &name, wait_healthy).await?,
-        CtlCommand::Conns { name, json } => ctl::conns(&c, &name, json).await?,
+    let progress = ctl::Progress::default();
+    let command = run_ctl(&c, args.command, &progress);
+    Ok(ctl::until_interrupted(&c, &progress, &mut signals, command).await?)
+}
+
+async fn run_ctl(
+    c: &sluice::ctl::Client,
+    command: CtlCommand,
+    progress: &sluice::ctl::Progress,
+) -> Result<sluice::ctl::Outcome, sluice::ctl::CtlError> {
+    use sluice::ctl;
+    let outcome = match command {
+        CtlCommand::Status { json } => ctl::status(c, json).await?,
+        CtlCommand::Drain { name, drain } => ctl::drain(c, &name, drain.into(), progress).await?,
+        CtlCommand::Stop { name } => ctl::stop(c, &name).await?,
+        CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
+        CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
         CtlCommand::Rollout {
             exec,
             smoke,
@@ -263,7 +280,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
                 healthy_timeout,
                 settle,
             };
-            ctl::rollout(&c, &opts).await?
+            ctl::rollout(c, &opts, progress).await?
         }
     };
     Ok(outcome)

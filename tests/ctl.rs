@@ -374,3 +374,118 @@ async fn a_rollout_with_a_closed_stdout_goes_to_its_end() {
     }
     lb.shutdown().await;
 }
+
+fn send_signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("ctl is running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Reads ctl's stdout until a line contains `needle`; returns what it read.
+async fn read_until(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    needle: &str,
+) -> String {
+    let mut t = String::new();
+    while !t.contains(needle) {
+        match within("ctl's output", lines.next_line()).await.unwrap() {
+            Some(l) => t += &format!("{l}\n"),
+            None => panic!("ctl ended its output without `{needle}`:\n{t}"),
+        }
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_drain_says_what_it_leaves_and_how_to_undo_it() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let (_on_a, name) = lb.connect().await;
+    assert_eq!(name, "a");
+    let admin = format!("http://{}", lb.admin);
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let mut child = command(&lb, &["drain", "a"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // ctl waits: the connection on `a` stays open.
+        read_until(&mut lines, "a: draining with 1 live connection").await;
+        assert_eq!(lb.state("a").await, "draining");
+        send_signal(&child, sig);
+        let out = within("interrupted ctl", child.wait_with_output())
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{sig}: {err}");
+        assert!(
+            err.contains(&format!("interrupted by SIG{sig}")),
+            "SIG{sig}: {err}"
+        );
+        assert!(
+            err.contains("a is left draining (1 live connection(s))"),
+            "SIG{sig}: {err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "to put it back: sluice ctl start a --admin {admin}"
+            )),
+            "SIG{sig}: {err}"
+        );
+        assert_eq!(lb.state("a").await, "draining", "the drain stays");
+    }
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rollout_says_what_was_done_and_what_it_leaves() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr), ("c", c.addr)]).await;
+    let (_on_a, name) = lb.connect().await;
+    assert_eq!(name, "a");
+    let args = [
+        "rollout",
+        "--exec",
+        "true",
+        "--backends",
+        "b,a,c",
+        "--settle",
+        "200ms",
+    ];
+    let mut child = command(&lb, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // `b` is done; `a` waits for its connection to end.
+    read_until(&mut lines, "a: draining with 1 live connection").await;
+    send_signal(&child, "TERM");
+    let out = within("interrupted ctl", child.wait_with_output())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("rollout stopped at a (1/5 drain)"), "{err}");
+    assert!(err.contains("updated:     b"), "{err}");
+    assert!(
+        err.contains(
+            "a is left draining (1 live connection(s)); to put it back: sluice ctl start a"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("not touched: c"), "{err}");
+    assert_eq!(lb.state("a").await, "draining");
+    assert_eq!(lb.state("b").await, "active");
+    assert_eq!(lb.state("c").await, "active");
+    lb.shutdown().await;
+}

@@ -39,6 +39,11 @@ impl Client {
         })
     }
 
+    /// The admin API's URL, without a trailing `/`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// One request on its own connection; returns status and body. A
     /// silent server is given up on after [`REQUEST_TIMEOUT`], so that a
     /// wedged admin API cannot hang a rollout.

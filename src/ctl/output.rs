@@ -51,6 +51,11 @@ pub(super) fn out(text: &str) {
     write(Stream::Out, text.as_bytes());
 }
 
+/// Text for stderr; see [`write`].
+pub(super) fn err(text: &str) {
+    write(Stream::Err, text.as_bytes());
+}
+
 /// Whether the stream is a pipe or a socket: a reader that may go away.
 fn is_pipe(to: Stream) -> bool {
     use std::os::unix::fs::FileTypeExt;
