@@ -71,9 +71,15 @@ struct CtlArgs {
         global = true
     )]
     admin: String,
-    /// Bearer token of the admin API.
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true, global = true)]
+    /// Bearer token of the admin API. Other users can see it in `ps`: use
+    /// --token-file or SLUICE_TOKEN instead.
+    #[arg(long, global = true, conflicts_with = "token_file")]
     token: Option<String>,
+    /// File that holds the bearer token; one trailing newline is ignored.
+    /// Without --token or --token-file, SLUICE_TOKEN in the environment is
+    /// the token.
+    #[arg(long, value_name = "PATH", global = true)]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -244,7 +250,8 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Ended> {
     use sluice::ctl;
     // Before anything is sent to the balancer.
     let mut signals = ctl::Signals::install().context("cannot install signal handlers")?;
-    let c = ctl::Client::new(&args.admin, args.token)?;
+    let token = ctl::read_token(args.token, args.token_file.as_deref())?;
+    let c = ctl::Client::new(&args.admin, token)?;
     let progress = ctl::Progress::default();
     let command = run_ctl(&c, args.command, &progress);
     Ok(ctl::until_interrupted(&c, &progress, &mut signals, command).await?)

@@ -489,3 +489,87 @@ async fn an_interrupted_rollout_says_what_was_done_and_what_it_leaves() {
     assert_eq!(lb.state("c").await, "active");
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reads_the_token_from_a_file() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::from_toml(&config("", "token = \"k3y\"", &[("a", a.addr)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "k3y\n").unwrap();
+    let path = file.to_str().unwrap();
+    let out = ctl(&lb, &["--token-file", path, "status"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    // The file, given on the command line, wins over the environment.
+    let out = within(
+        "ctl",
+        command(&lb, &["status", "--token-file", path])
+            .env("SLUICE_TOKEN", "wrong")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let missing = dir.path().join("missing");
+    let out = ctl(&lb, &["--token-file", missing.to_str().unwrap(), "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("cannot read the token file {}", missing.display())),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(&file, "").unwrap();
+    let out = ctl(&lb, &["--token-file", path, "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("token file {path}: the file is empty")),
+        "{}",
+        text(&out)
+    );
+
+    let out = ctl(&lb, &["--token", "k3y", "--token-file", path, "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "a usage error: {}", text(&out));
+    assert!(text(&out).contains("cannot be used with"), "{}", text(&out));
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_refuses_a_token_that_cannot_go_into_a_header() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::from_toml(&config("", "token = \"k3y\"", &[("a", a.addr)])).await;
+    let out = ctl(&lb, &["--token", "k3\ny", "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("--token: the token has a line feed at byte 3"),
+        "{}",
+        text(&out)
+    );
+    let out = ctl(&lb, &["--token", "k\u{e4}y", "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("the token has a non-ASCII character"),
+        "{}",
+        text(&out)
+    );
+    lb.shutdown().await;
+}
+
+#[test]
+fn ctl_help_warns_that_token_shows_in_ps() {
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--token-file"), "{help}");
+    let token = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--token <"))
+        .unwrap_or_else(|| panic!("{help}"));
+    assert!(
+        token.contains("`ps`") && token.contains("--token-file") && token.contains("SLUICE_TOKEN"),
+        "{help}"
+    );
+}

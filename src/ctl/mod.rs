@@ -20,7 +20,7 @@ use crate::backend::State;
 use crate::config::format_duration;
 use output::{colour, out, print_json, say};
 
-pub use client::Client;
+pub use client::{Client, read_token};
 pub use interrupt::{Ended, Progress, Signal, Signals, until_interrupted};
 pub use output::{conns_table, status_table};
 pub use rollout::{RolloutOpts, rollout};
@@ -48,6 +48,13 @@ pub enum CtlError {
     Api { status: u16, message: String },
     #[error("{0}")]
     Rollout(String),
+    #[error("cannot read the token file {}: {error}", path.display())]
+    TokenFile {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{from}: {problem}")]
+    BadToken { from: String, problem: String },
 }
 
 pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
