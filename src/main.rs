@@ -1,6 +1,7 @@
 //! The `sluice` command: parses the command line, sets up logging, loads
 //! the configuration and hands over to the library.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,13 +67,19 @@ struct CtlArgs {
     #[arg(
         long,
         env = "SLUICE_ADMIN",
-        default_value = "http://127.0.0.1:9000",
+        default_value = sluice::ctl::DEFAULT_ADMIN,
         global = true
     )]
     admin: String,
-    /// Bearer token of the admin API.
-    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true, global = true)]
+    /// Bearer token of the admin API. Other users can see it in `ps`: use
+    /// --token-file or SLUICE_TOKEN instead.
+    #[arg(long, global = true, conflicts_with = "token_file")]
     token: Option<String>,
+    /// File that holds the bearer token; one trailing newline is ignored.
+    /// Without --token or --token-file, SLUICE_TOKEN in the environment is
+    /// the token.
+    #[arg(long, value_name = "PATH", global = true)]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -182,7 +189,8 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!, which panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -217,10 +225,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => {
-            let outcome = small_runtime()?.block_on(ctl(args))?;
-            Ok(match outcome {
-                sluice::ctl::Outcome::Done => ExitCode::SUCCESS,
-                sluice::ctl::Outcome::TimedOut => ExitCode::from(2),
+            use sluice::ctl::{Ended, Outcome};
+            let ended = small_runtime()?.block_on(ctl(args))?;
+            Ok(match ended {
+                Ended::Finished(Outcome::Done) => ExitCode::SUCCESS,
+                Ended::Finished(Outcome::TimedOut) => ExitCode::from(2),
+                Ended::Interrupted(sig) => ExitCode::from(sig.exit_code()),
             })
         }
         Command::Demo { listen, admin, web } => {
@@ -234,15 +244,31 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
+/// Runs a ctl command; SIGINT or SIGTERM stops it with a report of what
+/// it leaves (see `ctl::until_interrupted`).
+async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Ended> {
     use sluice::ctl;
-    let c = ctl::Client::new(&args.admin, args.token)?;
-    let outcome = match args.command {
-        CtlCommand::Status { json } => ctl::status(&c, json).await?,
-        CtlCommand::Drain { name, drain } => ctl::drain(&c, &name, drain.into()).await?,
-        CtlCommand::Stop { name } => ctl::stop(&c, &name).await?,
-        CtlCommand::Start { name, wait_healthy } => ctl::start(&c, &name, wait_healthy).await?,
-        CtlCommand::Conns { name, json } => ctl::conns(&c, &name, json).await?,
+    // Before anything is sent to the balancer.
+    let mut signals = ctl::Signals::install().context("cannot install signal handlers")?;
+    let token = ctl::read_token(args.token, args.token_file.as_deref())?;
+    let c = ctl::Client::new(&args.admin, token)?;
+    let progress = ctl::Progress::default();
+    let command = run_ctl(&c, args.command, &progress);
+    Ok(ctl::until_interrupted(&c, &progress, &mut signals, command).await?)
+}
+
+async fn run_ctl(
+    c: &sluice::ctl::Client,
+    command: CtlCommand,
+    progress: &sluice::ctl::Progress,
+) -> Result<sluice::ctl::Outcome, sluice::ctl::CtlError> {
+    use sluice::ctl;
+    let outcome = match command {
+        CtlCommand::Status { json } => ctl::status(c, json).await?,
+        CtlCommand::Drain { name, drain } => ctl::drain(c, &name, drain.into(), progress).await?,
+        CtlCommand::Stop { name } => ctl::stop(c, &name).await?,
+        CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
+        CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
         CtlCommand::Rollout {
             exec,
             smoke,
@@ -261,7 +287,7 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Outcome> {
                 healthy_timeout,
                 settle,
             };
-            ctl::rollout(&c, &opts).await?
+            ctl::rollout(c, &opts, progress).await?
         }
     };
     Ok(outcome)

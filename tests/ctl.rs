@@ -3,12 +3,13 @@
 
 mod support;
 
-use std::process::Output;
+use std::process::{Output, Stdio};
 
 use support::*;
 use tokio::io::AsyncBufReadExt;
 
-async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
+/// `sluice ctl --admin ADMIN ARGS`, without a token from the environment.
+fn command(lb: &Sluice, args: &[&str]) -> tokio::process::Command {
     let admin = format!("http://{}", lb.admin);
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.arg("ctl")
@@ -16,7 +17,26 @@ async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
         .arg(&admin)
         .args(args)
         .env_remove("SLUICE_TOKEN");
-    within("sluice ctl", cmd.output()).await.unwrap()
+    cmd
+}
+
+async fn ctl(lb: &Sluice, args: &[&str]) -> Output {
+    within("sluice ctl", command(lb, args).output())
+        .await
+        .unwrap()
+}
+
+/// Starts ctl with its stdout a pipe whose reading end is closed at once,
+/// before ctl can write anything, as `sluice ctl status | true` may do.
+fn spawn_with_stdout_closed(lb: &Sluice, args: &[&str]) -> tokio::process::Child {
+    let mut child = command(lb, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child
 }
 
 fn text(o: &Output) -> String {
@@ -295,4 +315,261 @@ async fn rollout_leaves_a_stopped_backend_as_it_is() {
     assert_eq!(lb.state("a").await, "active");
     assert_eq!(lb.state("c").await, "active");
     lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_does_not_make_ctl_panic() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    for args in [&["status", "--json"][..], &["status"], &["conns", "a"]] {
+        for _ in 0..5 {
+            let child = spawn_with_stdout_closed(&lb, args);
+            let out = within("ctl", child.wait_with_output()).await.unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "ctl {args:?}: {err}");
+            assert!(!err.contains("panicked"), "ctl {args:?}: {err}");
+        }
+    }
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_a_closed_stdout_goes_on_until_drained() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let (on_a, name) = lb.connect().await;
+    assert_eq!(name, "a");
+    let child = spawn_with_stdout_closed(&lb, &["drain", "a"]);
+    wait_for("a draining", || async { lb.state("a").await == "draining" }).await;
+    // ctl has said "draining with 1 live connection" into the closed pipe
+    // by now or will soon; either way it must wait for the end.
+    drop(on_a);
+    let out = within("ctl drain", child.wait_with_output()).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(lb.state("a").await, "drained");
+    lb.shutdown().await;
+}
+
+/// The `--exec` command writes to ctl's stdout too: it must not be killed
+/// by SIGPIPE, and the round must reach its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_with_a_closed_stdout_goes_to_its_end() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exec = format!(
+        "echo updating $SLUICE_BACKEND; echo on stderr >&2; touch {}/$SLUICE_BACKEND.done",
+        dir.path().display()
+    );
+    let child = spawn_with_stdout_closed(&lb, &["rollout", "--exec", &exec, "--settle", "200ms"]);
+    let out = within("ctl rollout", child.wait_with_output())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    for n in ["a", "b"] {
+        assert!(dir.path().join(format!("{n}.done")).exists(), "{n}: {err}");
+        assert_eq!(lb.state(n).await, "active");
+    }
+    lb.shutdown().await;
+}
+
+fn send_signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("ctl is running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Reads ctl's stdout until a line contains `needle`; returns what it read.
+async fn read_until(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    needle: &str,
+) -> String {
+    let mut t = String::new();
+    while !t.contains(needle) {
+        match within("ctl's output", lines.next_line()).await.unwrap() {
+            Some(l) => t += &format!("{l}\n"),
+            None => panic!("ctl ended its output without `{needle}`:\n{t}"),
+        }
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_drain_says_what_it_leaves_and_how_to_undo_it() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr)]).await;
+    let (_on_a, name) = lb.connect().await;
+    assert_eq!(name, "a");
+    let admin = format!("http://{}", lb.admin);
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let mut child = command(&lb, &["drain", "a"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // ctl waits: the connection on `a` stays open.
+        read_until(&mut lines, "a: draining with 1 live connection").await;
+        assert_eq!(lb.state("a").await, "draining");
+        send_signal(&child, sig);
+        let out = within("interrupted ctl", child.wait_with_output())
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{sig}: {err}");
+        assert!(
+            err.contains(&format!("interrupted by SIG{sig}")),
+            "SIG{sig}: {err}"
+        );
+        assert!(
+            err.contains("a is left draining (1 live connection(s))"),
+            "SIG{sig}: {err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "to put it back: sluice ctl start a --admin {admin}"
+            )),
+            "SIG{sig}: {err}"
+        );
+        assert_eq!(lb.state("a").await, "draining", "the drain stays");
+    }
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rollout_says_what_was_done_and_what_it_leaves() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let lb = Sluice::start("", &[("a", a.addr), ("b", b.addr), ("c", c.addr)]).await;
+    let (_on_a, name) = lb.connect().await;
+    assert_eq!(name, "a");
+    let args = [
+        "rollout",
+        "--exec",
+        "true",
+        "--backends",
+        "b,a,c",
+        "--settle",
+        "200ms",
+    ];
+    let mut child = command(&lb, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // `b` is done; `a` waits for its connection to end.
+    read_until(&mut lines, "a: draining with 1 live connection").await;
+    send_signal(&child, "TERM");
+    let out = within("interrupted ctl", child.wait_with_output())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("rollout stopped at a (1/5 drain)"), "{err}");
+    assert!(err.contains("updated:     b"), "{err}");
+    assert!(
+        err.contains(
+            "a is left draining (1 live connection(s)); to put it back: sluice ctl start a"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("not touched: c"), "{err}");
+    assert_eq!(lb.state("a").await, "draining");
+    assert_eq!(lb.state("b").await, "active");
+    assert_eq!(lb.state("c").await, "active");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reads_the_token_from_a_file() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::from_toml(&config("", "token = \"k3y\"", &[("a", a.addr)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "k3y\n").unwrap();
+    let path = file.to_str().unwrap();
+    let out = ctl(&lb, &["--token-file", path, "status"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    // The file, given on the command line, wins over the environment.
+    let out = within(
+        "ctl",
+        command(&lb, &["status", "--token-file", path])
+            .env("SLUICE_TOKEN", "wrong")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let missing = dir.path().join("missing");
+    let out = ctl(&lb, &["--token-file", missing.to_str().unwrap(), "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("cannot read the token file {}", missing.display())),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(&file, "").unwrap();
+    let out = ctl(&lb, &["--token-file", path, "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("token file {path}: the file is empty")),
+        "{}",
+        text(&out)
+    );
+
+    let out = ctl(&lb, &["--token", "k3y", "--token-file", path, "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "a usage error: {}", text(&out));
+    assert!(text(&out).contains("cannot be used with"), "{}", text(&out));
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_refuses_a_token_that_cannot_go_into_a_header() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::from_toml(&config("", "token = \"k3y\"", &[("a", a.addr)])).await;
+    let out = ctl(&lb, &["--token", "k3\ny", "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("--token: the token has a line feed at byte 3"),
+        "{}",
+        text(&out)
+    );
+    let out = ctl(&lb, &["--token", "k\u{e4}y", "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("the token has a non-ASCII character"),
+        "{}",
+        text(&out)
+    );
+    lb.shutdown().await;
+}
+
+#[test]
+fn ctl_help_warns_that_token_shows_in_ps() {
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--token-file"), "{help}");
+    let token = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--token <"))
+        .unwrap_or_else(|| panic!("{help}"));
+    assert!(
+        token.contains("`ps`") && token.contains("--token-file") && token.contains("SLUICE_TOKEN"),
+        "{help}"
+    );
 }

@@ -1,10 +1,12 @@
 //! The HTTP client of the admin API: the commands see typed replies and
 //! [`CtlError`]s, never HTTP.
 
+use std::path::Path;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -16,14 +18,78 @@ use crate::config::format_duration;
 /// The longest wait for one admin API reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The admin token: `--token`, else the file of `--token-file` (one
+/// trailing newline trimmed), else `SLUICE_TOKEN` in the environment; an
+/// empty `--token` or `SLUICE_TOKEN` is no token. Errors name where the
+/// token came from and what is wrong with it.
+pub fn read_token(flag: Option<String>, file: Option<&Path>) -> Result<Option<String>, CtlError> {
+    let (token, from) = if let Some(t) = flag {
+        (t.into_bytes(), "--token".to_string())
+    } else if let Some(path) = file {
+        let bytes = std::fs::read(path).map_err(|error| CtlError::TokenFile {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let from = format!("token file {}", path.display());
+        let t = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let t = t.strip_suffix(b"\r").unwrap_or(t);
+        if t.is_empty() {
+            return Err(CtlError::BadToken {
+                from,
+                problem: "the file is empty".into(),
+            });
+        }
+        (t.to_vec(), from)
+    } else {
+        match std::env::var_os("SLUICE_TOKEN") {
+            Some(t) => (
+                std::os::unix::ffi::OsStringExt::into_vec(t),
+                "SLUICE_TOKEN".to_string(),
+            ),
+            None => return Ok(None),
+        }
+    };
+    if token.is_empty() {
+        return Ok(None);
+    }
+    check_token(&token).map_err(|problem| CtlError::BadToken { from, problem })?;
+    // Checked: every byte is printable ASCII.
+    Ok(Some(String::from_utf8_lossy(&token).into_owned()))
+}
+
+/// Whether `token` can be sent as `Authorization: Bearer TOKEN` and match
+/// a token the server accepts: printable ASCII without spaces. HTTP
+/// refuses control characters in a header; it lets other bytes above 127
+/// through, but the server reads the header as ASCII and would answer 401.
+fn check_token(token: &[u8]) -> Result<(), String> {
+    let Some(i) = token.iter().position(|b| !b.is_ascii_graphic()) else {
+        return Ok(());
+    };
+    let what = match token[i] {
+        b'\n' => "a line feed".to_string(),
+        b'\r' => "a carriage return".to_string(),
+        b'\t' => "a tab".to_string(),
+        b' ' => "a space".to_string(),
+        b if b.is_ascii() => format!("a control character (byte 0x{b:02x})"),
+        _ => "a non-ASCII character".to_string(),
+    };
+    Err(format!(
+        "the token has {what} at byte {} of {}; it goes into an HTTP header, so it must be printable ASCII without spaces",
+        i + 1,
+        token.len()
+    ))
+}
+
 /// A client of the admin API.
 pub struct Client {
     authority: String,
     url: String,
-    token: Option<String>,
+    /// `Bearer TOKEN`, marked sensitive.
+    auth: Option<HeaderValue>,
 }
 
 impl Client {
+    /// A client of the admin API at `url`; an empty token is no token.
     pub fn new(url: &str, token: Option<String>) -> Result<Client, CtlError> {
         let rest = url
             .strip_prefix("http://")
@@ -32,11 +98,30 @@ impl Client {
         if authority.is_empty() || authority.contains('/') {
             return Err(CtlError::BadUrl(url.to_string()));
         }
+        let auth = match token.filter(|t| !t.is_empty()) {
+            None => None,
+            Some(t) => {
+                let bad = |problem| CtlError::BadToken {
+                    from: "the admin token".into(),
+                    problem,
+                };
+                check_token(t.as_bytes()).map_err(bad)?;
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|e| bad(e.to_string()))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
         Ok(Client {
             authority: authority.to_string(),
             url: url.trim_end_matches('/').to_string(),
-            token: token.filter(|t| !t.is_empty()),
+            auth,
         })
+    }
+
+    /// The admin API's URL, without a trailing `/`.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// One request on its own connection; returns status and body. A
@@ -73,8 +158,8 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &self.authority);
-        if let Some(t) = &self.token {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        if let Some(auth) = &self.auth {
+            req = req.header(hyper::header::AUTHORIZATION, auth.clone());
         }
         let req = req
             .body(Empty::<Bytes>::new())
@@ -169,5 +254,67 @@ mod tests {
         for bad in ["127.0.0.1:9000", "https://x:1", "http://", "http://a/b"] {
             assert!(Client::new(bad, None).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tokens_that_cannot_go_into_a_header_are_refused_by_name() {
+        assert_eq!(check_token(b"k3y-._~+/="), Ok(()));
+        for (token, what) in [
+            (&b"ab\ncd"[..], "a line feed at byte 3 of 5"),
+            (b"ab\r", "a carriage return at byte 3 of 3"),
+            (b"a\tb", "a tab"),
+            (b"a b", "a space"),
+            (b"a\x7fb", "a control character (byte 0x7f)"),
+            (b"a\x01b", "a control character (byte 0x01)"),
+            ("p\u{e4}ss".as_bytes(), "a non-ASCII character at byte 2"),
+        ] {
+            let e = check_token(token).unwrap_err();
+            assert!(e.contains(what), "{token:?}: {e}");
+            assert!(e.contains("HTTP header"), "{e}");
+        }
+        let e = Client::new("http://127.0.0.1:9000", Some("a\nb".into()))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("a line feed"), "{e}");
+        assert!(Client::new("http://127.0.0.1:9000", Some(String::new())).is_ok());
+    }
+
+    #[test]
+    fn a_token_file_loses_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        for (text, want) in [(&b"k3y\n"[..], "k3y"), (b"k3y", "k3y"), (b"k3y\r\n", "k3y")] {
+            let p = file("t", text);
+            assert_eq!(read_token(None, Some(&p)).unwrap().as_deref(), Some(want));
+        }
+        let two = file("two", b"k3y\n\n");
+        let e = read_token(None, Some(&two)).unwrap_err().to_string();
+        assert!(
+            e.contains(&two.display().to_string()) && e.contains("a line feed at byte 4"),
+            "{e}"
+        );
+        for text in [&b""[..], b"\n"] {
+            let p = file("empty", text);
+            let e = read_token(None, Some(&p)).unwrap_err().to_string();
+            assert!(
+                e.contains(&p.display().to_string()) && e.contains("empty"),
+                "{e}"
+            );
+        }
+        let missing = dir.path().join("missing");
+        let e = read_token(None, Some(&missing)).unwrap_err().to_string();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        assert_eq!(
+            read_token(Some("flag".into()), None).unwrap().as_deref(),
+            Some("flag")
+        );
+        let e = read_token(Some("a b".into()), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--token: the token has a space"), "{e}");
     }
 }

@@ -2,12 +2,15 @@
 //! whole rolling update as one command.
 //!
 //! Every command returns an [`Outcome`]; the binary turns it into the exit
-//! code: 0 done, 1 error, 2 timed out.
+//! code: 0 done, 1 error, 2 timed out; run by [`until_interrupted`], 130 or
+//! 143 when SIGINT or SIGTERM stopped it.
 //!
 //! This file holds the single commands; [`Client`] speaks HTTP, `output`
-//! formats for a person and `rollout` is the update policy built on them.
+//! formats for a person and writes, `rollout` is the update policy built on
+//! them, and `interrupt` reports what a signal left behind.
 
 mod client;
+mod interrupt;
 mod output;
 mod rollout;
 
@@ -15,11 +18,15 @@ use std::time::{Duration, Instant};
 
 use crate::backend::State;
 use crate::config::format_duration;
-use output::{colour, print_json, say};
+use output::{colour, out, print_json, say};
 
-pub use client::Client;
+pub use client::{Client, read_token};
+pub use interrupt::{Ended, Progress, Signal, Signals, until_interrupted};
 pub use output::{conns_table, status_table};
 pub use rollout::{RolloutOpts, rollout};
+
+/// The admin API when neither `--admin` nor `SLUICE_ADMIN` says otherwise.
+pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9000";
 
 /// How a command ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,6 +48,13 @@ pub enum CtlError {
     Api { status: u16, message: String },
     #[error("{0}")]
     Rollout(String),
+    #[error("cannot read the token file {}: {error}", path.display())]
+    TokenFile {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{from}: {problem}")]
+    BadToken { from: String, problem: String },
 }
 
 pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
@@ -48,7 +62,7 @@ pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
     if json {
         print_json(&bs);
     } else {
-        print!("{}", status_table(&bs, colour()));
+        out(&status_table(&bs, colour()));
     }
     Ok(Outcome::Done)
 }
@@ -58,7 +72,7 @@ pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlErr
     if json {
         print_json(&list);
     } else {
-        print!("{}", conns_table(&list, name));
+        out(&conns_table(&list, name));
     }
     Ok(Outcome::Done)
 }
@@ -73,7 +87,13 @@ pub struct DrainOpts {
 }
 
 /// Drains `name` and shows its live count falling until it is drained.
-pub async fn drain(c: &Client, name: &str, opts: DrainOpts) -> Result<Outcome, CtlError> {
+pub async fn drain(
+    c: &Client,
+    name: &str,
+    opts: DrainOpts,
+    progress: &Progress,
+) -> Result<Outcome, CtlError> {
+    progress.at(name, interrupt::Step::Drain);
     let started = Instant::now();
     let b = c
         .act(

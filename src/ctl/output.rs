@@ -1,12 +1,167 @@
 //! What `sluice ctl` shows a person, as pure functions where it can be, so
-//! the text is testable without a server.
+//! the text is testable without a server; and how it is written, so that a
+//! closed output never stops ctl.
 
 use std::fmt::Write as _;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read as _, Write as _};
+use std::os::fd::AsFd;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
+
+use tokio::io::AsyncReadExt as _;
+use tokio::net::unix::pipe;
 
 use crate::api::{BackendView, ConnView};
 use crate::backend::State;
+
+/// One of ctl's own output streams.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Stream {
+    Out,
+    Err,
+}
+
+/// Set once a write to the stream failed: ctl writes to it no more.
+static CLOSED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
+/// Writes `bytes` to stdout or stderr. Output never stops an operation on
+/// the balancer: when the stream is closed (EPIPE, as under `| head -1`)
+/// or fails otherwise, ctl stops writing to it and carries on. Rust's
+/// `print!` would panic instead, halfway through a drain or a rollout.
+pub(super) fn write(to: Stream, bytes: &[u8]) {
+    let closed = &CLOSED[to as usize];
+    if closed.load(Ordering::Relaxed) {
+        return;
+    }
+    let written = match to {
+        Stream::Out => {
+            let mut o = std::io::stdout().lock();
+            o.write_all(bytes).and_then(|()| o.flush())
+        }
+        Stream::Err => std::io::stderr().lock().write_all(bytes),
+    };
+    if written.is_err() {
+        closed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Text for stdout; see [`write`].
+pub(super) fn out(text: &str) {
+    write(Stream::Out, text.as_bytes());
+}
+
+/// Text for stderr; see [`write`].
+pub(super) fn err(text: &str) {
+    write(Stream::Err, text.as_bytes());
+}
+
+/// Whether the stream is a pipe or a socket: a reader that may go away.
+fn is_pipe(to: Stream) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let fd = match to {
+        Stream::Out => std::io::stdout().as_fd().try_clone_to_owned(),
+        Stream::Err => std::io::stderr().as_fd().try_clone_to_owned(),
+    };
+    fd.and_then(|fd| std::fs::File::from(fd).metadata())
+        .is_ok_and(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+}
+
+/// Runs `cmd` to its end and returns how it exited. Its stdout and stderr
+/// are ctl's own, except that where ctl's is a pipe (whose reader may go
+/// away, as under `| head`) ctl relays the command's output through
+/// [`write`], so that the command never dies of SIGPIPE: killing
+/// `apt-get` halfway because a pager quit would be far worse than losing
+/// its output.
+pub(super) async fn run_relayed(mut cmd: tokio::process::Command) -> std::io::Result<ExitStatus> {
+    if is_pipe(Stream::Out) {
+        cmd.stdout(std::process::Stdio::piped());
+    }
+    if is_pipe(Stream::Err) {
+        cmd.stderr(std::process::Stdio::piped());
+    }
+    let mut child = cmd.spawn()?;
+    let mut out = Relay::new(child.stdout.take().map(|s| s.into_owned_fd()), Stream::Out)?;
+    let mut err = Relay::new(child.stderr.take().map(|s| s.into_owned_fd()), Stream::Err)?;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            () = out.step(), if out.is_open() => {}
+            () = err.step(), if err.is_open() => {}
+        }
+    };
+    out.finish();
+    err.finish();
+    Ok(status)
+}
+
+/// Copies a child's output pipe to one of ctl's streams.
+struct Relay {
+    pipe: Option<pipe::Receiver>,
+    to: Stream,
+    buf: Vec<u8>,
+}
+
+impl Relay {
+    fn new(
+        fd: Option<std::io::Result<std::os::fd::OwnedFd>>,
+        to: Stream,
+    ) -> std::io::Result<Relay> {
+        let pipe = fd
+            .transpose()?
+            .map(pipe::Receiver::from_owned_fd)
+            .transpose()?;
+        Ok(Relay {
+            pipe,
+            to,
+            buf: vec![0; 16 * 1024],
+        })
+    }
+
+    fn is_open(&self) -> bool {
+        self.pipe.is_some()
+    }
+
+    /// Copies one read's worth. Cancel-safe: a read that did not complete
+    /// took nothing from the pipe.
+    async fn step(&mut self) {
+        let Some(p) = &mut self.pipe else {
+            return std::future::pending().await;
+        };
+        match p.read(&mut self.buf).await {
+            Ok(0) | Err(_) => self.pipe = None,
+            Ok(n) => write(self.to, &self.buf[..n]),
+        }
+    }
+
+    /// After the command exited: copies what it left in the pipe now, so
+    /// that it shows before ctl's next line. A process the command left
+    /// running may hold the pipe open; what it writes later is copied in
+    /// the background for as long as ctl runs.
+    fn finish(mut self) {
+        let Some(p) = self.pipe.take() else { return };
+        // Read the descriptor directly: tokio's readiness may not have
+        // seen the last bytes yet, and the pipe is non-blocking.
+        let Ok(direct) = p.as_fd().try_clone_to_owned().map(std::fs::File::from) else {
+            return;
+        };
+        loop {
+            match (&direct).read(&mut self.buf) {
+                Ok(0) => return,
+                Ok(n) => write(self.to, &self.buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+        self.pipe = Some(p);
+        tokio::spawn(async move {
+            while self.is_open() {
+                self.step().await;
+            }
+        });
+    }
+}
 
 /// Whether to colour output: only on a terminal.
 pub(super) fn colour() -> bool {
@@ -23,12 +178,15 @@ fn clock() -> String {
 
 /// One step log line, stamped so a slow step shows in the log.
 pub(super) fn say(msg: &str) {
-    println!("[{}] {msg}", clock());
+    out(&format!("[{}] {msg}\n", clock()));
 }
 
 /// Pretty JSON for `--json`, the same shape the API sends.
 pub(super) fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    out(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    ));
 }
 
 /// Names joined by commas, or `none`.

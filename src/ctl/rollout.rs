@@ -4,8 +4,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::output::{list, say};
-use super::{Client, CtlError, DrainOpts, Outcome, drain, wait_until_healthy};
+use super::interrupt::Step;
+use super::output::{list, out, run_relayed, say};
+use super::{Client, CtlError, DrainOpts, Outcome, Progress, drain, wait_until_healthy};
 use crate::api::BackendView;
 use crate::backend::State;
 use crate::config::format_duration;
@@ -31,7 +32,12 @@ pub struct RolloutOpts {
 /// Updates backends one at a time: drain, run the command, check health
 /// and smoke, start, see it take traffic, next. Stops at the first failure
 /// with the failing backend left out of rotation.
-pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError> {
+/// `progress` follows it, for the report if a signal stops it.
+pub async fn rollout(
+    c: &Client,
+    opts: &RolloutOpts,
+    progress: &Progress,
+) -> Result<Outcome, CtlError> {
     let all = c.backends().await?;
     let order: Vec<String> = if opts.backends.is_empty() {
         all.iter().map(|b| b.name.clone()).collect()
@@ -43,6 +49,7 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
         }
         opts.backends.clone()
     };
+    progress.rollout(&order);
     say(&format!(
         "rollout of {} backend(s): {}",
         order.len(),
@@ -60,23 +67,26 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
                 "{name}: {}, so skipped and left as it is",
                 b.state.as_str()
             ));
+            progress.skipped(name);
             continue;
         }
-        match rollout_one(c, name, opts).await {
-            Ok(()) => done.push(name.clone()),
+        match rollout_one(c, name, opts, progress).await {
+            Ok(()) => {
+                progress.done(name);
+                done.push(name.clone());
+            }
             Err((outcome, why)) => {
                 say(&format!("{name}: FAILED: {why}"));
                 let left: Vec<&String> = order
                     .iter()
                     .filter(|n| !done.contains(n) && *n != name)
                     .collect();
-                println!(
-                    "\nrollout stopped after {:.1}s",
-                    started.elapsed().as_secs_f64()
-                );
-                println!("  updated:     {}", list(done.iter()));
-                println!("  failed:      {name} ({why}); it stays out of rotation");
-                println!("  not touched: {}", list(left.into_iter()));
+                out(&format!(
+                    "\nrollout stopped after {:.1}s\n  updated:     {}\n  failed:      {name} ({why}); it stays out of rotation\n  not touched: {}\n",
+                    started.elapsed().as_secs_f64(),
+                    list(done.iter()),
+                    list(left.into_iter())
+                ));
                 return match outcome {
                     Outcome::TimedOut => Ok(Outcome::TimedOut),
                     Outcome::Done => Err(CtlError::Rollout(format!("rollout failed at {name}"))),
@@ -84,11 +94,11 @@ pub async fn rollout(c: &Client, opts: &RolloutOpts) -> Result<Outcome, CtlError
             }
         }
     }
-    println!(
-        "\nrollout done in {:.1}s: {} updated, every one back in rotation",
+    out(&format!(
+        "\nrollout done in {:.1}s: {} updated, every one back in rotation\n",
         started.elapsed().as_secs_f64(),
         done.join(", ")
-    );
+    ));
     Ok(Outcome::Done)
 }
 
@@ -98,7 +108,12 @@ fn failed(e: CtlError) -> StepError {
     (Outcome::Done, e.to_string())
 }
 
-async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), StepError> {
+async fn rollout_one(
+    c: &Client,
+    name: &str,
+    opts: &RolloutOpts,
+    progress: &Progress,
+) -> Result<(), StepError> {
     // 1. Enough others in service, in every service this backend serves.
     let all = c.backends().await.map_err(failed)?;
     // A reload may have removed it since the rollout began.
@@ -138,7 +153,7 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
 
     // 2. Drain.
     say(&format!("{name}: 1/5 drain"));
-    match drain(c, name, opts.drain).await.map_err(failed)? {
+    match drain(c, name, opts.drain, progress).await.map_err(failed)? {
         Outcome::Done => {}
         Outcome::TimedOut => {
             return Err((Outcome::TimedOut, "drain did not finish in time".into()));
@@ -147,6 +162,7 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
 
     // 3. The command.
     say(&format!("{name}: 2/5 run: {}", opts.exec));
+    progress.at(name, Step::Run(opts.exec.clone()));
     run_shell(&opts.exec, name, &address)
         .await
         .map_err(|e| (Outcome::Done, e))?;
@@ -155,6 +171,7 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
 
     // 4. Health, then smoke.
     say(&format!("{name}: 3/5 wait for a passing health check"));
+    progress.at(name, Step::Health);
     if !wait_until_healthy(c, name, after_command, opts.healthy_timeout)
         .await
         .map_err(failed)?
@@ -169,6 +186,7 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
     }
     if let Some(smoke) = &opts.smoke {
         say(&format!("{name}: 3/5 smoke test: {smoke}"));
+        progress.at(name, Step::Smoke(smoke.clone()));
         run_shell(smoke, name, &address)
             .await
             .map_err(|e| (Outcome::Done, e))?;
@@ -176,9 +194,11 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
 
     // 5. Back in rotation, and taking traffic.
     say(&format!("{name}: 4/5 start"));
+    progress.at(name, Step::Start);
     let before = c.backends().await.map_err(failed)?;
     c.act(name, "start", &[]).await.map_err(failed)?;
     say(&format!("{name}: 5/5 wait for new connections"));
+    progress.at(name, Step::Settle);
     let total = |bs: &[BackendView], n: &str| {
         bs.iter()
             .find(|b| b.name == n)
@@ -225,13 +245,13 @@ async fn rollout_one(c: &Client, name: &str, opts: &RolloutOpts) -> Result<(), S
 /// Runs `command` with `sh -c`, its output shown, with the backend in its
 /// environment.
 async fn run_shell(command: &str, name: &str, address: &str) -> Result<(), String> {
-    let status = tokio::process::Command::new("sh")
-        .arg("-c")
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
         .arg(command)
         .env("SLUICE_BACKEND", name)
         .env("SLUICE_ADDRESS", address)
-        .stdin(Stdio::null())
-        .status()
+        .stdin(Stdio::null());
+    let status = run_relayed(cmd)
         .await
         .map_err(|e| format!("cannot run `{command}`: {e}"))?;
     if status.success() {
