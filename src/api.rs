@@ -60,6 +60,10 @@ pub struct StatsView {
     pub accept_errors: u64,
     pub accepted: u64,
     pub active_connections: usize,
+    /// Admin connections closed at once over `[admin] max_connections`.
+    pub admin_rejected: u64,
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_unauthorized: u64,
     pub established: u64,
     pub rejected_limit: u64,
     pub rejected_no_backend: u64,

@@ -77,6 +77,24 @@ pub struct AdminConfig {
     /// Admin connections open at once; more are closed at once, so the
     /// admin plane can never take the data plane's descriptors.
     pub max_connections: usize,
+    /// A second token that may read (GET) but never change anything.
+    pub read_token: Option<String>,
+    /// Host names, besides loopback names and the listen address, that
+    /// requests may name in `Host` (a defence against DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+    /// A unix socket that serves the API too; its file permissions are its
+    /// access control.
+    pub socket: Option<AdminSocket>,
+}
+
+/// `[admin] socket` and who may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSocket {
+    pub path: PathBuf,
+    /// Permission bits of the socket file.
+    pub mode: u32,
+    /// Group that owns the socket file; the running user's when `None`.
+    pub group: Option<String>,
 }
 
 /// Admin connections at once when the file says nothing.
@@ -312,6 +330,11 @@ struct FileAdmin {
     token: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    read_token: Option<Spanned<String>>,
+    allowed_hosts: Option<Vec<Spanned<String>>>,
+    socket: Option<Spanned<String>>,
+    socket_mode: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -530,6 +553,9 @@ fn admin(
             token: None,
             request_timeout: Duration::from_secs(10),
             max_connections: ADMIN_MAX_CONNECTIONS,
+            read_token: None,
+            allowed_hosts: Vec::new(),
+            socket: None,
         },
         Some(a) => {
             let listen = match &a.listen {
@@ -558,11 +584,44 @@ fn admin(
             let max_connections = ctx
                 .int(&a.max_connections, "admin.max_connections", 1, 1024)?
                 .map_or(ADMIN_MAX_CONNECTIONS, |n| n as usize);
+            let read_token = match &a.read_token {
+                Some(t) if !valid_token(t.get_ref()) => {
+                    return Err(ctx.err(t.span(), "admin.read_token", TOKEN_RULE.into()));
+                }
+                Some(t) if token.as_deref() == Some(t.get_ref().as_str()) => {
+                    return Err(ctx.err(
+                        t.span(),
+                        "admin.read_token",
+                        "is the same as token: a read-only token must differ from the admin token"
+                            .into(),
+                    ));
+                }
+                Some(t) => Some(t.get_ref().clone()),
+                None => None,
+            };
+            let mut allowed_hosts = Vec::new();
+            for (i, h) in a.allowed_hosts.iter().flatten().enumerate() {
+                let name = h.get_ref().trim().to_ascii_lowercase();
+                if !is_host_name(&name) && name.parse::<IpAddr>().is_err() {
+                    return Err(ctx.err(
+                        h.span(),
+                        &format!("admin.allowed_hosts[{i}]"),
+                        format!(
+                            "`{}` is not a host name or an IP address (give no port)",
+                            h.get_ref()
+                        ),
+                    ));
+                }
+                allowed_hosts.push(name);
+            }
             AdminConfig {
                 listen,
                 token,
                 request_timeout,
                 max_connections,
+                read_token,
+                allowed_hosts,
+                socket: admin_socket(ctx, a)?,
             }
         }
     };
@@ -573,6 +632,15 @@ fn admin(
             return Err(ctx.whole(format!("SLUICE_TOKEN in the environment: {TOKEN_RULE}")));
         }
         admin.token = fallback_token;
+    }
+    if admin.token.is_none()
+        && let Some(t) = raw.as_ref().and_then(|a| a.read_token.as_ref())
+    {
+        return Err(ctx.err(
+            t.span(),
+            "admin.read_token",
+            "goes with admin.token: without an admin token anyone may change state anyway".into(),
+        ));
     }
     if !admin.listen.ip().is_loopback() && admin.token.is_none() {
         let line = raw
@@ -590,6 +658,68 @@ fn admin(
         });
     }
     Ok(admin)
+}
+
+/// `[admin] socket`, `socket_mode` and `socket_group`.
+fn admin_socket(ctx: &Ctx, a: &FileAdmin) -> Result<Option<AdminSocket>, ConfigError> {
+    let Some(path) = &a.socket else {
+        for (v, f) in [
+            (&a.socket_mode, "admin.socket_mode"),
+            (&a.socket_group, "admin.socket_group"),
+        ] {
+            if let Some(v) = v {
+                return Err(ctx.err(v.span(), f, "goes with admin.socket".into()));
+            }
+        }
+        return Ok(None);
+    };
+    if !path.get_ref().starts_with('/') {
+        return Err(ctx.err(
+            path.span(),
+            "admin.socket",
+            format!("`{}` must be an absolute path", path.get_ref()),
+        ));
+    }
+    let mode = match &a.socket_mode {
+        None => 0o660,
+        Some(m) => u32::from_str_radix(m.get_ref().trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                ctx.err(
+                    m.span(),
+                    "admin.socket_mode",
+                    format!(
+                        "`{}` is not permission bits in octal such as \"0660\"",
+                        m.get_ref()
+                    ),
+                )
+            })?,
+    };
+    let group = match &a.socket_group {
+        Some(g) if !check_group(g.get_ref()) => {
+            return Err(ctx.err(
+                g.span(),
+                "admin.socket_group",
+                format!("`{}` is not a group name", g.get_ref()),
+            ));
+        }
+        g => g.as_ref().map(|g| g.get_ref().clone()),
+    };
+    Ok(Some(AdminSocket {
+        path: PathBuf::from(path.get_ref()),
+        mode,
+        group,
+    }))
+}
+
+/// Whether `g` is shaped like a group name (whether it exists is for the
+/// machine that runs sluice to say).
+fn check_group(g: &str) -> bool {
+    !g.is_empty()
+        && g.len() <= 32
+        && g.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// `[health]`: the check defaults every backend shares.
@@ -1216,6 +1346,9 @@ mod tests {
                     token: None,
                     request_timeout: Duration::from_secs(10),
                     max_connections: ADMIN_MAX_CONNECTIONS,
+                    read_token: None,
+                    allowed_hosts: Vec::new(),
+                    socket: None,
                 },
                 services: vec![ServiceConfig {
                     name: "web".into(),
@@ -1249,6 +1382,8 @@ mod tests {
                     shutdown_grace = \"1h\"\nstate_file = \"/var/lib/sluice/state.json\"\n\
                     zero_copy = false\nworkers = 3\nruntime = \"per-core\"\n\
                     [admin]\nlisten = \"127.0.0.1:9100\"\ntoken = \"s3cret\"\nrequest_timeout = \"4s\"\nmax_connections = 8\n\
+                    read_token = \"l00k\"\nallowed_hosts = [\"LB.example.com\", \"10.0.0.5\"]\n\
+                    socket = \"/run/sluice/admin.sock\"\nsocket_mode = \"0640\"\nsocket_group = \"sluice\"\n\
                     [health]\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 4\nfall = 5\n\
                     [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend_port = 81\nbackends = [\"b\"]\n\
                     [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\n\
@@ -1262,6 +1397,13 @@ mod tests {
                 token: Some("s3cret".into()),
                 request_timeout: Duration::from_secs(4),
                 max_connections: 8,
+                read_token: Some("l00k".into()),
+                allowed_hosts: vec!["lb.example.com".into(), "10.0.0.5".into()],
+                socket: Some(AdminSocket {
+                    path: "/run/sluice/admin.sock".into(),
+                    mode: 0o640,
+                    group: Some("sluice".into()),
+                }),
             }
         );
         assert_eq!(

@@ -63,7 +63,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CtlArgs {
-    /// The admin API.
+    /// The admin API: http://HOST:PORT, or unix:PATH for its unix socket.
     #[arg(
         long,
         env = "SLUICE_ADMIN",

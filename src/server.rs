@@ -29,6 +29,8 @@ pub enum Error {
     },
     #[error("state file {}: {message}", path.display())]
     StateFile { path: PathBuf, message: String },
+    #[error("admin socket {}: {message}", path.display())]
+    AdminSocket { path: PathBuf, message: String },
     #[error(transparent)]
     Io(std::io::Error),
 }
@@ -39,6 +41,8 @@ pub struct Sluice {
     /// Per service, one listener per worker (one in all for multi-thread).
     listeners: Vec<(Arc<Service>, Vec<std::net::TcpListener>)>,
     admin: TcpListener,
+    /// The admin API's unix socket, when configured.
+    admin_socket: Option<tokio::net::UnixListener>,
     config_path: Option<PathBuf>,
 }
 
@@ -84,12 +88,19 @@ impl Sluice {
                 addr: config.admin.listen,
                 source: e,
             })?;
+        let admin_socket = config
+            .admin
+            .socket
+            .as_ref()
+            .map(bind_admin_socket)
+            .transpose()?;
         let shared = Shared::new(config, &bound, &saved);
         let listeners = shared.services.iter().cloned().zip(sets).collect();
         Ok(Sluice {
             shared,
             listeners,
             admin,
+            admin_socket,
             config_path: None,
         })
     }
@@ -126,6 +137,7 @@ impl Sluice {
             shared,
             listeners,
             admin,
+            admin_socket,
             config_path,
         } = self;
         let state_file = shared.runtime().config.state_file.clone();
@@ -159,6 +171,16 @@ impl Sluice {
             shared.clone(),
             admin_stop.clone(),
         ));
+        let admin_socket = admin_socket.map(|l| {
+            if let Some(s) = &shared.runtime().config.admin.socket {
+                info!(socket = %s.path.display(), "admin API listening on its unix socket");
+            }
+            tokio::spawn(crate::admin::serve_unix(
+                l,
+                shared.clone(),
+                admin_stop.clone(),
+            ))
+        });
 
         shutdown.await;
         shared.shutting_down.store(true, Ordering::SeqCst);
@@ -168,6 +190,12 @@ impl Sluice {
         workers.join().await;
         admin_stop.cancel();
         let _ = admin.await;
+        if let Some(task) = admin_socket {
+            let _ = task.await;
+            if let Some(s) = &shared.runtime().config.admin.socket {
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
         shared.tasks.shutdown().await;
         if let Some(path) = &state_file
             && let Err(e) = shared.save_states(path)
@@ -311,6 +339,56 @@ async fn finish_connections(shared: &Shared, conns: &TaskTracker) {
         }
         conns.wait().await;
     }
+}
+
+/// Binds the admin unix socket with its mode and group. A socket file
+/// left by a sluice that died is replaced; one that answers belongs to a
+/// running sluice and is an error.
+fn bind_admin_socket(s: &crate::config::AdminSocket) -> Result<tokio::net::UnixListener, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |message: String| Error::AdminSocket {
+        path: s.path.clone(),
+        message,
+    };
+    if s.path.exists() {
+        if std::os::unix::net::UnixStream::connect(&s.path).is_ok() {
+            return Err(fail(
+                "another process is serving on it (a running sluice?)".into(),
+            ));
+        }
+        std::fs::remove_file(&s.path)
+            .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&s.path).map_err(|e| fail(e.to_string()))?;
+    if let Some(group) = &s.group {
+        let gid = group_id(group).ok_or_else(|| fail(format!("no group is named `{group}`")))?;
+        std::os::unix::fs::chown(&s.path, None, Some(gid))
+            .map_err(|e| fail(format!("cannot give it to group `{group}`: {e}")))?;
+    }
+    std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(s.mode))
+        .map_err(|e| fail(format!("cannot set its mode: {e}")))?;
+    Ok(listener)
+}
+
+/// The id of a group, by name.
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    let mut group = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, and `buf` outlives the
+    // one field read from the result.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            group.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    // SAFETY: a non-null `found` points at `group`, which getgrnam_r filled.
+    (rc == 0 && !found.is_null()).then(|| unsafe { (*found).gr_gid })
 }
 
 /// Raises the descriptor limit, says what it allows, and caps the idle

@@ -122,9 +122,11 @@ async fn large_bodies_are_refused() {
 
     // A chunked body that grows past the limit is refused too.
     let mut s = TcpStream::connect(lb.admin).await.unwrap();
-    s.write_all(b"POST /backends/a/stop HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let head = format!(
+        "POST /backends/a/stop HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        lb.admin
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
     let chunk = format!("{:x}\r\n{}\r\n", 8192, "x".repeat(8192));
     let _ = s.write_all(chunk.as_bytes()).await;
     let mut reply = String::new();

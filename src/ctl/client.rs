@@ -80,24 +80,41 @@ fn check_token(token: &[u8]) -> Result<(), String> {
     ))
 }
 
+/// Where the admin API is.
+enum Endpoint {
+    /// `host:port`.
+    Tcp(String),
+    /// The path of its unix socket.
+    Unix(std::path::PathBuf),
+}
+
 /// A client of the admin API.
 pub struct Client {
-    authority: String,
+    endpoint: Endpoint,
     url: String,
     /// `Bearer TOKEN`, marked sensitive.
     auth: Option<HeaderValue>,
 }
 
 impl Client {
-    /// A client of the admin API at `url`; an empty token is no token.
+    /// A client of the admin API at `url` (`http://host:port`, or
+    /// `unix:/path/of/admin.sock`); an empty token is no token.
     pub fn new(url: &str, token: Option<String>) -> Result<Client, CtlError> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| CtlError::BadUrl(url.to_string()))?;
-        let authority = rest.trim_end_matches('/');
-        if authority.is_empty() || authority.contains('/') {
-            return Err(CtlError::BadUrl(url.to_string()));
-        }
+        let endpoint = if let Some(path) = url.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(CtlError::BadUrl(url.to_string()));
+            }
+            Endpoint::Unix(path.into())
+        } else {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| CtlError::BadUrl(url.to_string()))?;
+            let authority = rest.trim_end_matches('/');
+            if authority.is_empty() || authority.contains('/') {
+                return Err(CtlError::BadUrl(url.to_string()));
+            }
+            Endpoint::Tcp(authority.to_string())
+        };
         let auth = match token.filter(|t| !t.is_empty()) {
             None => None,
             Some(t) => {
@@ -113,7 +130,7 @@ impl Client {
             }
         };
         Ok(Client {
-            authority: authority.to_string(),
+            endpoint,
             url: url.trim_end_matches('/').to_string(),
             auth,
         })
@@ -147,17 +164,30 @@ impl Client {
             url: self.url.clone(),
             message: e.to_string(),
         };
-        let stream = TcpStream::connect(&self.authority)
-            .await
-            .map_err(unreachable)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(http)?;
-        tokio::spawn(conn);
+        let (mut sender, host) = match &self.endpoint {
+            Endpoint::Tcp(authority) => {
+                let stream = TcpStream::connect(authority).await.map_err(unreachable)?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(http)?;
+                tokio::spawn(conn);
+                (sender, authority.as_str())
+            }
+            Endpoint::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(unreachable)?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(http)?;
+                tokio::spawn(conn);
+                (sender, "localhost")
+            }
+        };
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, &self.authority);
+            .header(hyper::header::HOST, host);
         if let Some(auth) = &self.auth {
             req = req.header(hyper::header::AUTHORIZATION, auth.clone());
         }
@@ -251,7 +281,14 @@ mod tests {
     fn urls() {
         assert!(Client::new("http://127.0.0.1:9000", None).is_ok());
         assert!(Client::new("http://127.0.0.1:9000/", None).is_ok());
-        for bad in ["127.0.0.1:9000", "https://x:1", "http://", "http://a/b"] {
+        assert!(Client::new("unix:/run/sluice/admin.sock", None).is_ok());
+        for bad in [
+            "127.0.0.1:9000",
+            "https://x:1",
+            "http://",
+            "http://a/b",
+            "unix:admin.sock",
+        ] {
             assert!(Client::new(bad, None).is_err(), "{bad}");
         }
     }

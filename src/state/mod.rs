@@ -10,6 +10,7 @@ mod file;
 mod limit;
 mod reload;
 mod shortage;
+mod throttle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ pub use file::{Saved, load as load_state_file};
 pub use limit::{Limit, Permit};
 pub use reload::{NeedsRestart, ReloadError};
 pub use shortage::Shortage;
+pub use throttle::LogThrottle;
 
 /// The configuration in force, and what is derived from it.
 #[derive(Debug)]
@@ -102,6 +104,10 @@ pub struct Stats {
     pub abandoned: AtomicU64,
     /// Accepts that failed for another reason than a shortage.
     pub accept_errors: AtomicU64,
+    /// Admin connections closed at once over `[admin] max_connections`.
+    pub admin_rejected: AtomicU64,
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_unauthorized: AtomicU64,
     /// sluice's own shortages, on accept and on connect.
     pub shortage: Shortage,
 }
@@ -115,7 +121,11 @@ pub struct Shared {
     backends: ArcSwap<Vec<Arc<Backend>>>,
     pub services: Vec<Arc<Service>>,
     pub limit: Limit,
+    /// `[admin] max_connections`.
+    pub admin_limit: Limit,
     pub stats: Stats,
+    /// Failed admin authentications, for a rate-limited log line.
+    pub auth_failures: LogThrottle,
     /// Set when the shutdown grace period ends: every connection closes,
     /// and one that registers after that closes at once.
     pub closing_all: AtomicBool,
@@ -192,6 +202,8 @@ impl Shared {
             .collect();
         let shared = Arc::new(Shared {
             limit: Limit::new(config.max_connections),
+            admin_limit: Limit::new(config.admin.max_connections),
+            auth_failures: LogThrottle::default(),
             runtime: ArcSwap::from_pointee(Runtime::new(config)),
             backends: ArcSwap::from_pointee(backends),
             services,

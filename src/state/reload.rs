@@ -70,6 +70,12 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<NeedsRestart> {
         old.admin.listen.to_string(),
         new.admin.listen.to_string(),
     );
+    let socket = |c: &Config| {
+        c.admin.socket.as_ref().map_or("none".into(), |s| {
+            format!("{} {:o} {:?}", s.path.display(), s.mode, s.group)
+        })
+    };
+    differ("admin.socket".into(), socket(old), socket(new));
     let path = |c: &Config| {
         c.state_file
             .as_ref()
@@ -186,6 +192,7 @@ impl Shared {
         self.set_routes(&list, &new);
         self.restart_health_checks(&list, &new);
         self.limit.resize(new.max_connections);
+        self.admin_limit.resize(new.admin.max_connections);
         self.runtime.store(Arc::new(Runtime::new(new)));
         // Removed and returning backends change what the state file says.
         self.state_changed.notify_one();

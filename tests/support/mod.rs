@@ -276,8 +276,9 @@ pub async fn http_raw(
     within("admin request", async {
         let s = TcpStream::connect(addr).await.unwrap();
         let mut s = BufReader::new(s);
+        // Host is the address dialled, as curl sends it.
         let req =
-            format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n");
         s.get_mut().write_all(req.as_bytes()).await.unwrap();
         let mut head = String::new();
         loop {

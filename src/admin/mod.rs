@@ -1,0 +1,296 @@
+//! The admin HTTP API (JSON over HTTP/1.1).
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | GET  | `/healthz` | 200 `{"status":"ok","time_ms":...}` (the server's clock) while serving, 503 once shutdown began |
+//! | GET  | `/backends` | every backend, as an array of backend elements |
+//! | GET  | `/backends/{name}` | one backend element |
+//! | POST | `/backends/{name}/drain` | out of rotation; live connections run on. Query: `wait=D` holds the reply until drained or D passes (200 drained, 202 still draining); `force_after=D` closes what is left after D; `close_idle=D` closes, while draining, connections idle for D |
+//! | POST | `/backends/{name}/stop` | out of rotation and every connection closed |
+//! | POST | `/backends/{name}/start` | back in rotation, from any state |
+//! | GET  | `/backends/{name}/connections` | live connections: client, service, age, idle time, bytes each way |
+//! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
+//!
+//! Repeating a drain while the same drain runs keeps one policy, the
+//! tighter one (the earlier `force_after` deadline, the shorter
+//! `close_idle`). Durations read like `1500ms`, `30s`, `5m`; query values
+//! may be percent-encoded. Errors are `{"error": "..."}`
+//! with 400 (bad parameter), 401 (token), 404 (unknown path or backend),
+//! 405 (wrong method), 413 (body too large). With `[admin] token` set every
+//! call needs `Authorization: Bearer TOKEN`.
+
+mod access;
+mod ops;
+mod route;
+
+pub use access::Who;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::api::ErrorView;
+use crate::state::Shared;
+
+/// Largest request body accepted; the API takes its input in the query.
+const MAX_BODY: usize = 4096;
+/// How long a refused token waits for its answer: a guesser gets few
+/// tries a second per connection slot.
+const FAILED_AUTH_DELAY: Duration = Duration::from_millis(250);
+
+/// Serves the admin API on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, addr)) => (s, Peer::Tcp(addr)),
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let local = stream.local_addr().ok();
+        admit_connection(stream, peer, local, &shared, &stop);
+    }
+}
+
+/// Serves the admin API on a unix socket until `stop` is cancelled.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin socket accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        admit_connection(stream, Peer::Unix { uid }, None, &shared, &stop);
+    }
+}
+
+/// Serves a new admin connection if it fits under `[admin]
+/// max_connections`; otherwise closes it at once and counts it, so admin
+/// clients can never take the descriptors the data plane needs.
+fn admit_connection<I>(
+    io: I,
+    peer: Peer,
+    local: Option<SocketAddr>,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(permit) = shared.admin_limit.try_acquire() else {
+        shared
+            .stats
+            .admin_rejected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(%peer, "admin connection over [admin] max_connections; closed");
+        return;
+    };
+    let (shared, stop) = (shared.clone(), stop.clone());
+    tokio::spawn(async move {
+        serve_connection(io, peer, local, shared, stop).await;
+        drop(permit);
+    });
+}
+
+/// Who is at the other end of an admin connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// A client of the unix socket, by user id.
+    Unix {
+        uid: u32,
+    },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix { uid } => write!(f, "unix socket uid {uid}"),
+        }
+    }
+}
+
+/// Serves one admin connection until it ends or `stop` is cancelled (then
+/// the request in progress is answered first). Any byte stream will do,
+/// which is how the fuzz target drives the whole request path. `local` is
+/// the address the client reached, a name of this API in `Host`.
+pub async fn serve_connection<I>(
+    io: I,
+    peer: Peer,
+    local: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Read per connection, so a reload applies to the next one.
+    let timeout = shared.runtime().config.admin.request_timeout;
+    let peer = Arc::new(peer);
+    let svc = service_fn(move |req| {
+        let (shared, peer) = (shared.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(handle(req, &shared, &peer, local, timeout).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        debug!(error = %e, "admin connection ended with an error");
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, value: &impl Serialize) -> Reply {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A request the API refuses, with what to tell the client.
+#[derive(Debug, PartialEq)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    /// For 405: the method the path takes.
+    allow: Option<&'static str>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    fn reply(self) -> Reply {
+        let mut r = json(
+            self.status,
+            &ErrorView {
+                error: self.message,
+            },
+        );
+        if let Some(allow) = self.allow {
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            // A client without the token has nothing more to say here.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: &Shared,
+    peer: &Peer,
+    local: Option<SocketAddr>,
+    timeout: Duration,
+) -> Reply {
+    let runtime = shared.runtime();
+    let who = match access::admit(
+        req.method(),
+        req.headers(),
+        peer,
+        local,
+        &runtime.config.admin,
+    ) {
+        Ok(who) => who,
+        Err(refusal) => {
+            if refusal.status == StatusCode::UNAUTHORIZED {
+                shared
+                    .stats
+                    .admin_unauthorized
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(n) = shared.auth_failures.hit() {
+                    warn!(failures = n, last_peer = %peer, "admin API: missing or wrong token");
+                }
+                tokio::time::sleep(FAILED_AUTH_DELAY).await;
+            }
+            return refusal.reply();
+        }
+    };
+    drop(runtime);
+    let too_long = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY as u64);
+    let too_large = || {
+        Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes"),
+        )
+        .reply()
+    };
+    if too_long {
+        return too_large();
+    }
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let body = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
+    match body.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body too slow").reply();
+        }
+    }
+    let exists = |name: &str| shared.backend(name).is_some();
+    match route::route(&method, uri.path(), uri.query().unwrap_or(""), exists) {
+        Ok(op) => ops::execute(op, shared, ops::Caller { who, peer }).await,
+        Err(refusal) => refusal.reply(),
+    }
+}

@@ -1,0 +1,169 @@
+//! What each operation does to the balancer, and the views it answers
+//! with. Every state change is logged as an audit line naming who asked.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::StatusCode;
+
+use super::route::Op;
+use super::{Peer, Refusal, Reply, Who, json};
+use crate::api::{BackendView, ConnView, HealthzView, StatsView};
+use crate::backend::{Backend, ConnInfo};
+use crate::health::unix_ms;
+use crate::state::Shared;
+
+/// Idle time after which the API counts a connection as idle.
+const IDLE_REPORT: Duration = Duration::from_secs(10);
+
+/// Who asked, for the audit log.
+pub(super) struct Caller<'a> {
+    pub who: Who,
+    pub peer: &'a Peer,
+}
+
+impl Caller<'_> {
+    /// One audit line per state change: what, on which backend, by whom.
+    fn audit(&self, action: &str, backend: &str) {
+        tracing::info!(target: "sluice::audit", action, backend, by = %self.who, peer = %self.peer, "admin: {action} {backend}");
+    }
+}
+
+pub(super) async fn execute(op: Op, shared: &Shared, caller: Caller<'_>) -> Reply {
+    let backend = |name: &str| shared.backend(name);
+    match op {
+        Op::Healthz => {
+            if shared.shutting_down.load(Ordering::SeqCst) {
+                let v = HealthzView {
+                    status: "shutting down".into(),
+                    time_ms: None,
+                };
+                json(StatusCode::SERVICE_UNAVAILABLE, &v)
+            } else {
+                let v = HealthzView {
+                    status: "ok".into(),
+                    time_ms: Some(unix_ms()),
+                };
+                json(StatusCode::OK, &v)
+            }
+        }
+        Op::Stats => {
+            let s = &shared.stats;
+            let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            let v = StatsView {
+                abandoned: n(&s.abandoned),
+                accept_errors: n(&s.accept_errors),
+                accepted: n(&s.accepted),
+                active_connections: shared.live(),
+                admin_rejected: n(&s.admin_rejected),
+                admin_unauthorized: n(&s.admin_unauthorized),
+                established: n(&s.established),
+                rejected_limit: n(&s.rejected_limit),
+                rejected_no_backend: n(&s.rejected_no_backend),
+                rejected_resources: n(&s.rejected_resources),
+                resource_shortages: n(&s.shortage.total),
+            };
+            json(StatusCode::OK, &v)
+        }
+        Op::Backends => {
+            let views: Vec<_> = shared
+                .backends()
+                .iter()
+                .map(|b| backend_view(b, shared))
+                .collect();
+            json(StatusCode::OK, &views)
+        }
+        // A backend removed between routing and here is simply gone.
+        Op::Backend(name) => with(backend(&name), &name, |b| {
+            json(StatusCode::OK, &backend_view(&b, shared))
+        }),
+        Op::Connections(name) => with(backend(&name), &name, |b| {
+            let v: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
+            json(StatusCode::OK, &v)
+        }),
+        Op::Drain { name, wait, policy } => {
+            let Some(b) = backend(&name) else {
+                return gone(&name);
+            };
+            caller.audit("drain", &name);
+            let drain = b.drain(policy, &shared.tasks);
+            if let Some(limit) = wait {
+                // Also over when someone starts the backend again meanwhile.
+                drain.wait(limit).await;
+            }
+            let status = if b.is_drained() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            json(status, &backend_view(&b, shared))
+        }
+        Op::Stop(name) => {
+            let Some(b) = backend(&name) else {
+                return gone(&name);
+            };
+            caller.audit("stop", &name);
+            b.stop();
+            // Closing is asynchronous; give the connections a moment so
+            // the reply shows the count they leave behind.
+            b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
+                .await;
+            json(StatusCode::OK, &backend_view(&b, shared))
+        }
+        Op::Start(name) => with(backend(&name), &name, |b| {
+            caller.audit("start", &name);
+            b.start();
+            json(StatusCode::OK, &backend_view(&b, shared))
+        }),
+    }
+}
+
+fn gone(name: &str) -> Reply {
+    Refusal::new(
+        StatusCode::NOT_FOUND,
+        format!("no backend is named `{name}`"),
+    )
+    .reply()
+}
+
+fn with(b: Option<Arc<Backend>>, name: &str, f: impl FnOnce(Arc<Backend>) -> Reply) -> Reply {
+    b.map_or_else(|| gone(name), f)
+}
+
+/// One backend as the API shows it.
+fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
+    let health = b.health();
+    BackendView {
+        services: shared.services_of(b),
+        name: b.name.clone(),
+        address: b.address().to_string(),
+        state: b.state(),
+        healthy: health.up,
+        health_checked: health.checked,
+        weight: b.weight(),
+        active_connections: b.live(),
+        idle_connections: b.idle_count(IDLE_REPORT),
+        total_connections: b.total_connections.load(Ordering::Relaxed),
+        connect_failures: b.connect_failures.load(Ordering::Relaxed),
+        bytes_in: b.bytes_in.load(Ordering::Relaxed),
+        bytes_out: b.bytes_out.load(Ordering::Relaxed),
+        bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),
+        state_since_ms: b.state_since_ms(),
+        health_since_ms: health.since_ms,
+        last_ok_check_ms: health.last_ok_check_ms,
+    }
+}
+
+/// One live connection as the API shows it.
+fn conn_view(c: &ConnInfo) -> ConnView {
+    ConnView {
+        id: c.id,
+        client: c.client.to_string(),
+        service: c.service.to_string(),
+        age_ms: c.started.elapsed().as_millis() as u64,
+        idle_ms: c.idle().as_millis() as u64,
+        bytes_in: c.bytes_in.load(Ordering::Relaxed),
+        bytes_out: c.bytes_out.load(Ordering::Relaxed),
+    }
+}

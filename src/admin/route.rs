@@ -1,0 +1,234 @@
+//! Routing: a request's method, path and query turned into an [`Op`], or
+//! into the refusal that names what is wrong. Pure, so it is unit-tested
+//! without a server.
+
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+
+use super::Refusal;
+use crate::backend::DrainPolicy;
+use crate::config::parse_duration;
+
+/// What a request asks for, once routed and its parameters read.
+#[derive(Debug, PartialEq)]
+pub(super) enum Op {
+    Healthz,
+    Stats,
+    Backends,
+    Backend(String),
+    Connections(String),
+    Drain {
+        name: String,
+        wait: Option<Duration>,
+        policy: DrainPolicy,
+    },
+    Stop(String),
+    Start(String),
+}
+
+/// Routes a request to its operation; `exists` tells which backends do.
+/// Checked in this order: a parameter given twice, the path, the backend,
+/// the method, unknown parameters, then the values in the order the path
+/// lists them.
+pub(super) fn route(
+    method: &Method,
+    path: &str,
+    query: &str,
+    exists: impl Fn(&str) -> bool,
+) -> Result<Op, Refusal> {
+    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    for (i, (k, _)) in params.iter().enumerate() {
+        if params[..i].iter().any(|(n, _)| n == k) {
+            return Err(bad(format!("parameter `{k}` is given twice")));
+        }
+    }
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let no_path = || Refusal::new(StatusCode::NOT_FOUND, format!("no such path: {path}"));
+    let (allowed, accepted): (&'static str, &[&str]) = match parts.as_slice() {
+        ["healthz"] | ["stats"] | ["backends"] => ("GET", &[]),
+        ["backends", name, rest @ ..] => {
+            if !exists(name) {
+                return Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no backend is named `{name}`"),
+                ));
+            }
+            match rest {
+                [] | ["connections"] => ("GET", &[]),
+                ["drain"] => ("POST", &["wait", "force_after", "close_idle"]),
+                ["stop"] | ["start"] => ("POST", &[]),
+                _ => return Err(no_path()),
+            }
+        }
+        _ => return Err(no_path()),
+    };
+    if method.as_str() != allowed {
+        return Err(Refusal {
+            allow: Some(allowed),
+            ..Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}; use {allowed}"),
+            )
+        });
+    }
+    if let Some((k, _)) = params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
+        let known = if accepted.is_empty() {
+            "none".to_string()
+        } else {
+            accepted.join(", ")
+        };
+        return Err(bad(format!("unknown parameter `{k}` (accepted: {known})")));
+    }
+    let mut given = [None; 3];
+    for (slot, k) in given.iter_mut().zip(accepted) {
+        if let Some((_, v)) = params.iter().find(|(n, _)| n == k) {
+            *slot = Some(parse_duration(v).map_err(|e| bad(format!("{k}: {e}")))?);
+        }
+    }
+    let name = || parts[1].to_string();
+    Ok(match parts.as_slice() {
+        ["healthz"] => Op::Healthz,
+        ["stats"] => Op::Stats,
+        ["backends"] => Op::Backends,
+        ["backends", _] => Op::Backend(name()),
+        [_, _, "connections"] => Op::Connections(name()),
+        [_, _, "stop"] => Op::Stop(name()),
+        [_, _, "start"] => Op::Start(name()),
+        _ => Op::Drain {
+            name: name(),
+            wait: given[0],
+            policy: DrainPolicy {
+                force_after: given[1],
+                close_idle: given[2],
+            },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(method: Method, target: &str) -> Result<Op, Refusal> {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        route(&method, path, query, |n| n == "web1")
+    }
+
+    fn refused(r: Result<Op, Refusal>) -> (u16, String) {
+        let r = r.unwrap_err();
+        (r.status.as_u16(), r.message)
+    }
+
+    #[test]
+    fn reads_and_actions() {
+        assert_eq!(at(Method::GET, "/healthz"), Ok(Op::Healthz));
+        assert_eq!(at(Method::GET, "/stats/"), Ok(Op::Stats));
+        assert_eq!(at(Method::GET, "/backends"), Ok(Op::Backends));
+        assert_eq!(
+            at(Method::GET, "/backends/web1"),
+            Ok(Op::Backend("web1".into()))
+        );
+        assert_eq!(
+            at(Method::GET, "/backends/web1/connections"),
+            Ok(Op::Connections("web1".into()))
+        );
+        assert_eq!(
+            at(Method::POST, "/backends/web1/stop"),
+            Ok(Op::Stop("web1".into()))
+        );
+        assert_eq!(
+            at(Method::POST, "/backends/web1/start"),
+            Ok(Op::Start("web1".into()))
+        );
+    }
+
+    #[test]
+    fn drain_reads_its_durations_percent_decoded() {
+        let s = |x| Some(Duration::from_secs(x));
+        assert_eq!(
+            at(
+                Method::POST,
+                "/backends/web1/drain?wait=5s&force_after=1m&close_idle=%32s"
+            ),
+            Ok(Op::Drain {
+                name: "web1".into(),
+                wait: s(5),
+                policy: DrainPolicy {
+                    force_after: s(60),
+                    close_idle: s(2),
+                },
+            })
+        );
+        assert_eq!(
+            at(Method::POST, "/backends/web1/drain"),
+            Ok(Op::Drain {
+                name: "web1".into(),
+                wait: None,
+                policy: DrainPolicy::default(),
+            })
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        assert_eq!(
+            refused(at(Method::GET, "/nope")),
+            (404, "no such path: /nope".into())
+        );
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web2/drain")),
+            (404, "no backend is named `web2`".into()),
+            "an unknown backend before the method"
+        );
+        assert_eq!(
+            refused(at(Method::GET, "/backends/web1/bogus")),
+            (404, "no such path: /backends/web1/bogus".into())
+        );
+        let r = at(Method::GET, "/backends/web1/drain").unwrap_err();
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.allow, Some("POST"));
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web1/drain?wait=1s&wait=2s")),
+            (400, "parameter `wait` is given twice".into())
+        );
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web1/drain?speed=1s")),
+            (
+                400,
+                "unknown parameter `speed` (accepted: wait, force_after, close_idle)".into()
+            )
+        );
+        assert_eq!(
+            refused(at(Method::GET, "/backends?x=1")),
+            (400, "unknown parameter `x` (accepted: none)".into())
+        );
+        assert_eq!(
+            refused(at(Method::GET, "/nope?a=1&a=2")),
+            (400, "parameter `a` is given twice".into()),
+            "a repeated parameter before the path"
+        );
+        assert_eq!(
+            refused(at(Method::POST, "/backends/web1/drain?wait=bad&speed=1s")),
+            (
+                400,
+                "unknown parameter `speed` (accepted: wait, force_after, close_idle)".into()
+            ),
+            "unknown parameters before values"
+        );
+        let (_, message) = refused(at(Method::POST, "/backends/web1/drain?close_idle=x&wait=y"));
+        assert!(
+            message.starts_with("wait: "),
+            "values in the path's order: {message}"
+        );
+        let (status, message) = refused(at(Method::POST, "/backends/web1/drain?wait=soon"));
+        assert_eq!(status, 400);
+        assert!(
+            message.starts_with("wait: `soon` is not a duration"),
+            "{message}"
+        );
+    }
+}
