@@ -85,6 +85,7 @@ async fn exchange(shared: &Arc<Shared>, request: &[u8]) -> Vec<u8> {
     let conn = tokio::spawn(serve_connection(
         server,
         peer,
+        None,
         shared.clone(),
         CancellationToken::new(),
     ));

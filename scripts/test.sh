@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test run, from a fresh machine: installs what the tests need
+# (real nginx, curl, iproute2 for network namespaces, a C++ compiler for
+# libFuzzer), runs every test, then fuzzes each target for a bounded time.
+# `.ci/run` calls exactly this; README gives it as the test command.
+#
+#   bash scripts/test.sh                 everything (fuzz: 60 s a target)
+#   FUZZ_SECONDS=10 bash scripts/test.sh a shorter fuzz run
+#   SKIP_FUZZ=1 bash scripts/test.sh     tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests use, by the command each provides.
+declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [c++]=g++)
+need=()
+for cmd in "${!packages[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: missing ${need[*]}; install them (as root: apt-get install ${need[*]}) and run again" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+fi
+
+cargo test --locked
+
+# Fuzz the config parser and the admin API's request path, so a panic or
+# a 5xx that slipped past the tests fails the run (fuzz/run.sh).
+if [ "${SKIP_FUZZ:-0}" != 1 ]; then
+  FUZZ_SECONDS="${FUZZ_SECONDS:-60}" bash fuzz/run.sh
+fi
