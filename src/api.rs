@@ -36,6 +36,10 @@ pub struct BackendView {
     /// The services that send clients to this backend.
     #[serde(default)]
     pub services: Vec<String>,
+    /// Whether its admin state is saved in the state file (after a change:
+    /// whether that change was saved); absent without a state file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<bool>,
 }
 
 /// One live connection as the API shows it.
@@ -68,6 +72,9 @@ pub struct StatsView {
     pub rejected_limit: u64,
     pub rejected_no_backend: u64,
     pub rejected_resources: u64,
+    /// Writes of the state file that failed.
+    #[serde(default)]
+    pub state_file_failures: u64,
     /// sluice's own shortages of file descriptors or buffers (accept and
     /// connect), never counted against a backend.
     pub resource_shortages: u64,
@@ -76,8 +83,12 @@ pub struct StatsView {
 /// `GET /healthz`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct HealthzView {
-    /// `ok`, or `shutting down`.
+    /// `ok`; `degraded` while serving with `problems`; `shutting down`.
     pub status: String,
+    /// What keeps sluice from being as configured, such as a state file
+    /// it cannot write; it still serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
     /// The server's clock in Unix milliseconds, so that clients on other
     /// hosts compare check times without trusting their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,6 +33,11 @@ enum Command {
     Check {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Check the file alone, not this machine (state file directory,
+        /// free ports): for validating on another machine than the one that
+        /// runs it.
+        #[arg(long)]
+        file_only: bool,
     },
     /// A small web server that answers with its name (for trying sluice).
     Web {
@@ -198,9 +203,23 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { config } => {
+        Command::Check { config, file_only } => {
             let c = Config::load(&config)?;
             print!("{}", summary(&c));
+            let found = if file_only {
+                Default::default()
+            } else {
+                sluice::server::preflight(&c)
+            };
+            for note in &found.notes {
+                println!("note           {note}");
+            }
+            for problem in &found.problems {
+                eprintln!("error: {}: {problem}", config.display());
+            }
+            if !found.problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
             println!("{}: OK", config.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -141,14 +141,14 @@ impl Sluice {
             config_path,
         } = self;
         let state_file = shared.runtime().config.state_file.clone();
-        if let Some(path) = state_file.clone() {
-            if let Err(e) = shared.save_states(&path) {
-                return Err(Error::StateFile {
-                    path,
-                    message: format!("cannot write it: {e}"),
-                });
+        if let Some(path) = state_file {
+            // At start a file that cannot be written is an error: nothing
+            // has been changed yet that refusing to start would lose.
+            if shared.save_states() == Some(false) {
+                let message = shared.problems().join("; ");
+                return Err(Error::StateFile { path, message });
             }
-            shared.tasks.spawn(keep_state_file(shared.clone(), path));
+            shared.tasks.spawn(keep_state_file(shared.clone()));
         }
         if let Some(path) = config_path {
             // Installed before anything is announced, so a SIGHUP sent right
@@ -197,11 +197,7 @@ impl Sluice {
             }
         }
         shared.tasks.shutdown().await;
-        if let Some(path) = &state_file
-            && let Err(e) = shared.save_states(path)
-        {
-            error!(path = %path.display(), error = %e, "cannot write the state file");
-        }
+        shared.save_states();
         info!("stopped");
         Ok(())
     }
@@ -341,6 +337,98 @@ async fn finish_connections(shared: &Shared, conns: &TaskTracker) {
     }
 }
 
+/// What `sluice check` finds on this machine beyond the file itself.
+#[derive(Debug, Default)]
+pub struct Preflight {
+    /// Things `run` would refuse.
+    pub problems: Vec<String>,
+    /// Things worth knowing that `run` would accept.
+    pub notes: Vec<String>,
+}
+
+/// Checks what `run` needs of the machine: the state file can be read and
+/// written where it is, and every listening address is free. An address
+/// held by a sluice that answers on the admin address is the running one,
+/// as before a reload, and only noted.
+pub fn preflight(config: &Config) -> Preflight {
+    let mut found = Preflight::default();
+    if let Some(path) = &config.state_file {
+        if let Err(message) = crate::state::load_state_file(path) {
+            found
+                .problems
+                .push(format!("state file {}: {message}", path.display()));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        let probe = dir.join(format!(".sluice-check-{}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+            }
+            Err(e) => found.problems.push(format!(
+                "state file {}: cannot create files in {} ({e})",
+                path.display(),
+                dir.display()
+            )),
+        }
+    }
+    let mut wanted: Vec<(String, SocketAddr)> = config
+        .services
+        .iter()
+        .map(|s| (format!("service `{}`", s.name), s.listen))
+        .collect();
+    wanted.push(("admin API".into(), config.admin.listen));
+    let mut in_use = Vec::new();
+    for (what, addr) in wanted {
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => in_use.push((what, addr)),
+            Err(e) => found
+                .problems
+                .push(format!("cannot listen on {addr} for the {what}: {e}")),
+        }
+    }
+    if !in_use.is_empty() {
+        let list: Vec<String> = in_use.iter().map(|(w, a)| format!("{a} ({w})")).collect();
+        if sluice_answers(config.admin.listen) {
+            found.notes.push(format!(
+                "{} in use by the sluice running with this admin address: fine for a reload, a second `run` would fail",
+                list.join(", ")
+            ));
+        } else {
+            found
+                .problems
+                .push(format!("already in use: {}", list.join(", ")));
+        }
+    }
+    found
+}
+
+/// Whether a sluice answers `GET /healthz` at `admin`.
+fn sluice_answers(admin: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(1);
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&admin, timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = s.take(64 * 1024).read_to_string(&mut reply);
+    // Its health, or its refusal of a call without the token.
+    reply.starts_with("HTTP/1.1 ")
+        && (reply.contains("\"status\"") || reply.contains("WWW-Authenticate: Bearer"))
+}
+
 /// Binds the admin unix socket with its mode and group. A socket file
 /// left by a sluice that died is replaced; one that answers belongs to a
 /// running sluice and is an error.
@@ -428,13 +516,23 @@ async fn trim_pools() {
     }
 }
 
-/// Rewrites the state file after every admin transition.
-async fn keep_state_file(shared: Arc<Shared>, path: PathBuf) {
+/// How often a state file that could not be written is tried again.
+const STATE_FILE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Rewrites the state file after every admin transition, and while writes
+/// fail, every [`STATE_FILE_RETRY`] until one succeeds.
+async fn keep_state_file(shared: Arc<Shared>) {
     loop {
-        shared.state_changed.notified().await;
-        if let Err(e) = shared.save_states(&path) {
-            error!(path = %path.display(), error = %e, "cannot write the state file");
+        if shared.persist.is_failing() {
+            tokio::select! {
+                _ = shared.state_changed.notified() => {}
+                _ = tokio::time::sleep(STATE_FILE_RETRY) => {}
+            }
+        } else {
+            shared.state_changed.notified().await;
         }
+        let shared = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.save_states()).await;
     }
 }
 

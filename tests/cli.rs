@@ -7,10 +7,18 @@ use std::process::Command;
 
 use support::*;
 
+/// `sluice check` of the file alone: tests run in parallel, and the
+/// example's fixed ports are not theirs to probe.
 fn check(text: &str) -> (bool, String, String) {
+    check_with(text, &["--file-only"])
+}
+
+fn check_with(text: &str, extra: &[&str]) -> (bool, String, String) {
     let (_dir, path) = write_config(text);
     let out = Command::new(BIN)
-        .args(["check", "--config"])
+        .arg("check")
+        .args(extra)
+        .arg("--config")
         .arg(&path)
         .output()
         .unwrap();
@@ -274,14 +282,14 @@ async fn demo_serves_round_robin_and_drains() {
 fn docker_config_needs_a_token_and_takes_it_from_the_environment() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/docker.toml");
     let out = Command::new(BIN)
-        .args(["check", "--config", path])
+        .args(["check", "--file-only", "--config", path])
         .env_remove("SLUICE_TOKEN")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SLUICE_TOKEN"));
     let out = Command::new(BIN)
-        .args(["check", "--config", path])
+        .args(["check", "--file-only", "--config", path])
         .env("SLUICE_TOKEN", "t0ken")
         .output()
         .unwrap();
@@ -316,4 +324,53 @@ async fn run_serves_with_either_runtime_layout() {
         p.signal("TERM");
         assert_eq!(p.wait_exit().code(), Some(0), "{}", p.log.join("\n"));
     }
+}
+
+#[test]
+fn check_catches_what_run_would_refuse_on_this_machine() {
+    // A state file in a directory that does not exist.
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone/state.json");
+    let on_ephemeral_ports = GOOD.replace(":8080", ":0").replace(":9000", ":0");
+    let text = format!("state_file = \"{}\"\n{on_ephemeral_ports}", gone.display());
+    let (ok, _, err) = check_with(&text, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot create files in") && err.contains("gone"),
+        "{err}"
+    );
+
+    // A port another program holds.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let text = GOOD
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
+        .replace(":9000", ":0");
+    let (ok, _, err) = check_with(&text, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("already in use") && err.contains(&port.to_string()),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_notes_the_ports_of_the_running_sluice_before_a_reload() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let text = config("", "", &[("a", a.addr)])
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", lb.admin),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", lb.addr),
+            1,
+        );
+    let (ok, out, err) = check_with(&text, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("fine for a reload"), "{out}");
+    lb.shutdown().await;
 }

@@ -240,3 +240,43 @@ async fn stop_closes_existing_connections_and_start_restores() {
     assert!(names.contains(&"a".to_string()), "{names:?}");
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeating_a_drain_two_thousand_times_leaves_one_policy_task() {
+    let a = Echo::start("a").await;
+    let text = config("shutdown_grace = \"100ms\"", "", &[("a", a.addr)]);
+    let server = sluice::Sluice::bind(sluice::Config::parse("t.toml", &text).unwrap())
+        .await
+        .unwrap();
+    let shared = server.shared().clone();
+    let (addr, admin) = (server.service_addr("web").unwrap(), server.admin_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(within("greeting", read_line(&mut held)).await, "a");
+    let before = shared.tasks.len();
+    for i in 0..2000 {
+        let path = format!(
+            "/backends/a/drain?force_after={}s&close_idle={}s",
+            3600 - i,
+            7200 - i
+        );
+        let (status, _) = http(admin, "POST", &path, None).await;
+        assert_eq!(status, 202);
+    }
+    assert_eq!(
+        shared.tasks.len(),
+        before + 1,
+        "one policy task for the drain"
+    );
+    http(admin, "POST", "/backends/a/start", None).await;
+    wait_for("the policy task ended with the drain", || async {
+        shared.tasks.len() == before
+    })
+    .await;
+    echo(&mut held, b"never cut").await;
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}

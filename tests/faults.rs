@@ -278,3 +278,65 @@ async fn pipes_left_by_bulk_flows_are_freed_when_idle() {
     p.signal("TERM");
     assert_eq!(p.wait_exit().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_state_file_cannot_hold_applies_and_says_so_until_it_is_saved() {
+    let a = Echo::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("state");
+    std::fs::create_dir(&sub).unwrap();
+    let file = sub.join("state.json");
+    let lb = Sluice::start(
+        &format!("state_file = \"{}\"", file.display()),
+        &[("a", a.addr)],
+    )
+    .await;
+    assert_eq!(lb.backend("a").await["saved"], true);
+    let (_, health) = lb.get("/healthz").await;
+    assert_eq!(health["status"], "ok");
+
+    // The directory goes away: the drain applies, and every place that an
+    // admin looks says it is not saved.
+    std::fs::remove_dir_all(&sub).unwrap();
+    let (status, v) = lb.post("/backends/a/drain").await;
+    assert_eq!(
+        (status, &v["state"], &v["saved"]),
+        (200, &"drained".into(), &false.into()),
+        "{v}"
+    );
+    let (status, health) = lb.get("/healthz").await;
+    assert_eq!(status, 200, "it still serves");
+    assert_eq!(health["status"], "degraded");
+    assert!(
+        health["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("not saved"),
+        "{health}"
+    );
+    let (_, stats) = lb.get("/stats").await;
+    assert!(
+        stats["state_file_failures"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--admin", &format!("http://{}", lb.admin), "status"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("warning: state file"),
+        "{err}"
+    );
+
+    // Back again: sluice's retries save the drain without anyone asking.
+    std::fs::create_dir(&sub).unwrap();
+    wait_for("the state saved again", || async {
+        lb.get("/healthz").await.1["status"] == "ok"
+    })
+    .await;
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(saved["a"], "drained");
+    assert_eq!(lb.backend("a").await["saved"], true);
+    lb.shutdown().await;
+}

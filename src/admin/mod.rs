@@ -233,7 +233,7 @@ impl Refusal {
 
 async fn handle(
     req: Request<Incoming>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     peer: &Peer,
     local: Option<SocketAddr>,
     timeout: Duration,

@@ -30,19 +30,29 @@ impl Caller<'_> {
     }
 }
 
-pub(super) async fn execute(op: Op, shared: &Shared, caller: Caller<'_>) -> Reply {
+pub(super) async fn execute(op: Op, shared: &Arc<Shared>, caller: Caller<'_>) -> Reply {
     let backend = |name: &str| shared.backend(name);
     match op {
         Op::Healthz => {
             if shared.shutting_down.load(Ordering::SeqCst) {
                 let v = HealthzView {
                     status: "shutting down".into(),
+                    problems: Vec::new(),
                     time_ms: None,
                 };
                 json(StatusCode::SERVICE_UNAVAILABLE, &v)
             } else {
+                // Still 200 with problems: it serves, and a failover
+                // would not mend a disk.
+                let problems = shared.problems();
+                let status = if problems.is_empty() {
+                    "ok"
+                } else {
+                    "degraded"
+                };
                 let v = HealthzView {
-                    status: "ok".into(),
+                    status: status.into(),
+                    problems,
                     time_ms: Some(unix_ms()),
                 };
                 json(StatusCode::OK, &v)
@@ -62,6 +72,7 @@ pub(super) async fn execute(op: Op, shared: &Shared, caller: Caller<'_>) -> Repl
                 rejected_limit: n(&s.rejected_limit),
                 rejected_no_backend: n(&s.rejected_no_backend),
                 rejected_resources: n(&s.rejected_resources),
+                state_file_failures: n(&shared.persist.failures),
                 resource_shortages: n(&s.shortage.total),
             };
             json(StatusCode::OK, &v)
@@ -97,7 +108,7 @@ pub(super) async fn execute(op: Op, shared: &Shared, caller: Caller<'_>) -> Repl
             } else {
                 StatusCode::ACCEPTED
             };
-            json(status, &backend_view(&b, shared))
+            changed(&b, shared, status).await
         }
         Op::Stop(name) => {
             let Some(b) = backend(&name) else {
@@ -109,14 +120,32 @@ pub(super) async fn execute(op: Op, shared: &Shared, caller: Caller<'_>) -> Repl
             // the reply shows the count they leave behind.
             b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
                 .await;
-            json(StatusCode::OK, &backend_view(&b, shared))
+            changed(&b, shared, StatusCode::OK).await
         }
-        Op::Start(name) => with(backend(&name), &name, |b| {
+        Op::Start(name) => {
+            let Some(b) = backend(&name) else {
+                return gone(&name);
+            };
             caller.audit("start", &name);
             b.start();
-            json(StatusCode::OK, &backend_view(&b, shared))
-        }),
+            changed(&b, shared, StatusCode::OK).await
+        }
     }
+}
+
+/// The reply to a state change: the backend as it is now, saved to the
+/// state file first so the reply can say whether it was.
+async fn changed(b: &Arc<Backend>, shared: &Arc<Shared>, status: StatusCode) -> Reply {
+    let saved = {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || shared.save_states())
+            .await
+            .ok()
+            .flatten()
+    };
+    let mut view = backend_view(b, shared);
+    view.saved = saved;
+    json(status, &view)
 }
 
 fn gone(name: &str) -> Reply {
@@ -152,6 +181,12 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         state_since_ms: b.state_since_ms(),
         health_since_ms: health.since_ms,
         last_ok_check_ms: health.last_ok_check_ms,
+        saved: shared
+            .runtime()
+            .config
+            .state_file
+            .as_ref()
+            .map(|_| !shared.persist.is_failing()),
     }
 }
 

@@ -235,6 +235,12 @@ impl Client {
         })
     }
 
+    /// What keeps the balancer from being as configured (`/healthz`).
+    pub async fn problems(&self) -> Result<Vec<String>, CtlError> {
+        let (_, v): (_, crate::api::HealthzView) = self.json(Method::GET, "/healthz").await?;
+        Ok(v.problems)
+    }
+
     pub async fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
         Ok(self.json(Method::GET, "/backends").await?.1)
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::State;
 use crate::config::format_duration;
-use output::{colour, out, print_json, say};
+use output::{colour, err, out, print_json, say};
 
 pub use client::{Client, read_token};
 pub use interrupt::{Ended, Progress, Signal, Signals, until_interrupted};
@@ -63,6 +63,10 @@ pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
         print_json(&bs);
     } else {
         out(&status_table(&bs, colour()));
+    }
+    // On stderr, so the table and the JSON stay what scripts read.
+    for p in c.problems().await? {
+        err(&format!("warning: {p}\n"));
     }
     Ok(Outcome::Done)
 }

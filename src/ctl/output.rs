@@ -284,6 +284,7 @@ mod tests {
             health_since_ms: 0,
             last_ok_check_ms: 0,
             services: vec![],
+            saved: None,
         }
     }
 

@@ -140,9 +140,33 @@ pub struct Shared {
     changes: Mutex<()>,
     /// Woken on every admin transition, for the state file.
     pub state_changed: Arc<Notify>,
+    /// Whether the state file holds the admin states.
+    pub persist: Persist,
     /// Admin states of backends a reload removed, by name, so that one
     /// that comes back has the state it had.
     retired: Mutex<HashMap<String, Retired>>,
+}
+
+/// The rule when the state file cannot be written (its directory gone,
+/// the disk full, no permission): an admin change still applies, since
+/// refusing a drain during maintenance helps no one, but the reply says
+/// it was not saved, `/healthz` says why, `/stats` counts the failures,
+/// and the writer retries until the file holds the states again.
+#[derive(Debug, Default)]
+pub struct Persist {
+    /// One writer at a time: the admin API's and the background one's.
+    writing: Mutex<()>,
+    /// The last write's problem, while writes fail.
+    failing: Mutex<Option<String>>,
+    /// Failed writes, over the process's life.
+    pub failures: AtomicU64,
+}
+
+impl Persist {
+    /// Whether the last write failed.
+    pub fn is_failing(&self) -> bool {
+        self.failing.lock().expect("persist lock").is_some()
+    }
 }
 
 /// A removed backend's admin state, and the generation its removal drain
@@ -215,6 +239,7 @@ impl Shared {
             changes: Mutex::new(()),
             state_changed,
             retired: Mutex::new(retired),
+            persist: Persist::default(),
         });
         let runtime = shared.runtime();
         let list = shared.backends();
@@ -282,9 +307,42 @@ impl Shared {
         self.retired.lock().expect("retired lock").remove(name)
     }
 
-    /// Writes every backend's admin state to `path`, atomically.
-    pub fn save_states(&self, path: &std::path::Path) -> std::io::Result<()> {
-        file::save(path, &self.admin_states())
+    /// Writes every backend's admin state to the state file, if there is
+    /// one, atomically; one writer at a time. A failure is logged, counted
+    /// and kept until a write succeeds again: the change it failed to save
+    /// still applies (see [`Persist`]). Returns whether the file now holds
+    /// the states, or `None` without a state file. Blocks on the disk.
+    pub fn save_states(&self) -> Option<bool> {
+        let path = self.runtime().config.state_file.clone()?;
+        let _one_writer = self.persist.writing.lock().expect("persist lock");
+        let result = file::save(&path, &self.admin_states());
+        let mut failing = self.persist.failing.lock().expect("persist lock");
+        match result {
+            Ok(()) => {
+                if failing.take().is_some() {
+                    tracing::info!(path = %path.display(), "state file written again: admin states are saved");
+                }
+                Some(true)
+            }
+            Err(e) => {
+                self.persist.failures.fetch_add(1, Ordering::Relaxed);
+                let problem = format!(
+                    "state file {}: cannot write it ({e}); admin changes apply but are not saved, and a restart would lose them; sluice retries",
+                    path.display()
+                );
+                if failing.as_deref() != Some(problem.as_str()) {
+                    tracing::error!("{problem}");
+                }
+                *failing = Some(problem);
+                Some(false)
+            }
+        }
+    }
+
+    /// What keeps the balancer from being as configured, for `/healthz`.
+    pub fn problems(&self) -> Vec<String> {
+        let failing = self.persist.failing.lock().expect("persist lock");
+        failing.iter().cloned().collect()
     }
 
     /// Stops every health check, at shutdown.
