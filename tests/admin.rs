@@ -197,3 +197,21 @@ async fn token_is_required_when_set() {
     assert_eq!((status, v["state"].as_str()), (200, Some("drained")));
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_shuts_its_side_after_the_request_still_gets_the_reply() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let mut s = TcpStream::connect(lb.admin).await.unwrap();
+    let req = format!(
+        "POST /backends/a/drain HTTP/1.1\r\nHost: {}\r\n\r\n",
+        lb.admin
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut reply = String::new();
+    within("reply", s.read_to_string(&mut reply)).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(lb.state("a").await, "drained");
+    lb.shutdown().await;
+}

@@ -161,6 +161,9 @@ pub async fn serve_connection<I>(
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
+        // A client that sends its request and then shuts its side (as
+        // `nc -N` does) still gets the reply.
+        .half_close(true)
         .header_read_timeout(timeout)
         .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(io), svc);
