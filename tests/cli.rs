@@ -374,3 +374,31 @@ async fn check_notes_the_ports_of_the_running_sluice_before_a_reload() {
     assert!(out.contains("fine for a reload"), "{out}");
     lb.shutdown().await;
 }
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let (_dir, path) = write_config(GOOD);
+    let hard = Command::new("sh")
+        .args(["-c", "ulimit -H -n"])
+        .output()
+        .unwrap();
+    let hard = String::from_utf8_lossy(&hard.stdout).trim().to_string();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -S -n 256 && exec {BIN} check --file-only --config {}",
+            path.display()
+        ))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let want = if hard == "unlimited" {
+        String::new()
+    } else {
+        format!("limit {hard} open files")
+    };
+    assert!(
+        out.contains(&want) && !out.contains("limit 256 open"),
+        "hard {hard}: {out}"
+    );
+}
