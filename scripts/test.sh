@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test run, from a fresh machine: installs what the tests need
-# (real nginx, curl, iproute2 for network namespaces, a C++ compiler for
-# libFuzzer), runs every test, then fuzzes each target for a bounded time.
+# (real nginx, curl, iproute2 and nftables for the network-namespace fault
+# tests, kmod to load netem, a C++ compiler for libFuzzer), runs every
+# test, then fuzzes each target for a bounded time.
 # `.ci/run` calls exactly this; README gives it as the test command.
 #
 #   bash scripts/test.sh                 everything (fuzz: 60 s a target)
@@ -11,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
-declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [c++]=g++)
+declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [nft]=nftables
+  [modprobe]=kmod [c++]=g++)
 need=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
@@ -25,6 +27,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
+
+# netem is a module on stock kernels; where it cannot be loaded, the lossy
+# link test (tests/netns.rs) drops packets with nftables instead.
+modprobe sch_netem 2>/dev/null || true
 
 cargo test --locked
 

@@ -2,6 +2,8 @@
 //! and wait on conditions with deadlines.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader as StdBufReader};
 use std::net::SocketAddr;
