@@ -10,10 +10,31 @@ use super::Refusal;
 use crate::backend::DrainPolicy;
 use crate::config::parse_duration;
 
+/// Every route as (method, path template): the router's table. [`route`]
+/// answers exactly these paths, and the match that turns each into its
+/// [`Op`] is beside it. The OpenAPI document (`src/admin/openapi.json`)
+/// must list exactly these, which `tests/openapi.rs` checks.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/stats"),
+    ("GET", "/backends"),
+    ("GET", "/backends/{name}"),
+    ("GET", "/backends/{name}/connections"),
+    ("POST", "/backends/{name}/drain"),
+    ("POST", "/backends/{name}/stop"),
+    ("POST", "/backends/{name}/start"),
+    ("GET", "/openapi.json"),
+];
+
+/// The query parameters of `drain`, in the order their values are read.
+const DRAIN_PARAMS: &[&str] = &["wait", "force_after", "close_idle"];
+
 /// What a request asks for, once routed and its parameters read.
 #[derive(Debug, PartialEq)]
 pub(super) enum Op {
     Healthz,
+    /// This API's OpenAPI document.
+    OpenApi,
     Stats,
     Backends,
     Backend(String),
@@ -48,8 +69,8 @@ pub(super) fn route(
     }
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let no_path = || Refusal::new(StatusCode::NOT_FOUND, format!("no such path: {path}"));
-    let (allowed, accepted): (&'static str, &[&str]) = match parts.as_slice() {
-        ["healthz"] | ["stats"] | ["backends"] => ("GET", &[]),
+    // The path's template: a backend's name becomes `{name}`.
+    let template = match parts.as_slice() {
         ["backends", name, rest @ ..] => {
             if !exists(name) {
                 return Err(Refusal::new(
@@ -57,14 +78,15 @@ pub(super) fn route(
                     format!("no backend is named `{name}`"),
                 ));
             }
-            match rest {
-                [] | ["connections"] => ("GET", &[]),
-                ["drain"] => ("POST", &["wait", "force_after", "close_idle"]),
-                ["stop"] | ["start"] => ("POST", &[]),
-                _ => return Err(no_path()),
-            }
+            ["/backends/{name}"]
+                .into_iter()
+                .chain(rest.iter().flat_map(|r| ["/", r]))
+                .collect::<String>()
         }
-        _ => return Err(no_path()),
+        _ => parts.iter().flat_map(|p| ["/", p]).collect(),
+    };
+    let Some(&(allowed, _)) = ROUTES.iter().find(|(_, t)| *t == template) else {
+        return Err(no_path());
     };
     if method.as_str() != allowed {
         return Err(Refusal {
@@ -75,6 +97,8 @@ pub(super) fn route(
             )
         });
     }
+    let drain = template == "/backends/{name}/drain";
+    let accepted: &[&str] = if drain { DRAIN_PARAMS } else { &[] };
     if let Some((k, _)) = params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
         let known = if accepted.is_empty() {
             "none".to_string()
@@ -90,15 +114,17 @@ pub(super) fn route(
         }
     }
     let name = || parts[1].to_string();
-    Ok(match parts.as_slice() {
-        ["healthz"] => Op::Healthz,
-        ["stats"] => Op::Stats,
-        ["backends"] => Op::Backends,
-        ["backends", _] => Op::Backend(name()),
-        [_, _, "connections"] => Op::Connections(name()),
-        [_, _, "stop"] => Op::Stop(name()),
-        [_, _, "start"] => Op::Start(name()),
-        _ => Op::Drain {
+    // One arm for each of ROUTES.
+    Ok(match template.as_str() {
+        "/healthz" => Op::Healthz,
+        "/openapi.json" => Op::OpenApi,
+        "/stats" => Op::Stats,
+        "/backends" => Op::Backends,
+        "/backends/{name}" => Op::Backend(name()),
+        "/backends/{name}/connections" => Op::Connections(name()),
+        "/backends/{name}/stop" => Op::Stop(name()),
+        "/backends/{name}/start" => Op::Start(name()),
+        "/backends/{name}/drain" => Op::Drain {
             name: name(),
             wait: given[0],
             policy: DrainPolicy {
@@ -106,6 +132,8 @@ pub(super) fn route(
                 close_idle: given[2],
             },
         },
+        // A route listed without an arm; the unit tests catch it.
+        _ => return Err(no_path()),
     })
 }
 
@@ -123,9 +151,55 @@ mod tests {
         (r.status.as_u16(), r.message)
     }
 
+    /// The route of each operation. A match without a wildcard, so a new
+    /// [`Op`] does not compile until it is given its route here; `route`
+    /// reaches it only through [`ROUTES`], and the test below wants each
+    /// listed route to give the operation of that route.
+    fn route_of(op: &Op) -> (&'static str, &'static str) {
+        match op {
+            Op::Healthz => ("GET", "/healthz"),
+            Op::OpenApi => ("GET", "/openapi.json"),
+            Op::Stats => ("GET", "/stats"),
+            Op::Backends => ("GET", "/backends"),
+            Op::Backend(_) => ("GET", "/backends/{name}"),
+            Op::Connections(_) => ("GET", "/backends/{name}/connections"),
+            Op::Drain { .. } => ("POST", "/backends/{name}/drain"),
+            Op::Stop(_) => ("POST", "/backends/{name}/stop"),
+            Op::Start(_) => ("POST", "/backends/{name}/start"),
+        }
+    }
+
+    #[test]
+    fn every_listed_route_routes_to_its_own_op() {
+        for &(method, template) in ROUTES {
+            let path = template.replace("{name}", "web1");
+            let method: Method = method.parse().unwrap();
+            let op = at(method.clone(), &path)
+                .unwrap_or_else(|r| panic!("{method} {path}: {} {}", r.status, r.message));
+            assert_eq!(route_of(&op), (method.as_str(), template), "{op:?}");
+            // Any other method is refused, naming the listed one.
+            let other = if method == Method::GET {
+                Method::POST
+            } else {
+                Method::GET
+            };
+            let r = at(other, &path).unwrap_err();
+            assert_eq!(
+                (r.status, r.allow),
+                (StatusCode::METHOD_NOT_ALLOWED, Some(method.as_str())),
+                "{path}"
+            );
+        }
+        let mut listed = ROUTES.to_vec();
+        listed.sort();
+        listed.dedup();
+        assert_eq!(listed.len(), ROUTES.len(), "a route listed twice");
+    }
+
     #[test]
     fn reads_and_actions() {
         assert_eq!(at(Method::GET, "/healthz"), Ok(Op::Healthz));
+        assert_eq!(at(Method::GET, "/openapi.json"), Ok(Op::OpenApi));
         assert_eq!(at(Method::GET, "/stats/"), Ok(Op::Stats));
         assert_eq!(at(Method::GET, "/backends"), Ok(Op::Backends));
         assert_eq!(
