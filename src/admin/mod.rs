@@ -14,8 +14,8 @@
 //!
 //! Repeating a drain while the same drain runs keeps one policy, the
 //! tighter one (the earlier `force_after` deadline, the shorter
-//! `close_idle`). Durations read like `1500ms`, `30s`, `5m`; query values
-//! may be percent-encoded. Errors are `{"error": "..."}`
+//! `close_idle`). Durations read like `1500ms`, `30s`, `5m`; backend names
+//! and query values may be percent-encoded. Errors are `{"error": "..."}`
 //! with 400 (bad parameter), 401 (token), 404 (unknown path or backend),
 //! 405 (wrong method), 413 (body too large). With `[admin] token` set every
 //! call needs `Authorization: Bearer TOKEN`.

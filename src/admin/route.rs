@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
+use percent_encoding::percent_decode_str;
 
 use super::Refusal;
 use crate::backend::DrainPolicy;
@@ -69,15 +70,20 @@ pub(super) fn route(
     }
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let no_path = || Refusal::new(StatusCode::NOT_FOUND, format!("no such path: {path}"));
-    // The path's template: a backend's name becomes `{name}`.
+    // The path's template: a backend's name becomes `{name}`. The name may
+    // be percent-encoded, as `.` and `..` must be: clients resolve them
+    // away as dot segments.
+    let mut backend = None;
     let template = match parts.as_slice() {
-        ["backends", name, rest @ ..] => {
-            if !exists(name) {
+        ["backends", raw, rest @ ..] => {
+            let name = percent_decode_str(raw).decode_utf8_lossy();
+            if !exists(&name) {
                 return Err(Refusal::new(
                     StatusCode::NOT_FOUND,
                     format!("no backend is named `{name}`"),
                 ));
             }
+            backend = Some(name.into_owned());
             ["/backends/{name}"]
                 .into_iter()
                 .chain(rest.iter().flat_map(|r| ["/", r]))
@@ -113,7 +119,7 @@ pub(super) fn route(
             *slot = Some(parse_duration(v).map_err(|e| bad(format!("{k}: {e}")))?);
         }
     }
-    let name = || parts[1].to_string();
+    let name = || backend.clone().unwrap_or_default();
     // One arm for each of ROUTES.
     Ok(match template.as_str() {
         "/healthz" => Op::Healthz,
@@ -217,6 +223,26 @@ mod tests {
         assert_eq!(
             at(Method::POST, "/backends/web1/start"),
             Ok(Op::Start("web1".into()))
+        );
+    }
+
+    #[test]
+    fn backend_names_may_be_percent_encoded() {
+        let route = |path| route(&Method::GET, path, "", |n| n == ".." || n == "web.1");
+        // `..` must be sent encoded, or clients resolve it away: curl turns
+        // `/backends/..` into `/`.
+        assert_eq!(route("/backends/%2E%2E"), Ok(Op::Backend("..".into())));
+        assert_eq!(route("/backends/%2e%2e"), Ok(Op::Backend("..".into())));
+        assert_eq!(route("/backends/web%2E1"), Ok(Op::Backend("web.1".into())));
+        assert_eq!(route("/backends/web.1"), Ok(Op::Backend("web.1".into())));
+        assert_eq!(
+            refused(route("/backends/web%2F1")),
+            (404, "no backend is named `web/1`".into())
+        );
+        assert_eq!(
+            refused(route("/backends/%FF")),
+            (404, "no backend is named `\u{fffd}`".into()),
+            "not UTF-8: no name matches"
         );
     }
 
