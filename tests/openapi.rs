@@ -460,10 +460,6 @@ async fn served_document_is_the_file() {
     lb.shutdown().await;
 }
 
-fn op_params(c: &Checker, key: &Key) -> Vec<String> {
-    c.ops[key].query_params()
-}
-
 /// Every documented operation against a real sluice, in each way it can
 /// answer; then the statuses seen must be exactly the documented ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -542,7 +538,7 @@ async fn every_operation_answers_as_documented() {
     for key in c.keys() {
         let op = &c.ops[&key];
         let path = op.example_path(&key.1);
-        let documented = op.query_params();
+        let params = op.query_params();
         let post = key.0 == "POST";
         // 404: a backend that is not there.
         if key.1.contains("{name}") {
@@ -562,10 +558,10 @@ async fn every_operation_answers_as_documented() {
             .unwrap()
             .split_once("(accepted: ")
             .unwrap();
-        let documented = if documented.is_empty() {
+        let documented = if params.is_empty() {
             "none".to_string()
         } else {
-            documented.join(", ")
+            params.join(", ")
         };
         assert_eq!(
             accepted.trim_end_matches(')'),
@@ -573,7 +569,7 @@ async fn every_operation_answers_as_documented() {
             "{key:?}: query parameters"
         );
         // 400: each documented parameter given a value that is no duration.
-        for p in op_params(&c, &key) {
+        for p in &params {
             let r = c
                 .call(admin, &key, &format!("{path}?{p}=soon"), &[], "")
                 .await;
