@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole test run, from a fresh machine: installs what the tests need
 # (real nginx, curl, iproute2 and nftables for the network-namespace fault
-# tests, kmod to load netem, a C++ compiler for libFuzzer), runs every
-# test, then fuzzes each target for a bounded time.
+# tests, kmod to load netem, a C++ compiler for libFuzzer, python3-venv for
+# schemathesis), runs every test, runs schemathesis against the admin
+# API's OpenAPI document, then fuzzes each target for a bounded time.
 # `.ci/run` calls exactly this; README gives it as the test command.
 #
-#   bash scripts/test.sh                 everything (fuzz: 60 s a target)
-#   FUZZ_SECONDS=10 bash scripts/test.sh a shorter fuzz run
-#   SKIP_FUZZ=1 bash scripts/test.sh     tests only
+#   bash scripts/test.sh                          everything (fuzz: 60 s a target)
+#   FUZZ_SECONDS=10 bash scripts/test.sh          a shorter fuzz run
+#   SKIP_FUZZ=1 bash scripts/test.sh              no fuzz run
+#   SKIP_SCHEMATHESIS=1 bash scripts/test.sh      no schemathesis run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,11 @@ need=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
 done
+# schemathesis goes into a virtualenv, and Debian keeps venv's ensurepip
+# in python3-venv (which brings python3).
+if [ "${SKIP_SCHEMATHESIS:-0}" != 1 ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  need+=(python3-venv)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "scripts/test.sh: missing ${need[*]}; install them (as root: apt-get install ${need[*]}) and run again" >&2
@@ -33,6 +40,13 @@ fi
 modprobe sch_netem 2>/dev/null || true
 
 cargo test --locked
+
+# A property-based run of the admin API against its OpenAPI document, so a
+# 5xx or a reply the document does not allow fails the run
+# (scripts/schemathesis.sh).
+if [ "${SKIP_SCHEMATHESIS:-0}" != 1 ]; then
+  bash scripts/schemathesis.sh
+fi
 
 # Fuzz the config parser and the admin API's request path, so a panic or
 # a 5xx that slipped past the tests fails the run (fuzz/run.sh).

@@ -10,11 +10,12 @@
 //! | POST | `/backends/{name}/start` | back in rotation, from any state |
 //! | GET  | `/backends/{name}/connections` | live connections: client, service, age, idle time, bytes each way |
 //! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
+//! | GET  | `/openapi.json` | this API as an OpenAPI 3.1 document ([`OPENAPI`]) |
 //!
 //! Repeating a drain while the same drain runs keeps one policy, the
 //! tighter one (the earlier `force_after` deadline, the shorter
-//! `close_idle`). Durations read like `1500ms`, `30s`, `5m`; query values
-//! may be percent-encoded. Errors are `{"error": "..."}`
+//! `close_idle`). Durations read like `1500ms`, `30s`, `5m`; backend names
+//! and query values may be percent-encoded. Errors are `{"error": "..."}`
 //! with 400 (bad parameter), 401 (token), 404 (unknown path or backend),
 //! 405 (wrong method), 413 (body too large). With `[admin] token` set every
 //! call needs `Authorization: Bearer TOKEN`.
@@ -44,6 +45,18 @@ use tracing::{debug, warn};
 
 use crate::api::ErrorView;
 use crate::state::Shared;
+
+/// The OpenAPI 3.1 document of this API, written by hand in
+/// `src/admin/openapi.json` and served at `GET /openapi.json`;
+/// `tests/openapi.rs` holds it to the routes and the replies.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route the router answers, as (method, path template), for the
+/// test that holds the OpenAPI document to them.
+#[doc(hidden)]
+pub fn routes() -> &'static [(&'static str, &'static str)] {
+    route::ROUTES
+}
 
 /// Largest request body accepted; the API takes its input in the query.
 const MAX_BODY: usize = 4096;

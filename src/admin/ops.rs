@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use http_body_util::Full;
 use hyper::StatusCode;
+use hyper::body::Bytes;
+use hyper::header::{self, HeaderValue};
 
 use super::route::Op;
-use super::{Peer, Refusal, Reply, Who, json};
+use super::{OPENAPI, Peer, Refusal, Reply, Who, json};
 use crate::api::{BackendView, ConnView, HealthzView, StatsView};
 use crate::backend::{Backend, ConnInfo};
 use crate::health::unix_ms;
@@ -33,6 +36,14 @@ impl Caller<'_> {
 pub(super) async fn execute(op: Op, shared: &Arc<Shared>, caller: Caller<'_>) -> Reply {
     let backend = |name: &str| shared.backend(name);
     match op {
+        Op::OpenApi => {
+            let mut r = Reply::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
         Op::Healthz => {
             if shared.shutting_down.load(Ordering::SeqCst) {
                 let v = HealthzView {

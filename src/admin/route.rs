@@ -5,15 +5,37 @@
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
+use percent_encoding::percent_decode_str;
 
 use super::Refusal;
 use crate::backend::DrainPolicy;
 use crate::config::parse_duration;
 
+/// Every route as (method, path template): the router's table. [`route`]
+/// answers exactly these paths, and the match that turns each into its
+/// [`Op`] is beside it. The OpenAPI document (`src/admin/openapi.json`)
+/// must list exactly these, which `tests/openapi.rs` checks.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/stats"),
+    ("GET", "/backends"),
+    ("GET", "/backends/{name}"),
+    ("GET", "/backends/{name}/connections"),
+    ("POST", "/backends/{name}/drain"),
+    ("POST", "/backends/{name}/stop"),
+    ("POST", "/backends/{name}/start"),
+    ("GET", "/openapi.json"),
+];
+
+/// The query parameters of `drain`, in the order their values are read.
+const DRAIN_PARAMS: &[&str] = &["wait", "force_after", "close_idle"];
+
 /// What a request asks for, once routed and its parameters read.
 #[derive(Debug, PartialEq)]
 pub(super) enum Op {
     Healthz,
+    /// This API's OpenAPI document.
+    OpenApi,
     Stats,
     Backends,
     Backend(String),
@@ -48,23 +70,29 @@ pub(super) fn route(
     }
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let no_path = || Refusal::new(StatusCode::NOT_FOUND, format!("no such path: {path}"));
-    let (allowed, accepted): (&'static str, &[&str]) = match parts.as_slice() {
-        ["healthz"] | ["stats"] | ["backends"] => ("GET", &[]),
-        ["backends", name, rest @ ..] => {
-            if !exists(name) {
+    // The path's template: a backend's name becomes `{name}`. The name may
+    // be percent-encoded, as `.` and `..` must be: clients resolve them
+    // away as dot segments.
+    let mut backend = None;
+    let template = match parts.as_slice() {
+        ["backends", raw, rest @ ..] => {
+            let name = percent_decode_str(raw).decode_utf8_lossy();
+            if !exists(&name) {
                 return Err(Refusal::new(
                     StatusCode::NOT_FOUND,
                     format!("no backend is named `{name}`"),
                 ));
             }
-            match rest {
-                [] | ["connections"] => ("GET", &[]),
-                ["drain"] => ("POST", &["wait", "force_after", "close_idle"]),
-                ["stop"] | ["start"] => ("POST", &[]),
-                _ => return Err(no_path()),
-            }
+            backend = Some(name.into_owned());
+            ["/backends/{name}"]
+                .into_iter()
+                .chain(rest.iter().flat_map(|r| ["/", r]))
+                .collect::<String>()
         }
-        _ => return Err(no_path()),
+        _ => parts.iter().flat_map(|p| ["/", p]).collect(),
+    };
+    let Some(&(allowed, _)) = ROUTES.iter().find(|(_, t)| *t == template) else {
+        return Err(no_path());
     };
     if method.as_str() != allowed {
         return Err(Refusal {
@@ -75,6 +103,8 @@ pub(super) fn route(
             )
         });
     }
+    let drain = template == "/backends/{name}/drain";
+    let accepted: &[&str] = if drain { DRAIN_PARAMS } else { &[] };
     if let Some((k, _)) = params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
         let known = if accepted.is_empty() {
             "none".to_string()
@@ -89,16 +119,18 @@ pub(super) fn route(
             *slot = Some(parse_duration(v).map_err(|e| bad(format!("{k}: {e}")))?);
         }
     }
-    let name = || parts[1].to_string();
-    Ok(match parts.as_slice() {
-        ["healthz"] => Op::Healthz,
-        ["stats"] => Op::Stats,
-        ["backends"] => Op::Backends,
-        ["backends", _] => Op::Backend(name()),
-        [_, _, "connections"] => Op::Connections(name()),
-        [_, _, "stop"] => Op::Stop(name()),
-        [_, _, "start"] => Op::Start(name()),
-        _ => Op::Drain {
+    let name = || backend.clone().unwrap_or_default();
+    // One arm for each of ROUTES.
+    Ok(match template.as_str() {
+        "/healthz" => Op::Healthz,
+        "/openapi.json" => Op::OpenApi,
+        "/stats" => Op::Stats,
+        "/backends" => Op::Backends,
+        "/backends/{name}" => Op::Backend(name()),
+        "/backends/{name}/connections" => Op::Connections(name()),
+        "/backends/{name}/stop" => Op::Stop(name()),
+        "/backends/{name}/start" => Op::Start(name()),
+        "/backends/{name}/drain" => Op::Drain {
             name: name(),
             wait: given[0],
             policy: DrainPolicy {
@@ -106,6 +138,8 @@ pub(super) fn route(
                 close_idle: given[2],
             },
         },
+        // A route listed without an arm; the unit tests catch it.
+        _ => return Err(no_path()),
     })
 }
 
@@ -123,9 +157,55 @@ mod tests {
         (r.status.as_u16(), r.message)
     }
 
+    /// The route of each operation. A match without a wildcard, so a new
+    /// [`Op`] does not compile until it is given its route here; `route`
+    /// reaches it only through [`ROUTES`], and the test below wants each
+    /// listed route to give the operation of that route.
+    fn route_of(op: &Op) -> (&'static str, &'static str) {
+        match op {
+            Op::Healthz => ("GET", "/healthz"),
+            Op::OpenApi => ("GET", "/openapi.json"),
+            Op::Stats => ("GET", "/stats"),
+            Op::Backends => ("GET", "/backends"),
+            Op::Backend(_) => ("GET", "/backends/{name}"),
+            Op::Connections(_) => ("GET", "/backends/{name}/connections"),
+            Op::Drain { .. } => ("POST", "/backends/{name}/drain"),
+            Op::Stop(_) => ("POST", "/backends/{name}/stop"),
+            Op::Start(_) => ("POST", "/backends/{name}/start"),
+        }
+    }
+
+    #[test]
+    fn every_listed_route_routes_to_its_own_op() {
+        for &(method, template) in ROUTES {
+            let path = template.replace("{name}", "web1");
+            let method: Method = method.parse().unwrap();
+            let op = at(method.clone(), &path)
+                .unwrap_or_else(|r| panic!("{method} {path}: {} {}", r.status, r.message));
+            assert_eq!(route_of(&op), (method.as_str(), template), "{op:?}");
+            // Any other method is refused, naming the listed one.
+            let other = if method == Method::GET {
+                Method::POST
+            } else {
+                Method::GET
+            };
+            let r = at(other, &path).unwrap_err();
+            assert_eq!(
+                (r.status, r.allow),
+                (StatusCode::METHOD_NOT_ALLOWED, Some(method.as_str())),
+                "{path}"
+            );
+        }
+        let mut listed = ROUTES.to_vec();
+        listed.sort();
+        listed.dedup();
+        assert_eq!(listed.len(), ROUTES.len(), "a route listed twice");
+    }
+
     #[test]
     fn reads_and_actions() {
         assert_eq!(at(Method::GET, "/healthz"), Ok(Op::Healthz));
+        assert_eq!(at(Method::GET, "/openapi.json"), Ok(Op::OpenApi));
         assert_eq!(at(Method::GET, "/stats/"), Ok(Op::Stats));
         assert_eq!(at(Method::GET, "/backends"), Ok(Op::Backends));
         assert_eq!(
@@ -143,6 +223,26 @@ mod tests {
         assert_eq!(
             at(Method::POST, "/backends/web1/start"),
             Ok(Op::Start("web1".into()))
+        );
+    }
+
+    #[test]
+    fn backend_names_may_be_percent_encoded() {
+        let route = |path| route(&Method::GET, path, "", |n| n == ".." || n == "web.1");
+        // `..` must be sent encoded, or clients resolve it away: curl turns
+        // `/backends/..` into `/`.
+        assert_eq!(route("/backends/%2E%2E"), Ok(Op::Backend("..".into())));
+        assert_eq!(route("/backends/%2e%2e"), Ok(Op::Backend("..".into())));
+        assert_eq!(route("/backends/web%2E1"), Ok(Op::Backend("web.1".into())));
+        assert_eq!(route("/backends/web.1"), Ok(Op::Backend("web.1".into())));
+        assert_eq!(
+            refused(route("/backends/web%2F1")),
+            (404, "no backend is named `web/1`".into())
+        );
+        assert_eq!(
+            refused(route("/backends/%FF")),
+            (404, "no backend is named `\u{fffd}`".into()),
+            "not UTF-8: no name matches"
         );
     }
 
