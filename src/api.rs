@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::State;
+use std::sync::atomic::Ordering;
+
+use crate::backend::{ConnInfo, State};
 
 /// One backend as the API shows it.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
@@ -52,6 +54,48 @@ pub struct ConnView {
     pub idle_ms: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The sluice process that holds it: after an upgrade, the old one
+    /// until its connections have ended.
+    #[serde(default)]
+    pub pid: u32,
+}
+
+impl ConnView {
+    pub fn of(c: &ConnInfo, pid: u32) -> ConnView {
+        ConnView {
+            id: c.id,
+            client: c.client.to_string(),
+            service: c.service.to_string(),
+            age_ms: c.started.elapsed().as_millis() as u64,
+            idle_ms: c.idle().as_millis() as u64,
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            pid,
+        }
+    }
+}
+
+/// `POST /upgrade`: the hand-over, as the old process saw it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct UpgradeView {
+    pub old_pid: u32,
+    pub old_version: String,
+    pub new_pid: u32,
+    pub new_version: String,
+    /// Connections still on the old process, which now lets them finish.
+    pub connections_left: usize,
+}
+
+/// In `/healthz`: the process this one took over from.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct PreviousView {
+    pub pid: u32,
+    pub version: String,
+    /// Connections it still holds.
+    pub connections: usize,
+    /// Unix time (ms) at which it exited, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_ms: Option<u64>,
 }
 
 /// `GET /stats`: what became of the clients, and the live total. Once a
@@ -93,6 +137,16 @@ pub struct HealthzView {
     /// hosts compare check times without trusting their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_ms: Option<u64>,
+    /// The process answering, its version and when it started (Unix ms).
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub started_ms: u64,
+    /// The process this one took over from, by an upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PreviousView>,
 }
 
 /// Every error reply: `{"error": "..."}`.

@@ -19,6 +19,10 @@
 //! - [`splice`]: moving bytes both ways with half-close.
 //! - [`proxy`]: the hot path: accept, pick, connect, splice, account.
 //! - [`api`]: the admin API's wire types, shared with `ctl`.
+//! - [`handover`]: the wire between a running sluice and the process that
+//!   replaces it: listening sockets and admin state, then messages.
+//! - [`upgrade`]: updating sluice itself: hand the sockets to a new
+//!   process, which counts this one's connections until it has gone.
 //! - [`admin`]: the HTTP admin API: routing, then the operation.
 //! - [`server`]: the process lifecycle: bind, workers, SIGHUP, state file
 //!   writer, graceful shutdown.
@@ -31,6 +35,7 @@ pub mod backend;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod handover;
 pub mod health;
 pub mod limits;
 pub mod net;
@@ -41,6 +46,7 @@ pub mod server;
 pub mod shutdown;
 pub mod splice;
 pub mod state;
+pub mod upgrade;
 
 use std::future::Future;
 

@@ -28,6 +28,10 @@ enum Command {
     Run {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Take over from the running sluice that started this one, through
+        /// this descriptor (set by `sluice ctl upgrade`, not by hand).
+        #[arg(long, hide = true, value_name = "FD")]
+        takeover_fd: Option<i32>,
     },
     /// Validate a configuration file and print a summary (exit 1 on error).
     Check {
@@ -132,6 +136,17 @@ enum CtlCommand {
     },
     /// Take a backend out of rotation and close its connections now.
     Stop { name: String },
+    /// Replace the running sluice with a new process of its binary (or
+    /// --binary), dropping no one: the new one takes the listening
+    /// sockets, the old one lets its connections finish and exits.
+    Upgrade {
+        /// The new binary (absolute path); default: the one sluice runs.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// How long to wait for the old process to exit (exit 2 after).
+        #[arg(long, value_parser = duration, default_value = "5m")]
+        wait: Duration,
+    },
     /// Put a backend back in rotation.
     Start {
         name: String,
@@ -223,12 +238,28 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}: OK", config.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config } => {
-            let c = Config::load(&config)?;
+        Command::Run {
+            config,
+            takeover_fd,
+        } => {
+            let c = match (Config::load(&config), takeover_fd) {
+                (Ok(c), _) => c,
+                (Err(e), Some(fd)) => {
+                    // The old process goes on; tell it why this one cannot.
+                    if let Ok(t) = sluice::upgrade::TakeOver::receive(fd) {
+                        t.fail(&e.to_string());
+                    }
+                    return Err(e.into());
+                }
+                (Err(e), None) => return Err(e.into()),
+            };
             runtime(&c)?.block_on(async {
                 let stop = sluice::shutdown::signal_received().map_err(sluice::Error::Io)?;
-                let server = sluice::Sluice::bind(c).await?.reload_from(config);
-                server.run(stop).await
+                let server = match takeover_fd {
+                    Some(fd) => sluice::Sluice::take_over(c, fd).await?,
+                    None => sluice::Sluice::bind(c).await?,
+                };
+                server.reload_from(config).run(stop).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -286,6 +317,16 @@ async fn run_ctl(
         CtlCommand::Status { json } => ctl::status(c, json).await?,
         CtlCommand::Drain { name, drain } => ctl::drain(c, &name, drain.into(), progress).await?,
         CtlCommand::Stop { name } => ctl::stop(c, &name).await?,
+        CtlCommand::Upgrade { binary, wait } => {
+            let binary = match binary {
+                Some(b) => Some(
+                    std::path::absolute(&b)
+                        .map_err(|e| ctl::CtlError::Rollout(format!("{}: {e}", b.display())))?,
+                ),
+                None => None,
+            };
+            ctl::upgrade(c, binary.as_deref(), wait).await?
+        }
         CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
         CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
         CtlCommand::Rollout {

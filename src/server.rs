@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, RuntimeLayout, format_duration};
+use crate::handover::SocketKind;
 use crate::state::{Service, Shared};
+use crate::upgrade::{TakeOver, Upgrader};
 
 /// What can stop sluice from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,8 @@ pub enum Error {
     StateFile { path: PathBuf, message: String },
     #[error("admin socket {}: {message}", path.display())]
     AdminSocket { path: PathBuf, message: String },
+    #[error("cannot take over from the running sluice: {0}")]
+    TakeOver(String),
     #[error(transparent)]
     Io(std::io::Error),
 }
@@ -44,6 +48,8 @@ pub struct Sluice {
     /// The admin API's unix socket, when configured.
     admin_socket: Option<tokio::net::UnixListener>,
     config_path: Option<PathBuf>,
+    /// Set when this process takes over from a running one.
+    takeover: Option<TakeOver>,
 }
 
 impl Sluice {
@@ -102,6 +108,129 @@ impl Sluice {
             admin,
             admin_socket,
             config_path: None,
+            takeover: None,
+        })
+    }
+
+    /// Takes over from the running sluice that started this process with
+    /// the hand-over socket `fd`: its listening sockets instead of new
+    /// ones, and its admin states and health instead of the state file.
+    /// Whatever does not fit is told to the old process, which goes on.
+    pub async fn take_over(config: Config, fd: std::os::fd::RawFd) -> Result<Sluice, Error> {
+        fd_budget(&config);
+        let takeover = tokio::task::spawn_blocking(move || TakeOver::receive(fd))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?
+            .map_err(|e| Error::TakeOver(format!("cannot receive the hand-over: {e}")))?;
+        match Self::from_offer(config, &takeover) {
+            Ok(mut sluice) => {
+                sluice.takeover = Some(takeover);
+                Ok(sluice)
+            }
+            Err(why) => {
+                takeover.fail(&why);
+                Err(Error::TakeOver(why))
+            }
+        }
+    }
+
+    fn from_offer(config: Config, takeover: &TakeOver) -> Result<Sluice, String> {
+        let mut sets = Vec::new();
+        let mut bound = Vec::new();
+        let handed = |name: &str| -> Vec<std::net::TcpListener> {
+            let mut own: Vec<_> = takeover
+                .sockets
+                .iter()
+                .filter_map(|(kind, fd)| match kind {
+                    SocketKind::Service { name: n, worker } if n == name => Some((*worker, fd)),
+                    _ => None,
+                })
+                .collect();
+            own.sort_by_key(|(w, _)| *w);
+            own.into_iter()
+                .filter_map(|(_, fd)| fd.try_clone().ok().map(std::net::TcpListener::from))
+                .collect()
+        };
+        for s in &config.services {
+            let set = handed(&s.name);
+            let Some(first) = set.first() else {
+                return Err(format!(
+                    "service `{}` was not handed over: adding or renaming a service needs a restart",
+                    s.name
+                ));
+            };
+            let addr = first.local_addr().map_err(|e| e.to_string())?;
+            if s.listen.port() != 0 && addr != s.listen {
+                return Err(format!(
+                    "service `{}` moved from {addr} to {}: that needs a restart",
+                    s.name, s.listen
+                ));
+            }
+            for l in &set {
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            }
+            sets.push(set);
+            bound.push(addr);
+        }
+        let handed_services = takeover
+            .offer
+            .sockets
+            .iter()
+            .filter_map(|k| match k {
+                SocketKind::Service { name, .. } => Some(name),
+                _ => None,
+            })
+            .find(|n| !config.services.iter().any(|s| &s.name == *n));
+        if let Some(name) = handed_services {
+            return Err(format!(
+                "service `{name}` is gone from the file: removing a service needs a restart"
+            ));
+        }
+        let admin = takeover
+            .sockets
+            .iter()
+            .find(|(k, _)| *k == SocketKind::Admin)
+            .and_then(|(_, fd)| fd.try_clone().ok())
+            .map(std::net::TcpListener::from)
+            .ok_or("the admin API's socket was not handed over")?;
+        let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+        if config.admin.listen.port() != 0 && admin_addr != config.admin.listen {
+            return Err(format!(
+                "[admin] listen moved from {admin_addr} to {}: that needs a restart",
+                config.admin.listen
+            ));
+        }
+        admin.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let admin = TcpListener::from_std(admin).map_err(|e| e.to_string())?;
+        let handed_socket = takeover
+            .sockets
+            .iter()
+            .find(|(k, _)| *k == SocketKind::AdminSocket)
+            .and_then(|(_, fd)| fd.try_clone().ok());
+        let admin_socket = match (&config.admin.socket, handed_socket) {
+            (Some(_), Some(fd)) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                Some(tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?)
+            }
+            (Some(s), None) => Some(bind_admin_socket(s).map_err(|e| e.to_string())?),
+            (None, _) => None,
+        };
+        let offer = &takeover.offer;
+        let shared = Shared::new(config, &bound, &offer.states);
+        for b in shared.backends().iter() {
+            if let Some(&state) = offer.states.get(&b.name) {
+                b.take_over(state, offer.health.get(&b.name).copied().unwrap_or(true));
+            }
+        }
+        let listeners = shared.services.iter().cloned().zip(sets).collect();
+        Ok(Sluice {
+            shared,
+            listeners,
+            admin,
+            admin_socket,
+            config_path: None,
+            takeover: None,
         })
     }
 
@@ -139,7 +268,16 @@ impl Sluice {
             admin,
             admin_socket,
             config_path,
+            takeover,
         } = self;
+        let upgrader = Arc::new(
+            Upgrader::new(
+                shared.clone(),
+                config_path.clone(),
+                handover_sockets(&listeners, &admin, admin_socket.as_ref()),
+            )
+            .map_err(Error::Io)?,
+        );
         let state_file = shared.runtime().config.state_file.clone();
         if let Some(path) = state_file {
             // At start a file that cannot be written is an error: nothing
@@ -163,12 +301,21 @@ impl Sluice {
             }
         }
         shared.tasks.spawn(trim_pools());
-        let workers = Workers::start(&shared, listeners)?;
+        // Accepting ends the moment a new process has taken over.
+        let workers = Workers::start(&shared, listeners, upgrader.handed_over.child_token())?;
         let admin_stop = CancellationToken::new();
         info!(listen = %admin.local_addr().map_err(Error::Io)?, "admin API listening");
+        let plane = Arc::new(crate::admin::Plane {
+            shared: shared.clone(),
+            upgrader: Some(upgrader.clone()),
+        });
+        // Its own token: after a hand-over the admin API stops accepting at
+        // once (the new process answers), while its requests finish.
+        let admin_accepting = upgrader.handed_over.child_token();
         let admin = tokio::spawn(crate::admin::serve(
             admin,
-            shared.clone(),
+            plane.clone(),
+            admin_accepting.clone(),
             admin_stop.clone(),
         ));
         let admin_socket = admin_socket.map(|l| {
@@ -177,22 +324,50 @@ impl Sluice {
             }
             tokio::spawn(crate::admin::serve_unix(
                 l,
-                shared.clone(),
+                plane.clone(),
+                admin_accepting.clone(),
                 admin_stop.clone(),
             ))
         });
 
-        shutdown.await;
+        if let Some(takeover) = takeover {
+            takeover.ready(shared.clone()).map_err(Error::Io)?;
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::MainPid(std::process::id()),
+                sd_notify::NotifyState::Ready,
+            ]);
+        } else {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+
+        let handed_over = tokio::select! {
+            _ = shutdown => false,
+            _ = upgrader.handed_over.cancelled() => true,
+        };
+        // Its copies would keep the sockets listening after the loops stop.
+        upgrader.release();
+        if handed_over {
+            // The new process owns the state file and the socket file now,
+            // and answers the admin API.
+            shared.stop_saving();
+            admin_accepting.cancel();
+        }
         shared.shutting_down.store(true, Ordering::SeqCst);
         let mut workers = workers;
         workers.stop_accepting().await;
         finish_connections(&shared, &workers.conns).await;
+        // A process that took over from another relays that one's count to
+        // its own successor: it stays until the one before it has gone.
+        shared.previous_gone().await;
         workers.join().await;
+        admin_accepting.cancel();
         admin_stop.cancel();
         let _ = admin.await;
         if let Some(task) = admin_socket {
             let _ = task.await;
-            if let Some(s) = &shared.runtime().config.admin.socket {
+            if let Some(s) = &shared.runtime().config.admin.socket
+                && !handed_over
+            {
                 let _ = std::fs::remove_file(&s.path);
             }
         }
@@ -201,6 +376,30 @@ impl Sluice {
         info!("stopped");
         Ok(())
     }
+}
+
+/// Every listening socket, as a hand-over offers them.
+fn handover_sockets(
+    listeners: &[(Arc<Service>, Vec<std::net::TcpListener>)],
+    admin: &TcpListener,
+    admin_socket: Option<&tokio::net::UnixListener>,
+) -> Vec<(SocketKind, std::os::fd::RawFd)> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    for (service, set) in listeners {
+        for (worker, l) in set.iter().enumerate() {
+            let kind = SocketKind::Service {
+                name: service.name.to_string(),
+                worker,
+            };
+            out.push((kind, l.as_raw_fd()));
+        }
+    }
+    out.push((SocketKind::Admin, admin.as_raw_fd()));
+    if let Some(s) = admin_socket {
+        out.push((SocketKind::AdminSocket, s.as_raw_fd()));
+    }
+    out
 }
 
 /// The accept loops and the connections they start: the first worker's on
@@ -221,9 +420,9 @@ impl Workers {
     fn start(
         shared: &Arc<Shared>,
         listeners: Vec<(Arc<Service>, Vec<std::net::TcpListener>)>,
+        stop: CancellationToken,
     ) -> Result<Workers, Error> {
         let layout = shared.runtime().config.runtime;
-        let stop = CancellationToken::new();
         let conns = TaskTracker::new();
         // Per worker, its listener of each service.
         let mut per_worker: Vec<Vec<(Arc<Service>, std::net::TcpListener)>> = Vec::new();

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use sluice::Config;
-use sluice::admin::{Peer, serve_connection};
+use sluice::admin::{Peer, Plane, serve_connection};
 use sluice::state::Shared;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
@@ -86,7 +86,7 @@ async fn exchange(shared: &Arc<Shared>, request: &[u8]) -> Vec<u8> {
         server,
         peer,
         None,
-        shared.clone(),
+        Plane::of(shared.clone()),
         CancellationToken::new(),
     ));
     let (mut rd, mut wr) = tokio::io::split(client);

@@ -65,10 +65,38 @@ const MAX_BODY: usize = 4096;
 const FAILED_AUTH_DELAY: Duration = Duration::from_millis(250);
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// What the admin API acts on: the balancer's state, and the upgrader
+/// that hands this process over to a new one.
+#[derive(Debug)]
+pub struct Plane {
+    pub shared: Arc<Shared>,
+    /// `None` where no upgrade is possible (in tests and the fuzz target).
+    pub upgrader: Option<Arc<crate::upgrade::Upgrader>>,
+}
+
+impl Plane {
+    /// The admin plane of `shared`, without upgrades.
+    pub fn of(shared: Arc<Shared>) -> Arc<Plane> {
+        Arc::new(Plane {
+            shared,
+            upgrader: None,
+        })
+    }
+}
+
+/// Serves the admin API on `listener` until `stop_accepting` is cancelled;
+/// its connections end when `stop` is.
+pub async fn serve(
+    listener: TcpListener,
+    plane: Arc<Plane>,
+    stop_accepting: CancellationToken,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            // First: once a new process has taken over, not one more.
+            biased;
+            _ = stop_accepting.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((s, addr)) => (s, Peer::Tcp(addr)),
                 Err(e) => {
@@ -79,19 +107,21 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
             },
         };
         let local = stream.local_addr().ok();
-        admit_connection(stream, peer, local, &shared, &stop);
+        admit_connection(stream, peer, local, &plane, &stop);
     }
 }
 
 /// Serves the admin API on a unix socket until `stop` is cancelled.
 pub async fn serve_unix(
     listener: tokio::net::UnixListener,
-    shared: Arc<Shared>,
+    plane: Arc<Plane>,
+    stop_accepting: CancellationToken,
     stop: CancellationToken,
 ) {
     loop {
         let stream = tokio::select! {
-            _ = stop.cancelled() => return,
+            biased;
+            _ = stop_accepting.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -102,7 +132,7 @@ pub async fn serve_unix(
             },
         };
         let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
-        admit_connection(stream, Peer::Unix { uid }, None, &shared, &stop);
+        admit_connection(stream, Peer::Unix { uid }, None, &plane, &stop);
     }
 }
 
@@ -113,22 +143,23 @@ fn admit_connection<I>(
     io: I,
     peer: Peer,
     local: Option<SocketAddr>,
-    shared: &Arc<Shared>,
+    plane: &Arc<Plane>,
     stop: &CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(permit) = shared.admin_limit.try_acquire() else {
-        shared
+    let Some(permit) = plane.shared.admin_limit.try_acquire() else {
+        plane
+            .shared
             .stats
             .admin_rejected
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug!(%peer, "admin connection over [admin] max_connections; closed");
         return;
     };
-    let (shared, stop) = (shared.clone(), stop.clone());
+    let (plane, stop) = (plane.clone(), stop.clone());
     tokio::spawn(async move {
-        serve_connection(io, peer, local, shared, stop).await;
+        serve_connection(io, peer, local, plane, stop).await;
         drop(permit);
     });
 }
@@ -160,17 +191,17 @@ pub async fn serve_connection<I>(
     io: I,
     peer: Peer,
     local: Option<SocketAddr>,
-    shared: Arc<Shared>,
+    plane: Arc<Plane>,
     stop: CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // Read per connection, so a reload applies to the next one.
-    let timeout = shared.runtime().config.admin.request_timeout;
+    let timeout = plane.shared.runtime().config.admin.request_timeout;
     let peer = Arc::new(peer);
     let svc = service_fn(move |req| {
-        let (shared, peer) = (shared.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(handle(req, &shared, &peer, local, timeout).await) }
+        let (plane, peer) = (plane.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(handle(req, &plane, &peer, local, timeout).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -249,11 +280,12 @@ impl Refusal {
 
 async fn handle(
     req: Request<Incoming>,
-    shared: &Arc<Shared>,
+    plane: &Plane,
     peer: &Peer,
     local: Option<SocketAddr>,
     timeout: Duration,
 ) -> Reply {
+    let shared = &plane.shared;
     let runtime = shared.runtime();
     let who = match access::admit(
         req.method(),
@@ -306,7 +338,7 @@ async fn handle(
     }
     let exists = |name: &str| shared.backend(name).is_some();
     match route::route(&method, uri.path(), uri.query().unwrap_or(""), exists) {
-        Ok(op) => ops::execute(op, shared, ops::Caller { who, peer }).await,
+        Ok(op) => ops::execute(op, plane, ops::Caller { who, peer }).await,
         Err(refusal) => refusal.reply(),
     }
 }

@@ -11,7 +11,7 @@ use hyper::body::Bytes;
 use hyper::header::{self, HeaderValue};
 
 use super::route::Op;
-use super::{OPENAPI, Peer, Refusal, Reply, Who, json};
+use super::{OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
 use crate::api::{BackendView, ConnView, HealthzView, StatsView};
 use crate::backend::{Backend, ConnInfo};
 use crate::health::unix_ms;
@@ -33,7 +33,8 @@ impl Caller<'_> {
     }
 }
 
-pub(super) async fn execute(op: Op, shared: &Arc<Shared>, caller: Caller<'_>) -> Reply {
+pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply {
+    let shared = &plane.shared;
     let backend = |name: &str| shared.backend(name);
     match op {
         Op::OpenApi => {
@@ -50,6 +51,7 @@ pub(super) async fn execute(op: Op, shared: &Arc<Shared>, caller: Caller<'_>) ->
                     status: "shutting down".into(),
                     problems: Vec::new(),
                     time_ms: None,
+                    ..whoami(shared)
                 };
                 json(StatusCode::SERVICE_UNAVAILABLE, &v)
             } else {
@@ -65,6 +67,7 @@ pub(super) async fn execute(op: Op, shared: &Arc<Shared>, caller: Caller<'_>) ->
                     status: status.into(),
                     problems,
                     time_ms: Some(unix_ms()),
+                    ..whoami(shared)
                 };
                 json(StatusCode::OK, &v)
             }
@@ -101,7 +104,9 @@ pub(super) async fn execute(op: Op, shared: &Arc<Shared>, caller: Caller<'_>) ->
             json(StatusCode::OK, &backend_view(&b, shared))
         }),
         Op::Connections(name) => with(backend(&name), &name, |b| {
-            let v: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
+            // This process's, then those the previous one still holds.
+            let mut v: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
+            v.extend(shared.previous_connections(&name));
             json(StatusCode::OK, &v)
         }),
         Op::Drain { name, wait, policy } => {
@@ -140,6 +145,21 @@ pub(super) async fn execute(op: Op, shared: &Arc<Shared>, caller: Caller<'_>) ->
             caller.audit("start", &name);
             b.start();
             changed(&b, shared, StatusCode::OK).await
+        }
+        Op::Upgrade { binary } => {
+            let Some(upgrader) = &plane.upgrader else {
+                return Refusal::new(
+                    StatusCode::CONFLICT,
+                    "this sluice cannot upgrade itself (it was not started by `sluice run`)",
+                )
+                .reply();
+            };
+            caller.audit("upgrade", "sluice");
+            match upgrader.upgrade(binary).await {
+                Ok(report) => json(StatusCode::OK, &report),
+                // Nothing changed: this process serves on.
+                Err(why) => Refusal::new(StatusCode::CONFLICT, why).reply(),
+            }
         }
     }
 }
@@ -182,7 +202,8 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         healthy: health.up,
         health_checked: health.checked,
         weight: b.weight(),
-        active_connections: b.live(),
+        // After an upgrade, the previous process's too, until it has gone.
+        active_connections: b.live() + b.elsewhere(),
         idle_connections: b.idle_count(IDLE_REPORT),
         total_connections: b.total_connections.load(Ordering::Relaxed),
         connect_failures: b.connect_failures.load(Ordering::Relaxed),
@@ -203,13 +224,18 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
 
 /// One live connection as the API shows it.
 fn conn_view(c: &ConnInfo) -> ConnView {
-    ConnView {
-        id: c.id,
-        client: c.client.to_string(),
-        service: c.service.to_string(),
-        age_ms: c.started.elapsed().as_millis() as u64,
-        idle_ms: c.idle().as_millis() as u64,
-        bytes_in: c.bytes_in.load(Ordering::Relaxed),
-        bytes_out: c.bytes_out.load(Ordering::Relaxed),
+    ConnView::of(c, std::process::id())
+}
+
+/// The process answering: who it is and the one it took over from.
+fn whoami(shared: &Shared) -> HealthzView {
+    HealthzView {
+        status: String::new(),
+        problems: Vec::new(),
+        time_ms: None,
+        pid: std::process::id(),
+        version: crate::upgrade::version(),
+        started_ms: shared.started_ms,
+        previous: shared.previous(),
     }
 }

@@ -25,6 +25,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("POST", "/backends/{name}/stop"),
     ("POST", "/backends/{name}/start"),
     ("GET", "/openapi.json"),
+    ("POST", "/upgrade"),
 ];
 
 /// The query parameters of `drain`, in the order their values are read.
@@ -47,6 +48,11 @@ pub(super) enum Op {
     },
     Stop(String),
     Start(String),
+    /// Hand over to a new process of `binary` (this process's own when
+    /// `None`).
+    Upgrade {
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// Routes a request to its operation; `exists` tells which backends do.
@@ -104,7 +110,11 @@ pub(super) fn route(
         });
     }
     let drain = template == "/backends/{name}/drain";
-    let accepted: &[&str] = if drain { DRAIN_PARAMS } else { &[] };
+    let accepted: &[&str] = match template.as_str() {
+        "/backends/{name}/drain" => DRAIN_PARAMS,
+        "/upgrade" => &["binary"],
+        _ => &[],
+    };
     if let Some((k, _)) = params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
         let known = if accepted.is_empty() {
             "none".to_string()
@@ -114,7 +124,7 @@ pub(super) fn route(
         return Err(bad(format!("unknown parameter `{k}` (accepted: {known})")));
     }
     let mut given = [None; 3];
-    for (slot, k) in given.iter_mut().zip(accepted) {
+    for (slot, k) in given.iter_mut().zip(if drain { accepted } else { &[] }) {
         if let Some((_, v)) = params.iter().find(|(n, _)| n == k) {
             *slot = Some(parse_duration(v).map_err(|e| bad(format!("{k}: {e}")))?);
         }
@@ -130,6 +140,17 @@ pub(super) fn route(
         "/backends/{name}/connections" => Op::Connections(name()),
         "/backends/{name}/stop" => Op::Stop(name()),
         "/backends/{name}/start" => Op::Start(name()),
+        "/upgrade" => {
+            let binary = params.iter().find(|(k, _)| k == "binary").map(|(_, v)| v);
+            if let Some(b) = binary
+                && !b.starts_with('/')
+            {
+                return Err(bad(format!("binary: `{b}` must be an absolute path")));
+            }
+            Op::Upgrade {
+                binary: binary.map(std::path::PathBuf::from),
+            }
+        }
         "/backends/{name}/drain" => Op::Drain {
             name: name(),
             wait: given[0],
@@ -172,6 +193,7 @@ mod tests {
             Op::Drain { .. } => ("POST", "/backends/{name}/drain"),
             Op::Stop(_) => ("POST", "/backends/{name}/stop"),
             Op::Start(_) => ("POST", "/backends/{name}/start"),
+            Op::Upgrade { .. } => ("POST", "/upgrade"),
         }
     }
 

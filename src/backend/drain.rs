@@ -186,6 +186,12 @@ impl Backend {
     /// Closes connections idle for at least `idle`, except those waiting
     /// for a reply from the backend; returns how many.
     fn close_idle(&self, idle: Duration) -> usize {
+        self.close_elsewhere(Some(idle));
+        self.close_idle_here(idle)
+    }
+
+    /// As `close_idle`, for this process's connections only.
+    pub fn close_idle_here(&self, idle: Duration) -> usize {
         let mut n = 0;
         for c in self.conns.iter().filter(|c| c.closable_when_idle(idle)) {
             c.cancel.cancel();

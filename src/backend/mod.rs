@@ -31,6 +31,19 @@ use crate::health::{Event, Health, Rules, unix_ms};
 pub use conn::{ConnGuard, ConnInfo};
 pub use drain::{Drain, DrainPolicy};
 
+/// How a backend's connections in the previous process are closed: given
+/// the backend's name and, for an idle close, the idle time.
+pub struct CloseElsewhere(pub Box<CloseFn>);
+
+/// Closes a backend's connections elsewhere: all, or those idle for long.
+pub type CloseFn = dyn Fn(&str, Option<Duration>) + Send + Sync;
+
+impl std::fmt::Debug for CloseElsewhere {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CloseElsewhere")
+    }
+}
+
 /// The admin state of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +105,12 @@ pub struct Backend {
     /// The policy of the current drain; never held across an await.
     policy: Mutex<drain::Slot>,
     live: AtomicUsize,
+    /// Connections of this backend that the sluice process this one took
+    /// over from still holds: a drain is over only when they are gone too.
+    elsewhere: AtomicUsize,
+    /// Closes those connections, for a stop, a forced drain or an idle
+    /// close here (`None`: all; `Some(d)`: those idle for `d`).
+    close_elsewhere: Mutex<Option<CloseElsewhere>>,
     pub total_connections: AtomicU64,
     pub connect_failures: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -122,6 +141,8 @@ impl Backend {
             generation: AtomicU64::new(0),
             policy: Mutex::new(drain::Slot::default()),
             live: AtomicUsize::new(0),
+            elsewhere: AtomicUsize::new(0),
+            close_elsewhere: Mutex::new(None),
             total_connections: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -180,6 +201,37 @@ impl Backend {
     /// connects to this backend.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::SeqCst)
+    }
+
+    /// Connections the previous process holds (after an upgrade).
+    pub fn elsewhere(&self) -> usize {
+        self.elsewhere.load(Ordering::SeqCst)
+    }
+
+    /// What the previous process reports it holds; 0 once it is gone,
+    /// which may complete a drain.
+    pub fn set_elsewhere(&self, n: usize) {
+        let was = self.elsewhere.swap(n, Ordering::SeqCst);
+        if n == 0 {
+            self.complete_drain_if_empty();
+        }
+        if was != n {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Sets how the previous process's connections are closed.
+    pub fn close_elsewhere_with(&self, close: Option<CloseElsewhere>) {
+        *self.close_elsewhere.lock().expect("close lock") = close;
+    }
+
+    fn close_elsewhere(&self, idle: Option<Duration>) {
+        if self.elsewhere() == 0 {
+            return;
+        }
+        if let Some(close) = &*self.close_elsewhere.lock().expect("close lock") {
+            (close.0)(&self.name, idle);
+        }
     }
 
     /// The one rule for new connections.
@@ -245,7 +297,7 @@ impl Backend {
     }
 
     fn complete_drain_locked(&self) {
-        if self.live() == 0 {
+        if self.live() == 0 && self.elsewhere() == 0 {
             self.transition_locked(&[State::Draining], State::Drained);
         }
     }
@@ -279,8 +331,20 @@ impl Backend {
         self.state.store(s as u8, Ordering::SeqCst);
     }
 
-    /// Closes every connection of this backend; returns how many.
+    /// Takes the admin state and health a previous process handed over,
+    /// exactly: a drain still runs there, so `draining` stays `draining`
+    /// and ends when the connections of both processes have.
+    pub fn take_over(&self, s: State, up: bool) {
+        self.state.store(s as u8, Ordering::SeqCst);
+        let mut health = self.health.lock().expect("health lock");
+        health.up = up;
+        self.healthy.store(up, Ordering::SeqCst);
+    }
+
+    /// Closes every connection of this backend, the previous process's
+    /// too; returns how many of this process's.
     pub fn close_all(&self) -> usize {
+        self.close_elsewhere(None);
         let mut n = 0;
         for c in self.conns.iter() {
             c.cancel.cancel();
@@ -358,9 +422,12 @@ impl Backend {
         }
     }
 
-    /// Whether the backend is out of rotation and carries nothing.
+    /// Whether the backend is out of rotation and carries nothing, in this
+    /// process or the one it took over from.
     pub fn is_drained(&self) -> bool {
-        matches!(self.state(), State::Drained | State::Stopped) && self.live() == 0
+        matches!(self.state(), State::Drained | State::Stopped)
+            && self.live() == 0
+            && self.elsewhere() == 0
     }
 }
 

@@ -259,6 +259,28 @@ impl Client {
             .1)
     }
 
+    /// Asks the running sluice to hand over to a new process of `binary`
+    /// (its own binary when `None`).
+    pub async fn upgrade(
+        &self,
+        binary: Option<&std::path::Path>,
+    ) -> Result<crate::api::UpgradeView, CtlError> {
+        let path = match binary {
+            None => "/upgrade".to_string(),
+            Some(b) => format!(
+                "/upgrade?binary={}",
+                form_urlencoded::byte_serialize(b.as_os_str().as_encoded_bytes())
+                    .collect::<String>()
+            ),
+        };
+        Ok(self.json(Method::POST, &path).await?.1)
+    }
+
+    /// The process answering, and the one it took over from.
+    pub async fn healthz(&self) -> Result<crate::api::HealthzView, CtlError> {
+        Ok(self.json(Method::GET, "/healthz").await?.1)
+    }
+
     /// POSTs an action (`drain`, `stop`, `start`) with optional query.
     pub async fn act(
         &self,

@@ -152,6 +152,56 @@ pub async fn drain(
     }
 }
 
+/// Hands the running sluice over to a new process and reports it: who
+/// handed over to whom, how many connections stayed on the old process,
+/// and when it exited (waiting at most `wait` for that).
+pub async fn upgrade(
+    c: &Client,
+    binary: Option<&std::path::Path>,
+    wait: Duration,
+) -> Result<Outcome, CtlError> {
+    let r = c.upgrade(binary).await?;
+    say(&format!(
+        "upgraded: pid {} (version {}) handed over to pid {} (version {})",
+        r.old_pid, r.old_version, r.new_pid, r.new_version
+    ));
+    say(&format!(
+        "{} connection(s) stayed on pid {}, which lets them finish and exits",
+        r.connections_left, r.old_pid
+    ));
+    let started = Instant::now();
+    let mut last = r.connections_left;
+    loop {
+        let h = c.healthz().await?;
+        match h.previous.filter(|p| p.pid == r.old_pid) {
+            Some(p) if p.exited_ms.is_some() => {
+                say(&format!(
+                    "pid {} exited; pid {} serves alone",
+                    r.old_pid, h.pid
+                ));
+                return Ok(Outcome::Done);
+            }
+            Some(p) if p.connections != last => {
+                say(&format!(
+                    "pid {}: {} connection(s) left",
+                    r.old_pid, p.connections
+                ));
+                last = p.connections;
+            }
+            _ => {}
+        }
+        if started.elapsed() >= wait {
+            say(&format!(
+                "pid {} has not exited after {} ({last} connection(s) left); it will within its shutdown_grace",
+                r.old_pid,
+                format_duration(wait)
+            ));
+            return Ok(Outcome::TimedOut);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn stop(c: &Client, name: &str) -> Result<Outcome, CtlError> {
     let b = c.act(name, "stop", &[]).await?;
     say(&format!(

@@ -242,19 +242,21 @@ pub fn conns_table(list: &[ConnView], name: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12}",
-        "CLIENT", "SERVICE", "AGE", "IDLE", "BYTES IN", "BYTES OUT"
+        "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
+        "CLIENT", "SERVICE", "AGE", "IDLE", "BYTES IN", "BYTES OUT", "PID"
     );
     for x in list {
+        // After an upgrade the old process's connections show its pid.
         let _ = writeln!(
             out,
-            "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12}",
+            "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
             x.client,
             x.service,
             format!("{:.1}s", x.age_ms as f64 / 1000.0),
             format!("{:.1}s", x.idle_ms as f64 / 1000.0),
             x.bytes_in,
-            x.bytes_out
+            x.bytes_out,
+            x.pid
         );
     }
     let _ = writeln!(out, "{} live connection(s) on {name}", list.len());
@@ -320,13 +322,25 @@ mod tests {
             idle_ms: 300,
             bytes_in: 100,
             bytes_out: 2000,
+            pid: 4242,
         };
         let t = conns_table(&[c], "web1");
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("CLIENT"), "{t}");
         let row: Vec<&str> = lines[1].split_whitespace().collect();
-        assert_eq!(row, ["10.0.0.1:5000", "web", "1.5s", "0.3s", "100", "2000"]);
+        assert_eq!(
+            row,
+            [
+                "10.0.0.1:5000",
+                "web",
+                "1.5s",
+                "0.3s",
+                "100",
+                "2000",
+                "4242"
+            ]
+        );
         assert_eq!(lines[2], "1 live connection(s) on web1");
         assert_eq!(
             conns_table(&[], "web2").lines().last(),

@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{ConnView, PreviousView};
 use crate::backend::{Backend, State};
 use crate::config::Config;
 use crate::health::Rules;
@@ -142,9 +143,106 @@ pub struct Shared {
     pub state_changed: Arc<Notify>,
     /// Whether the state file holds the admin states.
     pub persist: Persist,
+    /// The process this one took over from, and what it still holds.
+    previous: Mutex<Option<Previous>>,
+    /// Woken when the previous process exits.
+    previous_changed: Notify,
+    /// When this process started, Unix ms.
+    pub started_ms: u64,
     /// Admin states of backends a reload removed, by name, so that one
     /// that comes back has the state it had.
     retired: Mutex<HashMap<String, Retired>>,
+}
+
+/// The process this one took over from by an upgrade.
+#[derive(Debug, Clone)]
+struct Previous {
+    pid: u32,
+    version: String,
+    /// Its connections by backend name, as it last reported them.
+    held: HashMap<String, Vec<ConnView>>,
+    exited_ms: Option<u64>,
+}
+
+impl Shared {
+    /// An upgrade made this process the successor of `pid`.
+    pub fn previous_started(&self, pid: u32, version: String) {
+        *self.previous.lock().expect("previous lock") = Some(Previous {
+            pid,
+            version,
+            held: HashMap::new(),
+            exited_ms: None,
+        });
+    }
+
+    /// What the previous process reports it still holds: every backend's
+    /// drain counts it.
+    pub fn previous_holds(&self, held: HashMap<String, Vec<ConnView>>) {
+        for b in self.backends().iter() {
+            b.set_elsewhere(held.get(&b.name).map_or(0, Vec::len));
+        }
+        if let Some(p) = &mut *self.previous.lock().expect("previous lock") {
+            p.held = held;
+        }
+    }
+
+    /// The previous process is gone, and so are its connections.
+    pub fn previous_exited(&self) {
+        for b in self.backends().iter() {
+            b.set_elsewhere(0);
+            b.close_elsewhere_with(None);
+        }
+        if let Some(p) = &mut *self.previous.lock().expect("previous lock") {
+            p.held.clear();
+            p.exited_ms = Some(crate::health::unix_ms());
+            tracing::info!(pid = p.pid, "the previous sluice process has exited");
+        }
+        self.previous_changed.notify_waiters();
+    }
+
+    /// The previous process, as `/healthz` shows it.
+    pub fn previous(&self) -> Option<PreviousView> {
+        let p = self.previous.lock().expect("previous lock");
+        p.as_ref().map(|p| PreviousView {
+            pid: p.pid,
+            version: p.version.clone(),
+            connections: p.held.values().map(Vec::len).sum(),
+            exited_ms: p.exited_ms,
+        })
+    }
+
+    /// Waits until the previous process, if any, has exited, or this
+    /// process's shutdown grace period has passed since it was asked.
+    pub async fn previous_gone(&self) {
+        let grace = self.runtime().config.shutdown_grace;
+        let gone = async {
+            loop {
+                let notified = self.previous_changed.notified();
+                tokio::pin!(notified);
+                // Enabled before the check, so an exit in between wakes it.
+                notified.as_mut().enable();
+                let running = self
+                    .previous
+                    .lock()
+                    .expect("previous lock")
+                    .as_ref()
+                    .is_some_and(|p| p.exited_ms.is_none());
+                if !running {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, gone).await;
+    }
+
+    /// The previous process's connections of `backend`.
+    pub fn previous_connections(&self, backend: &str) -> Vec<ConnView> {
+        let p = self.previous.lock().expect("previous lock");
+        p.as_ref()
+            .and_then(|p| p.held.get(backend).cloned())
+            .unwrap_or_default()
+    }
 }
 
 /// The rule when the state file cannot be written (its directory gone,
@@ -160,6 +258,8 @@ pub struct Persist {
     failing: Mutex<Option<String>>,
     /// Failed writes, over the process's life.
     pub failures: AtomicU64,
+    /// Set once a new process took over: the file is its to write.
+    handed_over: AtomicBool,
 }
 
 impl Persist {
@@ -240,6 +340,9 @@ impl Shared {
             state_changed,
             retired: Mutex::new(retired),
             persist: Persist::default(),
+            previous: Mutex::new(None),
+            previous_changed: Notify::new(),
+            started_ms: crate::health::unix_ms(),
         });
         let runtime = shared.runtime();
         let list = shared.backends();
@@ -313,6 +416,9 @@ impl Shared {
     /// still applies (see [`Persist`]). Returns whether the file now holds
     /// the states, or `None` without a state file. Blocks on the disk.
     pub fn save_states(&self) -> Option<bool> {
+        if self.persist.handed_over.load(Ordering::SeqCst) {
+            return None;
+        }
         let path = self.runtime().config.state_file.clone()?;
         let _one_writer = self.persist.writing.lock().expect("persist lock");
         let result = file::save(&path, &self.admin_states());
@@ -337,6 +443,11 @@ impl Shared {
                 Some(false)
             }
         }
+    }
+
+    /// After an upgrade: the new process writes the state file from now.
+    pub fn stop_saving(&self) {
+        self.persist.handed_over.store(true, Ordering::SeqCst);
     }
 
     /// What keeps the balancer from being as configured, for `/healthz`.

@@ -401,7 +401,12 @@ impl Proc {
                 }
                 return s;
             }
-            assert!(std::time::Instant::now() < deadline, "process did not exit");
+            if std::time::Instant::now() >= deadline {
+                while let Ok(l) = self.lines.try_recv() {
+                    self.log.push(l);
+                }
+                panic!("process did not exit; output:\n{}", self.log.join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

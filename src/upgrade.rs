@@ -1,0 +1,401 @@
+//! Updating sluice itself without dropping anyone.
+//!
+//! The old side ([`Upgrader`]): spawn the new binary with the hand-over
+//! socket, offer it every listening socket and the admin state, wait until
+//! it says it accepts, then stop accepting here (the sockets stay open in
+//! the new process, so no client is refused), tell the new process which
+//! connections are still held here until they end, and exit.
+//!
+//! The new side ([`TakeOver`]): take the sockets and the state, serve, say
+//! `Ready`, and count the old process's connections in every backend's
+//! drain until it has gone. A drain is `drained` only when neither
+//! process holds a connection to the backend.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{ConnView, UpgradeView};
+use crate::backend::CloseElsewhere;
+use crate::handover::{self, Message, Offer, SocketKind};
+use crate::state::Shared;
+
+/// How long a new process may take to say it accepts.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+/// How often the old process reports what it still holds.
+const REPORT_EVERY: Duration = Duration::from_millis(100);
+
+/// This build's version, as `/healthz` and the hand-over report it.
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// The old process's side: everything an upgrade needs to hand over.
+#[derive(Debug)]
+pub struct Upgrader {
+    shared: Arc<Shared>,
+    config_path: Option<PathBuf>,
+    /// The binary this process was started from, taken at start, since the
+    /// file may be replaced by then.
+    binary: Option<PathBuf>,
+    /// Copies of every listening socket, in offer order; released at
+    /// shutdown, since a copy keeps a socket listening.
+    sockets: std::sync::Mutex<Vec<(SocketKind, OwnedFd)>>,
+    /// Set while an upgrade runs, and for good once one succeeded.
+    busy: AtomicBool,
+    /// Cancelled when a new process has taken over: stop accepting.
+    pub handed_over: CancellationToken,
+}
+
+impl Upgrader {
+    pub fn new(
+        shared: Arc<Shared>,
+        config_path: Option<PathBuf>,
+        sockets: Vec<(SocketKind, RawFd)>,
+    ) -> std::io::Result<Upgrader> {
+        let sockets = sockets
+            .into_iter()
+            .map(|(kind, fd)| {
+                // SAFETY: `fd` is a listening socket this process owns and
+                // keeps open while the copy is made.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                Ok((kind, fd.try_clone_to_owned()?))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Upgrader {
+            shared,
+            config_path,
+            binary: std::env::current_exe().ok(),
+            sockets: std::sync::Mutex::new(sockets),
+            busy: AtomicBool::new(false),
+            handed_over: CancellationToken::new(),
+        })
+    }
+
+    /// Starts `binary` (or this process's own), hands everything over and
+    /// waits until it accepts. On any failure the new process is killed and
+    /// this one goes on as if nothing happened.
+    pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<UpgradeView, String> {
+        let Some(config) = self.config_path.clone() else {
+            return Err("this sluice was not started with `sluice run --config FILE`, so a new process would not know its configuration".into());
+        };
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err(if self.handed_over.is_cancelled() {
+                "this process has already handed over to a newer one; ask that one".into()
+            } else {
+                "an upgrade is already in progress; wait for it to end".into()
+            });
+        }
+        let result = self.hand_over(config, binary).await;
+        if result.is_err() {
+            self.busy.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
+    async fn hand_over(
+        &self,
+        config: PathBuf,
+        binary: Option<PathBuf>,
+    ) -> Result<UpgradeView, String> {
+        let binary = binary
+            .or_else(|| self.binary.clone())
+            .ok_or("cannot tell which binary this process runs; give --binary")?;
+        check_executable(&binary)?;
+        let (ours, theirs) =
+            StdUnixStream::pair().map_err(|e| format!("cannot make the hand-over socket: {e}"))?;
+        let mut child = spawn(&binary, &config, theirs.as_raw_fd())
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        drop(theirs);
+        let new_pid = child.id();
+        tracing::info!(binary = %binary.display(), pid = new_pid, "upgrade: new process started; handing over the listening sockets");
+        // Sent under the lock, so a shutdown cannot close the sockets
+        // while they travel. The offer is small: the send does not wait.
+        let sent = {
+            let sockets = self.sockets.lock().expect("sockets lock");
+            if sockets.is_empty() {
+                Err("this process is shutting down".to_string())
+            } else {
+                let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+                handover::send_offer(&ours, &self.offer(&sockets), &fds).map_err(|e| {
+                    match e.kind() {
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                            "the new process ended before it was ready".to_string()
+                        }
+                        _ => format!("cannot hand the sockets over: {e}"),
+                    }
+                })
+            }
+        };
+        let ready = async {
+            sent?;
+            ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let stream = UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+            let (read, write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            match lines.next_line().await {
+                Ok(Some(line)) => match serde_json::from_str::<Message>(&line) {
+                    Ok(Message::Ready { pid, version }) => Ok((pid, version, lines, write)),
+                    Ok(Message::Failed { error }) => {
+                        Err(format!("the new process refused: {error}"))
+                    }
+                    _ => Err(format!("the new process said something unexpected: {line}")),
+                },
+                Ok(None) | Err(_) => Err("the new process ended before it was ready".to_string()),
+            }
+        };
+        let outcome = match tokio::time::timeout(READY_DEADLINE, ready).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the new process was not ready within {}",
+                crate::config::format_duration(READY_DEADLINE)
+            )),
+        };
+        let (pid, new_version, lines, write) = match outcome {
+            Ok(ok) => ok,
+            Err(why) => {
+                // How it ended, if it ended by itself; else it is stopped.
+                let why = match child.try_wait() {
+                    Ok(Some(status)) => format!("{why} ({status})"),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        why
+                    }
+                };
+                tracing::error!("upgrade failed, this process goes on serving: {why}");
+                return Err(why);
+            }
+        };
+        // The new process outlives this one; the service manager (or init)
+        // reaps it.
+        std::mem::forget(child);
+        tracing::info!(pid, version = %new_version, live = self.shared.live(), "upgrade: the new process accepts; this one stops accepting and lets its connections finish");
+        self.handed_over.cancel();
+        self.shared
+            .tasks
+            .spawn(report_held(self.shared.clone(), lines, write));
+        Ok(UpgradeView {
+            old_pid: std::process::id(),
+            old_version: version(),
+            new_pid: pid,
+            new_version,
+            connections_left: self.shared.live(),
+        })
+    }
+
+    /// Drops the copies of the listening sockets: at shutdown, so that the
+    /// sockets close with the listeners.
+    pub fn release(&self) {
+        self.sockets.lock().expect("sockets lock").clear();
+    }
+
+    fn offer(&self, sockets: &[(SocketKind, OwnedFd)]) -> Offer {
+        Offer {
+            pid: std::process::id(),
+            version: version(),
+            sockets: sockets.iter().map(|(k, _)| k.clone()).collect(),
+            states: self.shared.admin_states(),
+            health: self
+                .shared
+                .backends()
+                .iter()
+                .map(|b| (b.name.clone(), b.healthy()))
+                .collect(),
+        }
+    }
+}
+
+/// The binary must be there and executable, or the old process says so
+/// before starting anything.
+fn check_executable(binary: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{} is not an executable file", binary.display()));
+    }
+    Ok(())
+}
+
+/// Starts `binary run --config CONFIG --takeover-fd 3`, with `theirs` as
+/// its descriptor 3 and this process's standard output and error.
+fn spawn(
+    binary: &std::path::Path,
+    config: &std::path::Path,
+    theirs: RawFd,
+) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(binary);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--takeover-fd")
+        .arg(handover::CHILD_FD.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 and
+    // fcntl on descriptors this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if theirs == handover::CHILD_FD {
+                // dup2 onto itself would keep close-on-exec set.
+                if libc::fcntl(theirs, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(theirs, handover::CHILD_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Tells the new process, until this one exits, which connections are
+/// still held here; closes those it asks to close.
+async fn report_held(
+    shared: Arc<Shared>,
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) {
+    let mut every = tokio::time::interval(REPORT_EVERY);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                let held = held(&shared);
+                if last.as_ref() != Some(&held) {
+                    let line = Message::Held { backends: held.clone() }.line();
+                    if write.write_all(line.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    last = Some(held);
+                }
+            }
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => {
+                    if let Ok(Message::Close { backend, idle_ms }) = serde_json::from_str(&line)
+                        && let Some(b) = shared.backend(&backend)
+                    {
+                        let n = match idle_ms {
+                            Some(ms) => b.close_idle_here(Duration::from_millis(ms)),
+                            None => b.close_all(),
+                        };
+                        tracing::info!(backend = %backend, closed = n, "closed at the new process's request");
+                    }
+                }
+                _ => return,
+            },
+        }
+    }
+}
+
+/// The connections by backend name that the new process must count: this
+/// process's, and those of the process before it, if that one still runs
+/// (upgrades may follow each other faster than connections end).
+fn held(shared: &Shared) -> HashMap<String, Vec<ConnView>> {
+    let pid = std::process::id();
+    shared
+        .backends()
+        .iter()
+        .filter(|b| b.live() + b.elsewhere() > 0)
+        .map(|b| {
+            let mut rows: Vec<ConnView> = b
+                .connections()
+                .iter()
+                .map(|c| ConnView::of(c, pid))
+                .collect();
+            rows.extend(shared.previous_connections(&b.name));
+            (b.name.clone(), rows)
+        })
+        .collect()
+}
+
+/// The new process's side: what it took, and its line to the old one.
+#[derive(Debug)]
+pub struct TakeOver {
+    pub offer: Offer,
+    /// The sockets, as the offer names them.
+    pub sockets: Vec<(SocketKind, OwnedFd)>,
+    link: StdUnixStream,
+}
+
+impl TakeOver {
+    /// Receives the old process's offer on descriptor `fd`.
+    pub fn receive(fd: RawFd) -> std::io::Result<TakeOver> {
+        // SAFETY: the old process gave this descriptor to this one for the
+        // hand-over; nothing else uses it.
+        let link = unsafe { StdUnixStream::from_raw_fd(fd) };
+        let (offer, fds) = handover::recv_offer(&link)?;
+        let sockets = offer.sockets.iter().cloned().zip(fds).collect();
+        Ok(TakeOver {
+            offer,
+            sockets,
+            link,
+        })
+    }
+
+    /// Tells the old process why this one cannot take over.
+    pub fn fail(mut self, error: &str) {
+        let line = Message::Failed {
+            error: error.to_string(),
+        }
+        .line();
+        let _ = std::io::Write::write_all(&mut self.link, line.as_bytes());
+    }
+
+    /// Says `Ready` (this process accepts on every socket), then follows
+    /// what the old process still holds until it is gone.
+    pub fn ready(self, shared: Arc<Shared>) -> std::io::Result<()> {
+        let old_pid = self.offer.pid;
+        self.link.set_nonblocking(true)?;
+        let stream = UnixStream::from_std(self.link)?;
+        let (read, mut write) = stream.into_split();
+        let ready = Message::Ready {
+            pid: std::process::id(),
+            version: version(),
+        }
+        .line();
+        let (close_tx, mut close_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        for b in shared.backends().iter() {
+            let tx = close_tx.clone();
+            b.close_elsewhere_with(Some(CloseElsewhere(Box::new(move |backend, idle| {
+                let line = Message::Close {
+                    backend: backend.to_string(),
+                    idle_ms: idle.map(|d| d.as_millis() as u64),
+                }
+                .line();
+                let _ = tx.send(line);
+            }))));
+        }
+        shared.previous_started(old_pid, self.offer.version.clone());
+        shared.tasks.spawn(async move {
+            if write.write_all(ready.as_bytes()).await.is_err() {
+                return;
+            }
+            while let Some(line) = close_rx.recv().await {
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let follow = shared.clone();
+        shared.tasks.spawn(async move {
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(Message::Held { backends }) = serde_json::from_str(&line) {
+                    follow.previous_holds(backends);
+                }
+            }
+            follow.previous_exited();
+        });
+        Ok(())
+    }
+}
