@@ -2,7 +2,8 @@
 # The whole test run, from a fresh machine: installs what the tests need
 # (real nginx, curl, iproute2 and nftables for the network-namespace fault
 # tests, kmod to load netem, a C++ compiler for libFuzzer, python3-venv for
-# schemathesis), runs every test, runs schemathesis against the admin
+# schemathesis, systemd for `systemd-analyze verify` of the unit), runs
+# every test, runs schemathesis against the admin
 # API's OpenAPI document, then fuzzes each target for a bounded time.
 # `.ci/run` calls exactly this; README gives it as the test command.
 #
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
 declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [nft]=nftables
-  [modprobe]=kmod [c++]=g++)
+  [modprobe]=kmod [c++]=g++ [systemd-analyze]=systemd)
 need=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")

@@ -143,7 +143,8 @@ enum CtlCommand {
         /// The new binary (absolute path); default: the one sluice runs.
         #[arg(long)]
         binary: Option<PathBuf>,
-        /// How long to wait for the old process to exit (exit 2 after).
+        /// How long to wait for the old process to exit (exit 2 after); 0s
+        /// reports the hand-over and does not wait.
         #[arg(long, value_parser = duration, default_value = "5m")]
         wait: Duration,
     },

@@ -402,3 +402,29 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
         "hard {hard}: {out}"
     );
 }
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let Ok(found) = Command::new("systemd-analyze").arg("--version").output() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze is missing in CI (scripts/test.sh installs systemd)"
+        );
+        eprintln!("skipped: systemd-analyze is not installed (apt-get install systemd)");
+        return;
+    };
+    assert!(found.status.success());
+    // The unit as shipped, with this build's binary where it names
+    // /usr/bin/sluice, since verify checks that the commands exist.
+    let unit = include_str!("../deploy/systemd/sluice.service").replace("/usr/bin/sluice", BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}

@@ -196,6 +196,19 @@ async fn five_upgrades_under_load_drop_no_one_and_keep_the_drain_exact() {
             let (_, conns) = http(admin, "GET", "/backends/d/connections", None).await;
             assert_eq!(conns[0]["pid"].as_u64(), Some(first_pid), "{conns}");
             echo(&mut held, b"still here").await;
+            // ctl status names the process answering, and the one draining.
+            let url = format!("http://{admin}");
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(BIN)
+                    .args(["ctl", "--admin", &url, "status"])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains(&format!("pid {pid}, up since")), "{text}");
+            assert!(text.contains(&format!("previous process pid")), "{text}");
             assert_eq!(
                 http(admin, "POST", "/backends/d/drain?wait=200ms", None)
                     .await
@@ -321,4 +334,60 @@ async fn a_failed_upgrade_leaves_the_old_process_serving_and_a_restart_refuses_c
     again.signal("TERM");
     let exited = tokio::task::block_in_place(|| again.wait_exit());
     assert_eq!(exited.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_and_then_the_new_main_pid() {
+    let (a, d) = (Echo::start("a").await, Echo::start("d").await);
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let text = config(
+        &dir.path().join("state.json"),
+        &[("a", a.addr)],
+        ("d", d.addr),
+    );
+    let (_cfg_dir, path) = write_config(&text);
+    let mut p = Proc::spawn_command(
+        std::process::Command::new(BIN)
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &notify),
+    );
+    let admin = addr_after(&p.wait_line("admin API listening"), "listen=");
+    let message = |s: &std::os::unix::net::UnixDatagram| {
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = tokio::task::block_in_place(|| message(&socket));
+    assert!(ready.contains("READY=1"), "{ready}");
+
+    // What `systemctl reload` runs: report the hand-over, do not wait.
+    let url = format!("http://{admin}");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(["ctl", "--admin", &url, "upgrade", "--wait", "0s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = pid_answering(admin).await;
+    let took_over = tokio::task::block_in_place(|| message(&socket));
+    assert!(took_over.contains(&format!("MAINPID={new}")), "{took_over}");
+    assert!(took_over.contains("READY=1"), "{took_over}");
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &new.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    drop(p);
 }

@@ -59,16 +59,36 @@ pub enum CtlError {
 
 pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
     let bs = c.backends().await?;
+    let h = c.healthz().await?;
     if json {
         print_json(&bs);
     } else {
         out(&status_table(&bs, colour()));
+        out(&process_line(&h));
     }
     // On stderr, so the table and the JSON stay what scripts read.
-    for p in c.problems().await? {
+    for p in &h.problems {
         err(&format!("warning: {p}\n"));
     }
     Ok(Outcome::Done)
+}
+
+/// The process answering, and the one it took over from while that one
+/// still drains.
+fn process_line(h: &crate::api::HealthzView) -> String {
+    let mut line = format!(
+        "sluice {} pid {}, up since {}\n",
+        h.version,
+        h.pid,
+        output::utc(h.started_ms / 1000)
+    );
+    if let Some(p) = h.previous.as_ref().filter(|p| p.exited_ms.is_none()) {
+        line.push_str(&format!(
+            "previous process pid {} (version {}) still holds {} connection(s)\n",
+            p.pid, p.version, p.connections
+        ));
+    }
+    line
 }
 
 pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlError> {
@@ -169,6 +189,10 @@ pub async fn upgrade(
         "{} connection(s) stayed on pid {}, which lets them finish and exits",
         r.connections_left, r.old_pid
     ));
+    // Zero: report the hand-over, and leave the old process to drain.
+    if wait.is_zero() {
+        return Ok(Outcome::Done);
+    }
     let started = Instant::now();
     let mut last = r.connections_left;
     loop {

@@ -173,6 +173,11 @@ fn clock() -> String {
     let s = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    utc(s)
+}
+
+/// `HH:MM:SSZ` of a Unix time in seconds.
+pub(super) fn utc(s: u64) -> String {
     format!("{:02}:{:02}:{:02}Z", s / 3600 % 24, s / 60 % 60, s % 60)
 }
 
