@@ -208,7 +208,7 @@ async fn five_upgrades_under_load_drop_no_one_and_keep_the_drain_exact() {
             .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(text.contains(&format!("pid {pid}, up since")), "{text}");
-            assert!(text.contains(&format!("previous process pid")), "{text}");
+            assert!(text.contains("previous process pid"), "{text}");
             assert_eq!(
                 http(admin, "POST", "/backends/d/drain?wait=200ms", None)
                     .await
