@@ -137,7 +137,9 @@ impl Sluice {
     fn from_offer(config: Config, takeover: &TakeOver) -> Result<Sluice, String> {
         let mut sets = Vec::new();
         let mut bound = Vec::new();
-        let handed = |name: &str| -> Vec<std::net::TcpListener> {
+        // Every handed socket is used: dropping one would reset the
+        // clients in its accept queue.
+        let handed = |name: &str| -> Result<Vec<std::net::TcpListener>, String> {
             let mut own: Vec<_> = takeover
                 .sockets
                 .iter()
@@ -148,11 +150,15 @@ impl Sluice {
                 .collect();
             own.sort_by_key(|(w, _)| *w);
             own.into_iter()
-                .filter_map(|(_, fd)| fd.try_clone().ok().map(std::net::TcpListener::from))
+                .map(|(_, fd)| {
+                    fd.try_clone()
+                        .map(std::net::TcpListener::from)
+                        .map_err(|e| format!("cannot keep a handed socket: {e}"))
+                })
                 .collect()
         };
         for s in &config.services {
-            let set = handed(&s.name);
+            let set = handed(&s.name)?;
             let Some(first) = set.first() else {
                 return Err(format!(
                     "service `{}` was not handed over: adding or renaming a service needs a restart",
@@ -190,9 +196,11 @@ impl Sluice {
             .sockets
             .iter()
             .find(|(k, _)| *k == SocketKind::Admin)
-            .and_then(|(_, fd)| fd.try_clone().ok())
+            .ok_or("the admin API's socket was not handed over")?
+            .1
+            .try_clone()
             .map(std::net::TcpListener::from)
-            .ok_or("the admin API's socket was not handed over")?;
+            .map_err(|e| format!("cannot keep the admin socket: {e}"))?;
         let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
         if config.admin.listen.port() != 0 && admin_addr != config.admin.listen {
             return Err(format!(
@@ -206,10 +214,22 @@ impl Sluice {
             .sockets
             .iter()
             .find(|(k, _)| *k == SocketKind::AdminSocket)
-            .and_then(|(_, fd)| fd.try_clone().ok());
+            .map(|(_, fd)| fd.try_clone())
+            .transpose()
+            .map_err(|e| format!("cannot keep the admin unix socket: {e}"))?;
         let admin_socket = match (&config.admin.socket, handed_socket) {
-            (Some(_), Some(fd)) => {
+            (Some(s), Some(fd)) => {
                 let l = std::os::unix::net::UnixListener::from(fd);
+                let at = l
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()));
+                if at.as_deref() != Some(s.path.as_path()) {
+                    return Err(format!(
+                        "[admin] socket moved to {}: that needs a restart",
+                        s.path.display()
+                    ));
+                }
                 l.set_nonblocking(true).map_err(|e| e.to_string())?;
                 Some(tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?)
             }
@@ -365,8 +385,10 @@ impl Sluice {
         let _ = admin.await;
         if let Some(task) = admin_socket {
             let _ = task.await;
+            // An upgrade that finished while this process shut down counts.
             if let Some(s) = &shared.runtime().config.admin.socket
                 && !handed_over
+                && !upgrader.handed_over.is_cancelled()
             {
                 let _ = std::fs::remove_file(&s.path);
             }

@@ -106,6 +106,9 @@ impl Upgrader {
         config: PathBuf,
         binary: Option<PathBuf>,
     ) -> Result<UpgradeView, String> {
+        if self.shared.shutting_down.load(Ordering::SeqCst) {
+            return Err("this process is shutting down".into());
+        }
         let binary = binary
             .or_else(|| self.binary.clone())
             .ok_or("cannot tell which binary this process runs; give --binary")?;
@@ -179,6 +182,9 @@ impl Upgrader {
         // reaps it.
         std::mem::forget(child);
         tracing::info!(pid, version = %new_version, live = self.shared.live(), "upgrade: the new process accepts; this one stops accepting and lets its connections finish");
+        // The state file is the new process's from now; stop writing it
+        // before anything else can change here.
+        self.shared.stop_saving();
         self.handed_over.cancel();
         self.shared
             .tasks
@@ -190,6 +196,13 @@ impl Upgrader {
             new_version,
             connections_left: self.shared.live(),
         })
+    }
+
+    /// Whether admin state changes must be refused here: a hand-over is
+    /// under way (the offer holds the states as they were) or done (the
+    /// new process holds them now).
+    pub fn frozen(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
     }
 
     /// Drops the copies of the listening sockets: at shutdown, so that the
@@ -217,10 +230,21 @@ impl Upgrader {
 /// The binary must be there and executable, or the old process says so
 /// before starting anything.
 fn check_executable(binary: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
         return Err(format!("{} is not an executable file", binary.display()));
+    }
+    // A file anyone else could have written would run as sluice: only
+    // root's or sluice's own user's, writable by its owner alone.
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} must belong to root or to sluice's user and be writable by its owner only",
+            binary.display()
+        ));
     }
     Ok(())
 }
@@ -271,12 +295,17 @@ async fn report_held(
         tokio::select! {
             _ = every.tick() => {
                 let held = held(&shared);
-                if last.as_ref() != Some(&held) {
-                    let line = Message::Held { backends: held.clone() }.line();
+                // Sent when the set of connections changes, not their ages.
+                let ids: HashMap<String, Vec<u64>> = held
+                    .iter()
+                    .map(|(b, rows)| (b.clone(), rows.iter().map(|c| c.id).collect()))
+                    .collect();
+                if last.as_ref() != Some(&ids) {
+                    let line = Message::Held { backends: held }.line();
                     if write.write_all(line.as_bytes()).await.is_err() {
                         return;
                     }
-                    last = Some(held);
+                    last = Some(ids);
                 }
             }
             line = lines.next_line() => match line {
@@ -376,6 +405,12 @@ impl TakeOver {
             }))));
         }
         shared.previous_started(old_pid, self.offer.version.clone());
+        // Until the old process's first report, assume it holds a
+        // connection to every backend: no drain may end before it is
+        // known what that process still carries.
+        for b in shared.backends().iter() {
+            b.set_elsewhere(1);
+        }
         shared.tasks.spawn(async move {
             if write.write_all(ready.as_bytes()).await.is_err() {
                 return;

@@ -166,6 +166,15 @@ async fn five_upgrades_under_load_drop_no_one_and_keep_the_drain_exact() {
     let mut held = TcpStream::connect(lone).await.unwrap();
     assert_eq!(within("greeting", read_line(&mut held)).await, "d");
 
+    // An admin connection the first process accepted, kept open across
+    // the hand-over: a change sent on it must not apply to that process.
+    let mut stale = TcpStream::connect(admin).await.unwrap();
+    let probe = format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\n\r\n");
+    stale.write_all(probe.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = within("healthz", stale.read(&mut buf)).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
     let mut pid = first_pid;
     for round in 0..5 {
         let binary = &builds[round % 2];
@@ -183,6 +192,19 @@ async fn five_upgrades_under_load_drop_no_one_and_keep_the_drain_exact() {
         })
         .await;
 
+        if round == 0 {
+            let change = format!(
+                "POST /backends/a/stop HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+            );
+            stale.write_all(change.as_bytes()).await.unwrap();
+            let mut reply = String::new();
+            within("reply", stale.read_to_string(&mut reply))
+                .await
+                .unwrap();
+            assert!(reply.starts_with("HTTP/1.1 409"), "{reply}");
+            let (_, v) = http(admin, "GET", "/backends/a", None).await;
+            assert_eq!(v["state"], "active", "{v}");
+        }
         if round == 2 {
             // A drain of `d` while the first process still holds a
             // connection to it: not drained until that one ends.
@@ -286,6 +308,26 @@ async fn a_failed_upgrade_leaves_the_old_process_serving_and_a_restart_refuses_c
         assert_eq!(status, 409, "{v}");
         assert!(v["error"].as_str().unwrap().contains(says), "{v}");
     }
+    // A binary someone else could have written is not run.
+    let loose = dir.path().join("sluice-loose");
+    std::fs::copy(BIN, &loose).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (status, v) = http(
+        admin,
+        "POST",
+        &format!("/upgrade?binary={}", loose.display()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("writable by its owner only"),
+        "{v}"
+    );
     std::fs::write(&path, format!("{text}bogus = 1\n")).unwrap();
     let (status, v) = http(admin, "POST", "/upgrade", None).await;
     assert_eq!(status, 409, "{v}");

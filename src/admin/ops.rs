@@ -35,6 +35,15 @@ impl Caller<'_> {
 
 pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply {
     let shared = &plane.shared;
+    let changes = matches!(op, Op::Drain { .. } | Op::Stop(_) | Op::Start(_));
+    if changes && plane.upgrader.as_ref().is_some_and(|u| u.frozen()) {
+        // A change here now would not reach the process that serves next.
+        return Refusal::new(
+            StatusCode::CONFLICT,
+            "this process is handing over to a new one (an upgrade): send the change again in a moment, to the new process",
+        )
+        .reply();
+    }
     let backend = |name: &str| shared.backend(name);
     match op {
         Op::OpenApi => {

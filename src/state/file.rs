@@ -23,7 +23,9 @@ pub fn load(path: &Path) -> Result<Saved, String> {
 /// Writes admin states to `path`, atomically.
 pub fn save(path: &Path, states: &Saved) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(states).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
+    // Named by the process: during an upgrade two processes may write,
+    // and neither may rename the other's half-written file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all((text + "\n").as_bytes())?;

@@ -416,11 +416,13 @@ impl Shared {
     /// still applies (see [`Persist`]). Returns whether the file now holds
     /// the states, or `None` without a state file. Blocks on the disk.
     pub fn save_states(&self) -> Option<bool> {
+        let path = self.runtime().config.state_file.clone()?;
+        let _one_writer = self.persist.writing.lock().expect("persist lock");
+        // Under the lock: once `stop_saving` returns, no write of this
+        // process can land on the new one's file.
         if self.persist.handed_over.load(Ordering::SeqCst) {
             return None;
         }
-        let path = self.runtime().config.state_file.clone()?;
-        let _one_writer = self.persist.writing.lock().expect("persist lock");
         let result = file::save(&path, &self.admin_states());
         let mut failing = self.persist.failing.lock().expect("persist lock");
         match result {
@@ -447,6 +449,7 @@ impl Shared {
 
     /// After an upgrade: the new process writes the state file from now.
     pub fn stop_saving(&self) {
+        let _one_writer = self.persist.writing.lock().expect("persist lock");
         self.persist.handed_over.store(true, Ordering::SeqCst);
     }
 
