@@ -101,15 +101,7 @@ impl Sluice {
             .map(bind_admin_socket)
             .transpose()?;
         let shared = Shared::new(config, &bound, &saved);
-        let listeners = shared.services.iter().cloned().zip(sets).collect();
-        Ok(Sluice {
-            shared,
-            listeners,
-            admin,
-            admin_socket,
-            config_path: None,
-            takeover: None,
-        })
+        Ok(Sluice::assemble(shared, sets, admin, admin_socket))
     }
 
     /// Takes over from the running sluice that started this process with
@@ -243,15 +235,26 @@ impl Sluice {
                 b.take_over(state, offer.health.get(&b.name).copied().unwrap_or(true));
             }
         }
+        Ok(Sluice::assemble(shared, sets, admin, admin_socket))
+    }
+
+    /// A sluice of `shared` with its listeners, per service in the
+    /// config's order.
+    fn assemble(
+        shared: Arc<Shared>,
+        sets: Vec<Vec<std::net::TcpListener>>,
+        admin: TcpListener,
+        admin_socket: Option<tokio::net::UnixListener>,
+    ) -> Sluice {
         let listeners = shared.services.iter().cloned().zip(sets).collect();
-        Ok(Sluice {
+        Sluice {
             shared,
             listeners,
             admin,
             admin_socket,
             config_path: None,
             takeover: None,
-        })
+        }
     }
 
     /// Reloads the configuration from `path` on SIGHUP.
