@@ -245,15 +245,7 @@ async fn stop_closes_existing_connections_and_start_restores() {
 async fn repeating_a_drain_two_thousand_times_leaves_one_policy_task() {
     let a = Echo::start("a").await;
     let text = config("shutdown_grace = \"100ms\"", "", &[("a", a.addr)]);
-    let server = sluice::Sluice::bind(sluice::Config::parse("t.toml", &text).unwrap())
-        .await
-        .unwrap();
-    let shared = server.shared().clone();
-    let (addr, admin) = (server.service_addr("web").unwrap(), server.admin_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let (shared, addr, admin, stop, task) = bound(&text).await;
     let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
     assert_eq!(within("greeting", read_line(&mut held)).await, "a");
     let before = shared.tasks.len();

@@ -213,28 +213,6 @@ async fn a_limit_lowered_while_busy_applies_as_connections_end_and_can_rise_agai
     within("shutdown", task).await.unwrap().unwrap();
 }
 
-/// sluice in-process with a handle on its shared state, to reload it.
-async fn bound(
-    text: &str,
-) -> (
-    std::sync::Arc<sluice::state::Shared>,
-    SocketAddr,
-    SocketAddr,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), sluice::Error>>,
-) {
-    let server = sluice::Sluice::bind(sluice::Config::parse("t.toml", text).unwrap())
-        .await
-        .unwrap();
-    let shared = server.shared().clone();
-    let (addr, admin) = (server.service_addr("web").unwrap(), server.admin_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    (shared, addr, admin, stop, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reloaded_admin_request_timeout_applies_to_the_next_admin_connection() {
     let a = Echo::start("a").await;

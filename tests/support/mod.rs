@@ -466,3 +466,26 @@ pub async fn hanging_backend() -> (socket2::Socket, std::net::SocketAddr, Vec<Tc
     }
     (sock, addr, fillers)
 }
+
+/// sluice in-process with a handle on its shared state (to reload it or
+/// count its tasks), its two addresses, and how to stop it.
+pub async fn bound(
+    text: &str,
+) -> (
+    std::sync::Arc<sluice::state::Shared>,
+    SocketAddr,
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), sluice::Error>>,
+) {
+    let server = sluice::Sluice::bind(sluice::Config::parse("t.toml", text).unwrap())
+        .await
+        .unwrap();
+    let shared = server.shared().clone();
+    let (addr, admin) = (server.service_addr("web").unwrap(), server.admin_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    (shared, addr, admin, stop, task)
+}
