@@ -774,15 +774,9 @@ fn backend(
     earlier: &[BackendConfig],
 ) -> Result<BackendConfig, ConfigError> {
     let field = |f: &str| format!("backend[{i}].{f}");
-    let name = b.name.get_ref().trim();
-    check_name(ctx, name, &b.name, &field("name"))?;
-    if earlier.iter().any(|e| e.name == name) {
-        return Err(ctx.err(
-            b.name.span(),
-            &field("name"),
-            format!("backend name `{name}` is used twice"),
-        ));
-    }
+    let name = unique_name(ctx, "backend", &b.name, &field("name"), |n| {
+        earlier.iter().any(|e| e.name == n)
+    })?;
     let address = BackendAddress::parse(b.address.get_ref())
         .map_err(|m| ctx.err(b.address.span(), &field("address"), m))?;
     let weight = ctx.int(&b.weight, &field("weight"), 0, 1000)?.unwrap_or(1) as u32;
@@ -893,15 +887,9 @@ fn service(
     earlier: &[ServiceConfig],
 ) -> Result<ServiceConfig, ConfigError> {
     let field = |f: &str| format!("service[{i}].{f}");
-    let name = s.name.get_ref().trim();
-    check_name(ctx, name, &s.name, &field("name"))?;
-    if earlier.iter().any(|e| e.name == name) {
-        return Err(ctx.err(
-            s.name.span(),
-            &field("name"),
-            format!("service name `{name}` is used twice"),
-        ));
-    }
+    let name = unique_name(ctx, "service", &s.name, &field("name"), |n| {
+        earlier.iter().any(|e| e.name == n)
+    })?;
     let listen = socket_addr(ctx, &s.listen, &field("listen"))?;
     if let Some(other) = earlier
         .iter()
@@ -1034,6 +1022,27 @@ fn runtime(ctx: &Ctx, v: &Option<Spanned<String>>) -> Result<RuntimeLayout, Conf
             )),
         },
     }
+}
+
+/// A backend's or service's name: well formed, and not one an earlier
+/// entry of the same `kind` took.
+fn unique_name<'a>(
+    ctx: &Ctx,
+    kind: &str,
+    v: &'a Spanned<String>,
+    field: &str,
+    taken: impl Fn(&str) -> bool,
+) -> Result<&'a str, ConfigError> {
+    let name = v.get_ref().trim();
+    check_name(ctx, name, v, field)?;
+    if taken(name) {
+        return Err(ctx.err(
+            v.span(),
+            field,
+            format!("{kind} name `{name}` is used twice"),
+        ));
+    }
+    Ok(name)
 }
 
 fn check_name(ctx: &Ctx, name: &str, v: &Spanned<String>, field: &str) -> Result<(), ConfigError> {
