@@ -55,7 +55,6 @@ ALL_TARGETS=(sluice haproxy haproxy_splice nginx direct)
 
 declare -A R=()      # R[target:metric] = value, or a word such as skipped
 NOTES=()
-PIDS=()
 STATUS=0
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -67,60 +66,8 @@ trap 'log "error: harness failed at line $LINENO: $BASH_COMMAND"' ERR
 
 WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 
-alive() { # pid: running and not a zombie
-  local st
-  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-  [[ -n $st && $st != Z && $st != X ]]
-}
-
-stop_pid() { # pid: TERM, up to 5 s, then KILL; reaps it
-  local pid=$1 i
-  [[ -n $pid ]] || return 0
-  for c in $(pgrep -P "$pid" 2>/dev/null || true); do
-    kill -TERM "$c" 2>/dev/null || true
-  done
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    alive "$pid" || break
-    sleep 0.05
-  done
-  if alive "$pid"; then
-    for c in $(pgrep -P "$pid" 2>/dev/null || true); do
-      kill -KILL "$c" 2>/dev/null || true
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local rc=$? p
-  trap - ERR EXIT INT TERM
-  for ((p = ${#PIDS[@]} - 1; p >= 0; p--)); do
-    stop_pid "${PIDS[p]}"
-  done
-  if [[ ${KEEP_WORK:-0} == 1 ]]; then
-    log "logs kept in $WORK"
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# start CPU LOG CMD...: starts CMD pinned to CPU in the background; sets PID.
-start() {
-  local cpu=$1 logf=$2
-  shift 2
-  taskset -c "$cpu" "$@" >"$logf" 2>&1 </dev/null &
-  PID=$!
-  PIDS+=("$PID")
-}
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=benches/procs.sh
+. "$BENCH/procs.sh"
 
 # wait_listen PORT PID WHAT [SECONDS]: polls until something listens on PORT.
 wait_listen() {
