@@ -127,7 +127,8 @@ pub struct StatsView {
 /// `GET /healthz`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct HealthzView {
-    /// `ok`; `degraded` while serving with `problems`; `shutting down`.
+    /// `ok`; `degraded` while serving with `problems`; `leaving` after
+    /// `POST /leave`; `shutting down`.
     pub status: String,
     /// What keeps sluice from being as configured, such as a state file
     /// it cannot write; it still serves.
@@ -147,6 +148,26 @@ pub struct HealthzView {
     /// The process this one took over from, by an upgrade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<PreviousView>,
+    /// Live connections over every backend (the previous process's too).
+    #[serde(default)]
+    pub active_connections: usize,
+    /// Unix time (ms) at which this instance began leaving its pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving_since_ms: Option<u64>,
+}
+
+/// The answer to `POST /leave` and `POST /join`.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct LeaveView {
+    /// Whether this instance is leaving its pair.
+    pub leaving: bool,
+    /// Unix time (ms) at which it began leaving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// Live connections still open through this instance.
+    pub active_connections: usize,
+    /// Whether it is leaving and none is left.
+    pub left: bool,
 }
 
 /// Every error reply: `{"error": "..."}`.

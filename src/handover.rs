@@ -37,6 +37,9 @@ pub struct Offer {
     pub states: HashMap<String, State>,
     /// Health by backend name: whether it is up.
     pub health: HashMap<String, bool>,
+    /// Whether the old process was leaving its pair.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// What a passed listening socket is for.
@@ -181,6 +184,7 @@ mod tests {
             }],
             states: [("web1".to_string(), State::Drained)].into(),
             health: [("web1".to_string(), false)].into(),
+            leaving: true,
         };
         send_offer(&a, &offer, &[listener.as_raw_fd()]).unwrap();
         // A client queued before the hand-over is accepted after it.

@@ -148,6 +148,19 @@ enum CtlCommand {
         #[arg(long, value_parser = duration, default_value = "5m")]
         wait: Duration,
     },
+    /// Give up the floating address on purpose (keepalived moves it to the
+    /// peer) and wait until this instance's connections have ended.
+    Leave {
+        /// Give up waiting after this long (exit 2); default: wait until
+        /// no connection is left.
+        #[arg(long, value_parser = duration)]
+        wait: Option<Duration>,
+        /// Close the connections still open after this long.
+        #[arg(long, value_parser = duration)]
+        force_after: Option<Duration>,
+    },
+    /// Take this instance back into its pair after `leave`.
+    Join,
     /// Put a backend back in rotation.
     Start {
         name: String,
@@ -328,6 +341,8 @@ async fn run_ctl(
             };
             ctl::upgrade(c, binary.as_deref(), wait).await?
         }
+        CtlCommand::Leave { wait, force_after } => ctl::leave(c, wait, force_after).await?,
+        CtlCommand::Join => ctl::join(c).await?,
         CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
         CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
         CtlCommand::Rollout {

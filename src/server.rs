@@ -229,7 +229,11 @@ impl Sluice {
             (None, _) => None,
         };
         let offer = &takeover.offer;
-        let shared = Shared::new(config, &bound, &offer.states);
+        let saved = crate::state::Saved {
+            backends: offer.states.clone(),
+            leaving: offer.leaving,
+        };
+        let shared = Shared::new(config, &bound, &saved);
         for b in shared.backends().iter() {
             if let Some(&state) = offer.states.get(&b.name) {
                 b.take_over(state, offer.health.get(&b.name).copied().unwrap_or(true));

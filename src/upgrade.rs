@@ -223,6 +223,7 @@ impl Upgrader {
                 .iter()
                 .map(|b| (b.name.clone(), b.healthy()))
                 .collect(),
+            leaving: self.shared.leaving.is_on(),
         }
     }
 }

@@ -336,7 +336,7 @@ async fn a_change_the_state_file_cannot_hold_applies_and_says_so_until_it_is_sav
     })
     .await;
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    assert_eq!(saved["a"], "drained");
+    assert_eq!(saved["backends"]["a"], "drained");
     assert_eq!(lb.backend("a").await["saved"], true);
     lb.shutdown().await;
 }

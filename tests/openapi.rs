@@ -332,7 +332,7 @@ fn wire_types_match_their_schemas() {
         services: vec!["web".into()],
         saved,
     };
-    let healthz = |problems: Vec<String>, time_ms, previous| HealthzView {
+    let healthz = |problems: Vec<String>, time_ms, previous, leaving_since_ms| HealthzView {
         status: "degraded".into(),
         problems,
         time_ms,
@@ -340,6 +340,8 @@ fn wire_types_match_their_schemas() {
         version: "0.1.0".into(),
         started_ms: 1_795_876_660_000,
         previous,
+        active_connections: 3,
+        leaving_since_ms,
     };
     let previous = |exited_ms| PreviousView {
         pid: 41,
@@ -359,9 +361,25 @@ fn wire_types_match_their_schemas() {
             json!(healthz(
                 vec!["state file".into()],
                 Some(1),
-                Some(previous(Some(2)))
+                Some(previous(Some(2))),
+                Some(1_795_876_660_100)
             )),
-            json!(healthz(Vec::new(), None, None)),
+            json!(healthz(Vec::new(), None, None, None)),
+        ),
+        (
+            "LeaveView",
+            json!(LeaveView {
+                leaving: true,
+                since_ms: Some(1_795_876_660_100),
+                active_connections: 2,
+                left: false,
+            }),
+            json!(LeaveView {
+                leaving: false,
+                since_ms: None,
+                active_connections: 0,
+                left: false,
+            }),
         ),
         (
             "PreviousView",
@@ -455,7 +473,7 @@ fn wire_types_match_their_schemas() {
             "each state",
         );
     }
-    for status in ["ok", "degraded", "shutting down"] {
+    for status in ["ok", "degraded", "leaving", "shutting down"] {
         let v = json!(HealthzView {
             status: status.into(),
             problems: Vec::new(),
@@ -464,6 +482,8 @@ fn wire_types_match_their_schemas() {
             version: "0.1.0".into(),
             started_ms: 0,
             previous: None,
+            active_connections: 0,
+            leaving_since_ms: None,
         });
         assert_valid(&doc, &schema("HealthzView"), &v, "each healthz status");
     }
@@ -549,6 +569,10 @@ async fn every_operation_answers_as_documented() {
     }
     let (status, _) = lb.post("/backends/web1/start").await;
     assert_eq!(status, 200);
+    // The examples ran `leave` last (keys are in order); back in the pair.
+    let join = c.key("POST", "/join");
+    let r = c.call(admin, &join, "/join", &[], "").await;
+    assert_eq!(r.status, 200, "{r:?}");
 
     // A client on web2, so that its connections are listed and a drain
     // without wait= is still under way (202).
@@ -565,6 +589,17 @@ async fn every_operation_answers_as_documented() {
         .await;
     let listed: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{name}: {listed}");
+    // Leaving with a client open: 202, and /healthz answers 503 `leaving`
+    // until the join.
+    let leave = c.key("POST", "/leave");
+    let r = c.call(admin, &leave, "/leave", &[], "").await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let healthz = c.key("GET", "/healthz");
+    let r = c.call(admin, &healthz, "/healthz", &[], "").await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("\"leaving\""), "{r:?}");
+    let r = c.call(admin, &join, "/join", &[], "").await;
+    assert_eq!(r.status, 200, "{r:?}");
     let drain = c.key("POST", "/backends/{name}/drain");
     let r = c.call(admin, &drain, "/backends/web2/drain", &[], "").await;
     assert_eq!(r.status, 202, "{r:?}");

@@ -12,7 +12,7 @@ use hyper::header::{self, HeaderValue};
 
 use super::route::Op;
 use super::{OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
-use crate::api::{BackendView, ConnView, HealthzView, StatsView};
+use crate::api::{BackendView, ConnView, HealthzView, LeaveView, StatsView};
 use crate::backend::{Backend, ConnInfo};
 use crate::health::unix_ms;
 use crate::state::Shared;
@@ -35,7 +35,10 @@ impl Caller<'_> {
 
 pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply {
     let shared = &plane.shared;
-    let changes = matches!(op, Op::Drain { .. } | Op::Stop(_) | Op::Start(_));
+    let changes = matches!(
+        op,
+        Op::Drain { .. } | Op::Stop(_) | Op::Start(_) | Op::Leave { .. } | Op::Join
+    );
     if changes && plane.upgrader.as_ref().is_some_and(|u| u.frozen()) {
         // A change here now would not reach the process that serves next.
         return Refusal::new(
@@ -65,12 +68,15 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 json(StatusCode::SERVICE_UNAVAILABLE, &v)
             } else {
                 // Still 200 with problems: it serves, and a failover
-                // would not mend a disk.
+                // would not mend a disk. Leaving is 503 on purpose: the
+                // floating address's check fails and the peer takes it.
                 let problems = shared.problems();
-                let status = if problems.is_empty() {
-                    "ok"
+                let (code, status) = if shared.leaving.is_on() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "leaving")
+                } else if problems.is_empty() {
+                    (StatusCode::OK, "ok")
                 } else {
-                    "degraded"
+                    (StatusCode::OK, "degraded")
                 };
                 let v = HealthzView {
                     status: status.into(),
@@ -78,7 +84,7 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                     time_ms: Some(unix_ms()),
                     ..whoami(shared)
                 };
-                json(StatusCode::OK, &v)
+                json(code, &v)
             }
         }
         Op::Stats => {
@@ -155,6 +161,28 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             b.start();
             changed(&b, shared, StatusCode::OK).await
         }
+        Op::Leave { wait, force_after } => {
+            caller.audit("leave", "sluice");
+            shared.leave(force_after);
+            let spawn_save = save_in_background(shared);
+            if let Some(limit) = wait {
+                shared.left(limit).await;
+            }
+            let saved = spawn_save.await.ok().flatten();
+            let v = leave_view(shared, saved);
+            let code = if v.left {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            json(code, &v)
+        }
+        Op::Join => {
+            caller.audit("join", "sluice");
+            shared.join();
+            let saved = save_in_background(shared).await.ok().flatten();
+            json(StatusCode::OK, &leave_view(shared, saved))
+        }
         Op::Upgrade { binary } => {
             let Some(upgrader) = &plane.upgrader else {
                 return Refusal::new(
@@ -173,16 +201,17 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
     }
 }
 
+/// Writes the state file off the runtime; the task yields whether the
+/// file holds the states (`None` without a state file).
+fn save_in_background(shared: &Arc<Shared>) -> tokio::task::JoinHandle<Option<bool>> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || shared.save_states())
+}
+
 /// The reply to a state change: the backend as it is now, saved to the
 /// state file first so the reply can say whether it was.
 async fn changed(b: &Arc<Backend>, shared: &Arc<Shared>, status: StatusCode) -> Reply {
-    let saved = {
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || shared.save_states())
-            .await
-            .ok()
-            .flatten()
-    };
+    let saved = save_in_background(shared).await.ok().flatten();
     let mut view = backend_view(b, shared);
     view.saved = saved;
     json(status, &view)
@@ -236,6 +265,21 @@ fn conn_view(c: &ConnInfo) -> ConnView {
     ConnView::of(c, std::process::id())
 }
 
+/// Whether this instance leaves its pair, and what it still carries.
+fn leave_view(shared: &Shared, saved: Option<bool>) -> LeaveView {
+    if saved == Some(false) {
+        tracing::warn!("the leaving flag is not saved: a restart now would forget it");
+    }
+    let active_connections = shared.live_everywhere();
+    let leaving = shared.leaving.is_on();
+    LeaveView {
+        leaving,
+        since_ms: shared.leaving.since_ms(),
+        active_connections,
+        left: leaving && active_connections == 0,
+    }
+}
+
 /// The process answering: who it is and the one it took over from.
 fn whoami(shared: &Shared) -> HealthzView {
     HealthzView {
@@ -246,5 +290,7 @@ fn whoami(shared: &Shared) -> HealthzView {
         version: crate::upgrade::version(),
         started_ms: shared.started_ms,
         previous: shared.previous(),
+        active_connections: shared.live_everywhere(),
+        leaving_since_ms: shared.leaving.since_ms(),
     }
 }

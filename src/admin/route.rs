@@ -26,10 +26,15 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("POST", "/backends/{name}/start"),
     ("GET", "/openapi.json"),
     ("POST", "/upgrade"),
+    ("POST", "/leave"),
+    ("POST", "/join"),
 ];
 
 /// The query parameters of `drain`, in the order their values are read.
 const DRAIN_PARAMS: &[&str] = &["wait", "force_after", "close_idle"];
+
+/// The query parameters of `leave`, in the order their values are read.
+const LEAVE_PARAMS: &[&str] = &["wait", "force_after"];
 
 /// What a request asks for, once routed and its parameters read.
 #[derive(Debug, PartialEq)]
@@ -53,6 +58,13 @@ pub(super) enum Op {
     Upgrade {
         binary: Option<std::path::PathBuf>,
     },
+    /// Give up the floating address; close what is left after
+    /// `force_after`.
+    Leave {
+        wait: Option<Duration>,
+        force_after: Option<Duration>,
+    },
+    Join,
 }
 
 /// Routes a request to its operation; `exists` tells which backends do.
@@ -109,9 +121,10 @@ pub(super) fn route(
             )
         });
     }
-    let drain = template == "/backends/{name}/drain";
+    let timed = matches!(template.as_str(), "/backends/{name}/drain" | "/leave");
     let accepted: &[&str] = match template.as_str() {
         "/backends/{name}/drain" => DRAIN_PARAMS,
+        "/leave" => LEAVE_PARAMS,
         "/upgrade" => &["binary"],
         _ => &[],
     };
@@ -124,7 +137,7 @@ pub(super) fn route(
         return Err(bad(format!("unknown parameter `{k}` (accepted: {known})")));
     }
     let mut given = [None; 3];
-    for (slot, k) in given.iter_mut().zip(if drain { accepted } else { &[] }) {
+    for (slot, k) in given.iter_mut().zip(if timed { accepted } else { &[] }) {
         if let Some((_, v)) = params.iter().find(|(n, _)| n == k) {
             *slot = Some(parse_duration(v).map_err(|e| bad(format!("{k}: {e}")))?);
         }
@@ -159,6 +172,11 @@ pub(super) fn route(
                 close_idle: given[2],
             },
         },
+        "/leave" => Op::Leave {
+            wait: given[0],
+            force_after: given[1],
+        },
+        "/join" => Op::Join,
         // A route listed without an arm; the unit tests catch it.
         _ => return Err(no_path()),
     })
@@ -194,6 +212,8 @@ mod tests {
             Op::Stop(_) => ("POST", "/backends/{name}/stop"),
             Op::Start(_) => ("POST", "/backends/{name}/start"),
             Op::Upgrade { .. } => ("POST", "/upgrade"),
+            Op::Leave { .. } => ("POST", "/leave"),
+            Op::Join => ("POST", "/join"),
         }
     }
 

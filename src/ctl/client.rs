@@ -209,27 +209,34 @@ impl Client {
         path: &str,
     ) -> Result<(StatusCode, T), CtlError> {
         let (status, body) = self.call(method, path).await?;
+        Ok((status, self.decode(status, &body)?))
+    }
+
+    /// A reply's JSON, or the error its status and body say.
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        status: StatusCode,
+        body: &[u8],
+    ) -> Result<T, CtlError> {
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
+            let message = serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+                .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
             return Err(CtlError::Api {
                 status: status.as_u16(),
                 message,
             });
         }
-        let v = serde_json::from_slice(&body).map_err(|e| CtlError::Http {
+        serde_json::from_slice(body).map_err(|e| CtlError::Http {
             url: self.url.clone(),
             message: format!("unexpected reply: {e}"),
-        })?;
-        Ok((status, v))
+        })
     }
 
     /// The server's clock, in Unix milliseconds.
     pub async fn server_time_ms(&self) -> Result<u64, CtlError> {
-        let (_, v): (_, serde_json::Value) = self.json(Method::GET, "/healthz").await?;
-        v["time_ms"].as_u64().ok_or_else(|| CtlError::Http {
+        self.healthz().await?.time_ms.ok_or_else(|| CtlError::Http {
             url: self.url.clone(),
             message: "GET /healthz gave no time_ms".into(),
         })
@@ -237,8 +244,7 @@ impl Client {
 
     /// What keeps the balancer from being as configured (`/healthz`).
     pub async fn problems(&self) -> Result<Vec<String>, CtlError> {
-        let (_, v): (_, crate::api::HealthzView) = self.json(Method::GET, "/healthz").await?;
-        Ok(v.problems)
+        Ok(self.healthz().await?.problems)
     }
 
     pub async fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
@@ -276,9 +282,28 @@ impl Client {
         Ok(self.json(Method::POST, &path).await?.1)
     }
 
-    /// The process answering, and the one it took over from.
+    /// The process answering, and the one it took over from. A 503 that
+    /// says why (leaving, shutting down) is an answer too.
     pub async fn healthz(&self) -> Result<crate::api::HealthzView, CtlError> {
-        Ok(self.json(Method::GET, "/healthz").await?.1)
+        let (status, body) = self.call(Method::GET, "/healthz").await?;
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && let Ok(v) = serde_json::from_slice(&body)
+        {
+            return Ok(v);
+        }
+        self.decode(status, &body)
+    }
+
+    /// `POST /leave` or `POST /join`, with optional query.
+    pub async fn leave_or_join(
+        &self,
+        action: &str,
+        query: &[(&str, Option<Duration>)],
+    ) -> Result<crate::api::LeaveView, CtlError> {
+        Ok(self
+            .json(Method::POST, &with_query(&format!("/{action}"), query))
+            .await?
+            .1)
     }
 
     /// POSTs an action (`drain`, `stop`, `start`) with optional query.
@@ -288,16 +313,21 @@ impl Client {
         action: &str,
         query: &[(&str, Option<Duration>)],
     ) -> Result<BackendView, CtlError> {
-        let q: Vec<String> = query
-            .iter()
-            .filter_map(|(k, v)| v.map(|d| format!("{k}={}", format_duration(d))))
-            .collect();
-        let path = if q.is_empty() {
-            format!("/backends/{name}/{action}")
-        } else {
-            format!("/backends/{name}/{action}?{}", q.join("&"))
-        };
+        let path = with_query(&format!("/backends/{name}/{action}"), query);
         Ok(self.json(Method::POST, &path).await?.1)
+    }
+}
+
+/// `path` with the durations that are given as its query.
+fn with_query(path: &str, query: &[(&str, Option<Duration>)]) -> String {
+    let q: Vec<String> = query
+        .iter()
+        .filter_map(|(k, v)| v.map(|d| format!("{k}={}", format_duration(d))))
+        .collect();
+    if q.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", q.join("&"))
     }
 }
 

@@ -82,6 +82,13 @@ fn process_line(h: &crate::api::HealthzView) -> String {
         h.pid,
         output::utc(h.started_ms / 1000)
     );
+    if let Some(since) = h.leaving_since_ms {
+        line.push_str(&format!(
+            "leaving its pair since {} with {} live connection(s); `sluice ctl join` takes it back\n",
+            output::utc(since / 1000),
+            h.active_connections
+        ));
+    }
     if let Some(p) = h.previous.as_ref().filter(|p| p.exited_ms.is_none()) {
         line.push_str(&format!(
             "previous process pid {} (version {}) still holds {} connection(s)\n",
@@ -224,6 +231,60 @@ pub async fn upgrade(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Makes this instance leave its pair and shows its live count falling
+/// until none is left (or `wait` passes: exit 2).
+pub async fn leave(
+    c: &Client,
+    wait: Option<Duration>,
+    force_after: Option<Duration>,
+) -> Result<Outcome, CtlError> {
+    let started = Instant::now();
+    let v = c
+        .leave_or_join("leave", &[("force_after", force_after)])
+        .await?;
+    say(&format!(
+        "leaving: /healthz answers 503, so the peer takes the floating address; {} live connection(s) run on",
+        v.active_connections
+    ));
+    let mut last = v.active_connections;
+    loop {
+        let h = c.healthz().await?;
+        if h.leaving_since_ms.is_none() {
+            return Err(CtlError::Rollout(
+                "this instance joined again while leaving".into(),
+            ));
+        }
+        if h.active_connections == 0 {
+            say(&format!(
+                "left after {:.1}s, 0 live connections: patch or reboot this host, then `sluice ctl join`",
+                started.elapsed().as_secs_f64()
+            ));
+            return Ok(Outcome::Done);
+        }
+        if h.active_connections != last {
+            say(&format!("{} live connection(s)", h.active_connections));
+            last = h.active_connections;
+        }
+        if let Some(w) = wait
+            && started.elapsed() >= w
+        {
+            say(&format!(
+                "still leaving after {} with {last} live connection(s)",
+                format_duration(w)
+            ));
+            return Ok(Outcome::TimedOut);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Takes this instance back into its pair.
+pub async fn join(c: &Client) -> Result<Outcome, CtlError> {
+    c.leave_or_join("join", &[]).await?;
+    say("joined: /healthz answers 200, so this host may take the floating address again");
+    Ok(Outcome::Done)
 }
 
 pub async fn stop(c: &Client, name: &str) -> Result<Outcome, CtlError> {

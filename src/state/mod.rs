@@ -7,6 +7,7 @@
 //! on reload (`reload.rs`), so no setting can be accepted and forgotten.
 
 mod file;
+mod leave;
 mod limit;
 mod reload;
 mod shortage;
@@ -29,7 +30,8 @@ use crate::health::Rules;
 use crate::pool::Route;
 use crate::shutdown::Background;
 
-pub use file::{Saved, load as load_state_file};
+pub use file::{Saved, States, load as load_state_file};
+pub use leave::Leaving;
 pub use limit::{Limit, Permit};
 pub use reload::{NeedsRestart, ReloadError};
 pub use shortage::Shortage;
@@ -132,6 +134,8 @@ pub struct Shared {
     pub closing_all: AtomicBool,
     /// Set once shutdown has begun.
     pub shutting_down: AtomicBool,
+    /// Set while this instance leaves its pair (`POST /leave`).
+    pub leaving: Leaving,
     /// Health checks, drain policies, removals, the state file writer.
     pub tasks: Background,
     /// Cancels the health checks of the configuration in force.
@@ -297,6 +301,7 @@ impl Shared {
         let state_changed = Arc::new(Notify::new());
         // Saved states of backends the file no longer names wait for them.
         let retired = saved
+            .backends
             .iter()
             .filter(|(name, _)| !config.backends.iter().any(|b| &b.name == *name))
             .map(|(name, &state)| {
@@ -312,7 +317,7 @@ impl Shared {
             .iter()
             .map(|bc| {
                 let b = reload::new_backend(bc, &state_changed);
-                if let Some(&state) = saved.get(&bc.name) {
+                if let Some(&state) = saved.backends.get(&bc.name) {
                     // Saved states first, so a backend drained for
                     // maintenance never takes a connection because sluice
                     // restarted.
@@ -334,6 +339,7 @@ impl Shared {
             stats: Stats::default(),
             closing_all: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            leaving: Leaving::default(),
             tasks: Background::default(),
             health_checks: Mutex::new(CancellationToken::new()),
             changes: Mutex::new(()),
@@ -344,6 +350,12 @@ impl Shared {
             previous_changed: Notify::new(),
             started_ms: crate::health::unix_ms(),
         });
+        shared.leaving.restore(saved.leaving);
+        if saved.leaving {
+            tracing::warn!(
+                "leaving, as the state file says: /healthz answers 503 until `sluice ctl join`"
+            );
+        }
         let runtime = shared.runtime();
         let list = shared.backends();
         shared.set_routes(&list, &runtime.config);
@@ -390,9 +402,9 @@ impl Shared {
     /// Every backend's admin state by name, removed ones included: what
     /// the state file keeps. A removed backend counts with the state it had
     /// before its removal drain, unless an admin acted on it since.
-    pub fn admin_states(&self) -> Saved {
+    pub fn admin_states(&self) -> States {
         let retired = self.retired.lock().expect("retired lock");
-        let mut states: Saved = retired.iter().map(|(n, r)| (n.clone(), r.state)).collect();
+        let mut states: States = retired.iter().map(|(n, r)| (n.clone(), r.state)).collect();
         for b in self.backends().iter() {
             let state = match retired.get(&b.name) {
                 Some(r) if b.removed.load(Ordering::SeqCst) && r.generation == b.generation() => {
@@ -423,7 +435,11 @@ impl Shared {
         if self.persist.handed_over.load(Ordering::SeqCst) {
             return None;
         }
-        let result = file::save(&path, &self.admin_states());
+        let saved = Saved {
+            backends: self.admin_states(),
+            leaving: self.leaving.is_on(),
+        };
+        let result = file::save(&path, &saved);
         let mut failing = self.persist.failing.lock().expect("persist lock");
         match result {
             Ok(()) => {
