@@ -2,7 +2,8 @@
 # The whole test run, from a fresh machine: installs what the tests need
 # (real nginx, curl, iproute2 and nftables for the network-namespace fault
 # tests, kmod to load netem, a C++ compiler for libFuzzer, python3-venv for
-# schemathesis, systemd for `systemd-analyze verify` of the unit), runs
+# schemathesis, systemd for `systemd-analyze verify` of the unit, etcd for
+# the cluster tests and protoc to build etcd's client), runs
 # every test, runs schemathesis against the admin
 # API's OpenAPI document, then fuzzes each target for a bounded time.
 # `.ci/run` calls exactly this; README gives it as the test command.
@@ -16,7 +17,8 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
 declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [nft]=nftables
-  [modprobe]=kmod [c++]=g++ [systemd-analyze]=systemd)
+  [modprobe]=kmod [c++]=g++ [systemd-analyze]=systemd [etcd]=etcd-server
+  [protoc]=protobuf-compiler)
 need=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
@@ -40,7 +42,11 @@ fi
 # link test (tests/netns.rs) drops packets with nftables instead.
 modprobe sch_netem 2>/dev/null || true
 
-cargo test --locked
+# Cluster mode is a feature (its etcd client needs protoc to build): the
+# tests run with it, and the default build, which README's run command
+# makes, must still compile.
+cargo check --locked
+cargo test --locked --features cluster
 
 # A property-based run of the admin API against its OpenAPI document, so a
 # 5xx or a reply the document does not allow fails the run

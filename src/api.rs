@@ -38,6 +38,10 @@ pub struct BackendView {
     /// The services that send clients to this backend.
     #[serde(default)]
     pub services: Vec<String>,
+    /// In cluster mode: each live instance's count and state, this
+    /// instance first; `active_connections` is their sum.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceCount>,
     /// Whether its admin state is saved in the state file (after a change:
     /// whether that change was saved); absent without a state file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +158,50 @@ pub struct HealthzView {
     /// Unix time (ms) at which this instance began leaving its pair.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leaving_since_ms: Option<u64>,
+    /// In cluster mode: the cluster and whether etcd answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// One instance's share of a backend, in cluster mode.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct InstanceCount {
+    pub instance: String,
+    /// The admin state that instance applies.
+    pub state: State,
+    pub active_connections: usize,
+}
+
+/// The cluster this instance belongs to, as `/healthz` shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct ClusterView {
+    pub name: String,
+    /// This instance's name.
+    pub instance: String,
+    /// Whether etcd answers; without it, the last known state applies and
+    /// admin changes are refused.
+    pub connected: bool,
+    /// The instances alive (their lease held), this one first.
+    pub instances: Vec<String>,
+}
+
+/// What each instance publishes in etcd, under its lease.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Default)]
+pub struct InstanceReport {
+    pub pid: u32,
+    pub version: String,
+    /// By backend name.
+    pub backends: std::collections::BTreeMap<String, BackendReport>,
+}
+
+/// One backend on one instance.
+#[derive(Debug, Serialize, Deserialize, Clone, Copy, PartialEq)]
+pub struct BackendReport {
+    pub state: State,
+    /// Its live connections there (a previous process's included).
+    pub live: usize,
+    /// The etcd revision of the backend's admin state it has applied.
+    pub rev: i64,
 }
 
 /// The answer to `POST /leave` and `POST /join`.

@@ -56,6 +56,23 @@ pub struct Config {
     /// Threads that serve connections.
     pub workers: usize,
     pub runtime: RuntimeLayout,
+    /// `[cluster]`: the admin state shared through etcd by every instance.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: several sluice instances that share one admin state in
+/// etcd, so a drain sent to any of them drains the backend on all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd client URLs, such as `http://10.0.0.5:2379`.
+    pub etcd: Vec<String>,
+    /// The cluster's name: its keys live under `/sluice/{name}/`.
+    pub name: String,
+    /// This instance's name among them; the host name by default.
+    pub instance: String,
+    /// How long a dead instance's connection counts stay counted: the
+    /// TTL of the lease they are published under.
+    pub lease: Duration,
 }
 
 /// How the worker threads are laid out.
@@ -321,6 +338,16 @@ struct FileConfig {
     workers: Option<Spanned<i64>>,
     runtime: Option<Spanned<String>>,
     health: Option<FileHealth>,
+    cluster: Option<FileCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    etcd: Spanned<Vec<Spanned<String>>>,
+    name: Spanned<String>,
+    instance: Option<Spanned<String>>,
+    lease: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -523,6 +550,7 @@ impl Config {
             .unwrap_or(100_000) as usize;
         let workers = workers(&ctx, &raw.workers)?;
         let runtime = runtime(&ctx, &raw.runtime)?;
+        let cluster = raw.cluster.as_ref().map(|c| cluster(&ctx, c)).transpose()?;
 
         Ok(Config {
             admin,
@@ -537,8 +565,94 @@ impl Config {
             zero_copy: raw.zero_copy.unwrap_or(true),
             workers,
             runtime,
+            cluster,
         })
     }
+}
+
+/// `[cluster]`.
+fn cluster(ctx: &Ctx, c: &FileCluster) -> Result<ClusterConfig, ConfigError> {
+    if !cfg!(feature = "cluster") {
+        return Err(ctx.err(
+            c.name.span(),
+            "cluster",
+            "this sluice was built without cluster support; build it with `cargo build --release --features cluster` (which needs protoc: apt-get install protobuf-compiler)".into(),
+        ));
+    }
+    if c.etcd.get_ref().is_empty() {
+        return Err(ctx.err(
+            c.etcd.span(),
+            "cluster.etcd",
+            "give at least one etcd URL, such as \"http://10.0.0.5:2379\"".into(),
+        ));
+    }
+    let mut etcd = Vec::new();
+    for (i, u) in c.etcd.get_ref().iter().enumerate() {
+        let url = u.get_ref().trim();
+        let authority = url.strip_prefix("http://").unwrap_or("");
+        let host_port = authority.trim_end_matches('/');
+        let ok = !host_port.is_empty()
+            && !host_port.contains('/')
+            && host_port
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(ctx.err(
+                u.span(),
+                &format!("cluster.etcd[{i}]"),
+                format!(
+                    "`{}` is not an etcd URL such as \"http://10.0.0.5:2379\" (http, host and port)",
+                    u.get_ref()
+                ),
+            ));
+        }
+        etcd.push(format!("http://{host_port}"));
+    }
+    let name = c.name.get_ref().trim();
+    check_name(ctx, name, &c.name, "cluster.name")?;
+    let instance = match &c.instance {
+        Some(i) => {
+            let name = i.get_ref().trim();
+            check_name(ctx, name, i, "cluster.instance")?;
+            name.to_string()
+        }
+        None => host_name().ok_or_else(|| {
+            ctx.err(
+                c.name.span(),
+                "cluster.instance",
+                "the host name is not a usable instance name: set cluster.instance".into(),
+            )
+        })?,
+    };
+    let lease = ctx
+        .duration(&c.lease, "cluster.lease")?
+        .unwrap_or(Duration::from_secs(5));
+    if let Some(l) = &c.lease
+        && !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&lease)
+    {
+        return Err(ctx.err(
+            l.span(),
+            "cluster.lease",
+            "must be from 2s to 5m (etcd's shortest lease is about 2 s)".into(),
+        ));
+    }
+    Ok(ClusterConfig {
+        etcd,
+        name: name.to_string(),
+        instance,
+        lease,
+    })
+}
+
+/// This host's name, if it is a well-formed instance name.
+fn host_name() -> Option<String> {
+    let name = nix::unistd::gethostname().ok()?.into_string().ok()?;
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then_some(name)
 }
 
 /// `[admin]`, with `fallback_token` when the file sets no token.
@@ -1384,6 +1498,7 @@ mod tests {
                 zero_copy: true,
                 workers,
                 runtime: RuntimeLayout::MultiThread,
+                cluster: None,
             }
         );
 
@@ -1462,5 +1577,61 @@ mod tests {
                 RuntimeLayout::PerCore,
             )
         );
+    }
+
+    const ONE_BACKEND: &str = "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n[[backend]]\nname = \"web1\"\naddress = \"10.0.0.11\"\n";
+
+    #[cfg(not(feature = "cluster"))]
+    #[test]
+    fn a_cluster_section_needs_the_cluster_build() {
+        let text = format!(
+            "{ONE_BACKEND}[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nname = \"shop\"\n"
+        );
+        let e = Config::parse("s.toml", &text).unwrap_err().to_string();
+        assert!(e.contains("--features cluster"), "{e}");
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn the_cluster_section_is_checked_field_by_field() {
+        let with =
+            |lines: &str| Config::parse("s.toml", &format!("{ONE_BACKEND}[cluster]\n{lines}\n"));
+        let c = with("etcd = [\"http://10.0.0.5:2379/\"]\nname = \"shop\"\ninstance = \"lb1\"")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.etcd, ["http://10.0.0.5:2379"]);
+        assert_eq!((c.name.as_str(), c.instance.as_str()), ("shop", "lb1"));
+        assert_eq!(c.lease, Duration::from_secs(5));
+        for (lines, says) in [
+            (
+                "etcd = []\nname = \"shop\"",
+                "cluster.etcd: give at least one",
+            ),
+            (
+                "etcd = [\"10.0.0.5:2379\"]\nname = \"shop\"",
+                "cluster.etcd[0]: `10.0.0.5:2379` is not an etcd URL",
+            ),
+            (
+                "etcd = [\"https://e:2379\"]\nname = \"shop\"",
+                "cluster.etcd[0]",
+            ),
+            (
+                "etcd = [\"http://e:2379\"]\nname = \"a b\"",
+                "cluster.name: `a b` is not a name",
+            ),
+            (
+                "etcd = [\"http://e:2379\"]\nname = \"s\"\ninstance = \"\"",
+                "cluster.instance",
+            ),
+            (
+                "etcd = [\"http://e:2379\"]\nname = \"s\"\nlease = \"1s\"",
+                "cluster.lease: must be from 2s",
+            ),
+            ("etcd = [\"http://e:2379\"]", "missing field `name`"),
+        ] {
+            let e = with(lines).unwrap_err().to_string();
+            assert!(e.contains(says), "{lines}: {e}");
+        }
     }
 }

@@ -32,6 +32,7 @@
 pub mod admin;
 pub mod api;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod demo;

@@ -35,6 +35,8 @@ pub enum Error {
     AdminSocket { path: PathBuf, message: String },
     #[error("cannot take over from the running sluice: {0}")]
     TakeOver(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error(transparent)]
     Io(std::io::Error),
 }
@@ -58,15 +60,30 @@ impl Sluice {
     /// serving.
     pub async fn bind(config: Config) -> Result<Sluice, Error> {
         fd_budget(&config);
-        let saved = match &config.state_file {
+        let mut saved = match &config.state_file {
             Some(path) => {
                 crate::state::load_state_file(path).map_err(|message| Error::StateFile {
                     path: path.clone(),
                     message,
                 })?
             }
-            None => Default::default(),
+            None => crate::state::Saved::default(),
         };
+        if let Some(c) = &config.cluster {
+            // The cluster's states, not a file that may be stale; the
+            // file only when etcd does not answer, as the last known.
+            match crate::cluster::agreed_states(c).await {
+                Ok(states) => {
+                    info!(cluster = %c.name, instance = %c.instance, "admin states read from the cluster");
+                    saved.backends = states;
+                }
+                Err(e) => warn!(
+                    cluster = %c.name,
+                    "etcd ({}) does not answer ({e}): starting from the state file's admin states, which may be stale, until it does",
+                    c.etcd.join(", ")
+                ),
+            }
+        }
         let per_core = config.runtime == RuntimeLayout::PerCore && config.workers > 1;
         let count = if per_core { config.workers } else { 1 };
         let mut sets = Vec::new();
@@ -332,9 +349,13 @@ impl Sluice {
         let workers = Workers::start(&shared, listeners, upgrader.handed_over.child_token())?;
         let admin_stop = CancellationToken::new();
         info!(listen = %admin.local_addr().map_err(Error::Io)?, "admin API listening");
+        let cluster = crate::cluster::Cluster::start(&shared)
+            .await
+            .map_err(Error::Cluster)?;
         let plane = Arc::new(crate::admin::Plane {
             shared: shared.clone(),
             upgrader: Some(upgrader.clone()),
+            cluster: cluster.clone(),
         });
         // Its own token: after a hand-over the admin API stops accepting at
         // once (the new process answers), while its requests finish.
@@ -401,6 +422,9 @@ impl Sluice {
             }
         }
         shared.tasks.shutdown().await;
+        if let Some(c) = &cluster {
+            c.stop().await;
+        }
         shared.save_states();
         info!("stopped");
         Ok(())

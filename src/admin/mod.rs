@@ -72,6 +72,8 @@ pub struct Plane {
     pub shared: Arc<Shared>,
     /// `None` where no upgrade is possible (in tests and the fuzz target).
     pub upgrader: Option<Arc<crate::upgrade::Upgrader>>,
+    /// The etcd session, in cluster mode: admin changes go through it.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Plane {
@@ -80,6 +82,7 @@ impl Plane {
         Arc::new(Plane {
             shared,
             upgrader: None,
+            cluster: None,
         })
     }
 }

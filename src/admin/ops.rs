@@ -12,8 +12,9 @@ use hyper::header::{self, HeaderValue};
 
 use super::route::Op;
 use super::{OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
-use crate::api::{BackendView, ConnView, HealthzView, LeaveView, StatsView};
+use crate::api::{BackendView, ConnView, HealthzView, InstanceCount, LeaveView, StatsView};
 use crate::backend::{Backend, ConnInfo};
+use crate::cluster::Change;
 use crate::health::unix_ms;
 use crate::state::Shared;
 
@@ -46,6 +47,9 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             "this process is handing over to a new one (an upgrade): send the change again in a moment, to the new process",
         )
         .reply();
+    }
+    if let Some(refusal) = agree(&op, plane).await {
+        return refusal.reply();
     }
     let backend = |name: &str| shared.backend(name);
     match op {
@@ -201,6 +205,27 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
     }
 }
 
+/// In cluster mode, a backend's change is first agreed in etcd (and
+/// applied here); the local steps after it then find it done. Refused,
+/// and applied nowhere, when etcd cannot take it.
+async fn agree(op: &Op, plane: &Plane) -> Option<Refusal> {
+    let (name, change) = match op {
+        Op::Drain { name, policy, .. } => (name, Change::Drain(*policy)),
+        Op::Stop(name) => (name, Change::Stop),
+        Op::Start(name) => (name, Change::Start),
+        _ => return None,
+    };
+    plane.shared.cluster()?;
+    let Some(cluster) = &plane.cluster else {
+        return Some(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster mode without a session to etcd: changes are refused",
+        ));
+    };
+    let why = cluster.write(name, change).await.err()?;
+    Some(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, why))
+}
+
 /// Writes the state file off the runtime; the task yields whether the
 /// file holds the states (`None` without a state file).
 fn save_in_background(shared: &Arc<Shared>) -> tokio::task::JoinHandle<Option<bool>> {
@@ -240,8 +265,17 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         healthy: health.up,
         health_checked: health.checked,
         weight: b.weight(),
-        // After an upgrade, the previous process's too, until it has gone.
-        active_connections: b.live() + b.elsewhere(),
+        // After an upgrade, the previous process's too, until it has gone;
+        // in cluster mode, every live instance's.
+        active_connections: b.live() + b.elsewhere() + b.peers_live(),
+        instances: shared.cluster().map_or_else(Vec::new, |c| {
+            let here = InstanceCount {
+                instance: c.config.instance.clone(),
+                state: b.state(),
+                active_connections: b.live() + b.elsewhere(),
+            };
+            std::iter::once(here).chain(c.counts(b)).collect()
+        }),
         idle_connections: b.idle_count(IDLE_REPORT),
         total_connections: b.total_connections.load(Ordering::Relaxed),
         connect_failures: b.connect_failures.load(Ordering::Relaxed),
@@ -292,5 +326,6 @@ fn whoami(shared: &Shared) -> HealthzView {
         previous: shared.previous(),
         active_connections: shared.live_everywhere(),
         leaving_since_ms: shared.leaving.since_ms(),
+        cluster: shared.cluster().map(|c| c.view()),
     }
 }

@@ -37,7 +37,7 @@ impl DrainPolicy {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.force_after.is_none() && self.close_idle.is_none()
     }
 }

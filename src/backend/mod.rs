@@ -108,6 +108,12 @@ pub struct Backend {
     /// Connections of this backend that the sluice process this one took
     /// over from still holds: a drain is over only when they are gone too.
     elsewhere: AtomicUsize,
+    /// Connections of this backend on the other instances of its cluster.
+    peers_live: AtomicUsize,
+    /// Other instances of its cluster that have not yet applied its latest
+    /// admin state, or whose counts are unknown: a drain is not over until
+    /// they have, and hold nothing.
+    peers_behind: AtomicUsize,
     /// Closes those connections, for a stop, a forced drain or an idle
     /// close here (`None`: all; `Some(d)`: those idle for `d`).
     close_elsewhere: Mutex<Option<CloseElsewhere>>,
@@ -142,6 +148,8 @@ impl Backend {
             policy: Mutex::new(drain::Slot::default()),
             live: AtomicUsize::new(0),
             elsewhere: AtomicUsize::new(0),
+            peers_live: AtomicUsize::new(0),
+            peers_behind: AtomicUsize::new(0),
             close_elsewhere: Mutex::new(None),
             total_connections: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
@@ -218,6 +226,35 @@ impl Backend {
         if was != n {
             self.changed.notify_waiters();
         }
+    }
+
+    /// Connections on the other instances of its cluster.
+    pub fn peers_live(&self) -> usize {
+        self.peers_live.load(Ordering::SeqCst)
+    }
+
+    /// What the other instances of its cluster report: their connections,
+    /// and how many of them have not yet applied its latest admin state.
+    /// Both 0 may complete a drain.
+    pub fn set_peers(&self, live: usize, behind: usize) {
+        let was = (
+            self.peers_live.swap(live, Ordering::SeqCst),
+            self.peers_behind.swap(behind, Ordering::SeqCst),
+        );
+        if live == 0 && behind == 0 {
+            self.complete_drain_if_empty();
+        }
+        if was != (live, behind) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Nothing left here, in a previous process, or on another instance.
+    fn empty_everywhere(&self) -> bool {
+        self.live() == 0
+            && self.elsewhere() == 0
+            && self.peers_live() == 0
+            && self.peers_behind.load(Ordering::SeqCst) == 0
     }
 
     /// Sets how the previous process's connections are closed.
@@ -297,7 +334,7 @@ impl Backend {
     }
 
     fn complete_drain_locked(&self) {
-        if self.live() == 0 && self.elsewhere() == 0 {
+        if self.empty_everywhere() {
             self.transition_locked(&[State::Draining], State::Drained);
         }
     }
@@ -328,6 +365,13 @@ impl Backend {
         } else {
             s
         };
+        self.state.store(s as u8, Ordering::SeqCst);
+    }
+
+    /// Restores the state its cluster agreed on at start-up, exactly: a
+    /// drain may still run on other instances, so `draining` stays
+    /// `draining` until they report none left.
+    pub fn restore_agreed(&self, s: State) {
         self.state.store(s as u8, Ordering::SeqCst);
     }
 
@@ -425,9 +469,7 @@ impl Backend {
     /// Whether the backend is out of rotation and carries nothing, in this
     /// process or the one it took over from.
     pub fn is_drained(&self) -> bool {
-        matches!(self.state(), State::Drained | State::Stopped)
-            && self.live() == 0
-            && self.elsewhere() == 0
+        matches!(self.state(), State::Drained | State::Stopped) && self.empty_everywhere()
     }
 }
 

@@ -82,6 +82,19 @@ fn process_line(h: &crate::api::HealthzView) -> String {
         h.pid,
         output::utc(h.started_ms / 1000)
     );
+    if let Some(c) = &h.cluster {
+        line.push_str(&format!(
+            "cluster {}: this is instance {}; alive: {}{}\n",
+            c.name,
+            c.instance,
+            c.instances.join(", "),
+            if c.connected {
+                ""
+            } else {
+                "; DEGRADED: etcd cannot be reached, changes are refused"
+            }
+        ));
+    }
     if let Some(since) = h.leaving_since_ms {
         line.push_str(&format!(
             "leaving its pair since {} with {} live connection(s); `sluice ctl join` takes it back\n",

@@ -292,6 +292,7 @@ mod tests {
             last_ok_check_ms: 0,
             services: vec![],
             saved: None,
+            instances: vec![],
         }
     }
 

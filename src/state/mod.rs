@@ -6,6 +6,7 @@
 //! validated [`Config`] in one place ([`Runtime::new`]) and swapped whole
 //! on reload (`reload.rs`), so no setting can be accepted and forgotten.
 
+mod cluster;
 mod file;
 mod leave;
 mod limit;
@@ -30,6 +31,7 @@ use crate::health::Rules;
 use crate::pool::Route;
 use crate::shutdown::Background;
 
+pub use cluster::{Agreed, ClusterState};
 pub use file::{Saved, States, load as load_state_file};
 pub use leave::Leaving;
 pub use limit::{Limit, Permit};
@@ -136,6 +138,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Set while this instance leaves its pair (`POST /leave`).
     pub leaving: Leaving,
+    /// In cluster mode: what this instance knows of the others.
+    cluster: Option<ClusterState>,
     /// Health checks, drain policies, removals, the state file writer.
     pub tasks: Background,
     /// Cancels the health checks of the configuration in force.
@@ -320,8 +324,13 @@ impl Shared {
                 if let Some(&state) = saved.backends.get(&bc.name) {
                     // Saved states first, so a backend drained for
                     // maintenance never takes a connection because sluice
-                    // restarted.
-                    b.restore(state);
+                    // restarted. The cluster's, exactly: its drain may
+                    // still run elsewhere.
+                    if config.cluster.is_some() {
+                        b.restore_agreed(state);
+                    } else {
+                        b.restore(state);
+                    }
                     if state != State::Active {
                         tracing::info!(backend = %bc.name, state = b.state().as_str(), "admin state restored from the state file");
                     }
@@ -329,6 +338,7 @@ impl Shared {
                 b
             })
             .collect();
+        let cluster = config.cluster.clone().map(ClusterState::new);
         let shared = Arc::new(Shared {
             limit: Limit::new(config.max_connections),
             admin_limit: Limit::new(config.admin.max_connections),
@@ -340,6 +350,7 @@ impl Shared {
             closing_all: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             leaving: Leaving::default(),
+            cluster,
             tasks: Background::default(),
             health_checks: Mutex::new(CancellationToken::new()),
             changes: Mutex::new(()),
@@ -472,7 +483,13 @@ impl Shared {
     /// What keeps the balancer from being as configured, for `/healthz`.
     pub fn problems(&self) -> Vec<String> {
         let failing = self.persist.failing.lock().expect("persist lock");
-        failing.iter().cloned().collect()
+        let cluster = self.cluster.as_ref().and_then(ClusterState::problem);
+        failing.iter().cloned().chain(cluster).collect()
+    }
+
+    /// Whether a new process took over (an upgrade) and serves now.
+    pub fn handed_over(&self) -> bool {
+        self.persist.handed_over.load(Ordering::SeqCst)
     }
 
     /// Stops every health check, at shutdown.

@@ -82,6 +82,18 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<NeedsRestart> {
             .map_or("none".into(), |p| p.display().to_string())
     };
     differ("state_file".into(), path(old), path(new));
+    let cluster = |c: &Config| {
+        c.cluster.as_ref().map_or("none".into(), |c| {
+            format!(
+                "{} {} [{}] {}",
+                c.name,
+                c.instance,
+                c.etcd.join(", "),
+                crate::config::format_duration(c.lease)
+            )
+        })
+    };
+    differ("cluster".into(), cluster(old), cluster(new));
     differ(
         "workers".into(),
         old.workers.to_string(),
@@ -147,7 +159,15 @@ impl Shared {
                 }
                 None => {
                     let b = new_backend(bc, &self.state_changed);
-                    match self.retired_remove(&bc.name) {
+                    let retired = self.retired_remove(&bc.name);
+                    if let Some(state) = self.agreed_state(&bc.name) {
+                        // The cluster's state over this instance's memory.
+                        b.restore_agreed(state);
+                        tracing::info!(backend = %bc.name, address = %bc.address, state = state.as_str(), "backend added, with its cluster's admin state");
+                        list.push(b);
+                        continue;
+                    }
+                    match retired {
                         // Its admin state outlives its absence from the file.
                         Some(r) => {
                             b.restore(r.state);
