@@ -341,7 +341,9 @@ async fn run_ctl(
             };
             ctl::upgrade(c, binary.as_deref(), wait).await?
         }
-        CtlCommand::Leave { wait, force_after } => ctl::leave(c, wait, force_after).await?,
+        CtlCommand::Leave { wait, force_after } => {
+            ctl::leave(c, wait, force_after, progress).await?
+        }
         CtlCommand::Join => ctl::join(c).await?,
         CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
         CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,

@@ -576,3 +576,50 @@ async fn admins_racing_on_different_instances_end_in_one_state() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_against_one_instance_updates_each_backend_drained_on_all() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let (web1, web2) = (Echo::start("web1").await, Echo::start("web2").await);
+    let backends = [("web1", web1.addr), ("web2", web2.addr)];
+    let a = Instance::start(&etcd, "rollout", "a", &backends);
+    let b = Instance::start(&etcd, "rollout", "b", &backends);
+    converged(&[&a, &b]).await;
+    let (load, tasks) = Load::run(vec![a.addr, b.addr]);
+    load.more(20).await;
+    // The update step checks, on the other instance, that the backend it
+    // updates is drained there too.
+    let check = format!(
+        "curl -sf http://{}/backends/$SLUICE_BACKEND | grep -q '\"state\": \"drained\"' && echo \"updated $SLUICE_BACKEND\"",
+        b.admin
+    );
+    let out = within(
+        "ctl rollout",
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "--admin", &format!("http://{}", a.admin)])
+            .args(["rollout", "--exec", &check])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("updated web1") && text.contains("updated web2"),
+        "{text}"
+    );
+    for i in [&a, &b] {
+        for name in ["web1", "web2"] {
+            assert_eq!(i.state(name).await, "active", "{}", i.name);
+        }
+    }
+    load.stop(tasks).await;
+    assert_eq!(load.failed.load(Ordering::SeqCst), 0, "no client failed");
+}

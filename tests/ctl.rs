@@ -443,6 +443,35 @@ async fn an_interrupted_drain_says_what_it_leaves_and_how_to_undo_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_leave_says_the_instance_stays_out_and_how_to_join() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let (_session, _) = lb.connect().await;
+    let admin = format!("http://{}", lb.admin);
+    let mut child = command(&lb, &["leave"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    read_until(&mut lines, "leaving: /healthz answers 503").await;
+    send_signal(&child, "INT");
+    let out = within("interrupted ctl", child.wait_with_output())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("this instance is left leaving its pair")
+            && err.contains(&format!("sluice ctl join --admin {admin}")),
+        "{err}"
+    );
+    let (status, _) = lb.get("/healthz").await;
+    assert_eq!(status, 503, "the leave stays");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_rollout_says_what_was_done_and_what_it_leaves() {
     let (a, b, c) = (
         Echo::start("a").await,

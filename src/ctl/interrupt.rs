@@ -102,6 +102,8 @@ struct Steps {
     skipped: Vec<String>,
     /// The backend being worked on, and the step.
     current: Option<(String, Step)>,
+    /// Set once `leave` has made this instance leave its pair.
+    leaving: bool,
 }
 
 impl Progress {
@@ -126,6 +128,10 @@ impl Progress {
             s.current = None;
             s.done.push(name.to_string());
         });
+    }
+
+    pub(super) fn leaving(&self) {
+        self.update(|s| s.leaving = true);
     }
 
     pub(super) fn skipped(&self, name: &str) {
@@ -211,6 +217,16 @@ fn report(
         }
         s
     });
+    if steps.leaving {
+        let join = if admin == DEFAULT_ADMIN {
+            "sluice ctl join".to_string()
+        } else {
+            format!("sluice ctl join --admin {admin}")
+        };
+        return format!(
+            "{head}: this instance is left leaving its pair (its connections run on; the peer holds the address); to take it back: {join}\n"
+        );
+    }
     let Some(order) = &steps.rollout else {
         return match left {
             Some(l) => format!("{head}: {l}\n"),

@@ -252,11 +252,13 @@ pub async fn leave(
     c: &Client,
     wait: Option<Duration>,
     force_after: Option<Duration>,
+    progress: &Progress,
 ) -> Result<Outcome, CtlError> {
     let started = Instant::now();
     let v = c
         .leave_or_join("leave", &[("force_after", force_after)])
         .await?;
+    progress.leaving();
     say(&format!(
         "leaving: /healthz answers 503, so the peer takes the floating address; {} live connection(s) run on",
         v.active_connections
