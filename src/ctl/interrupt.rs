@@ -260,6 +260,7 @@ mod tests {
             done: names(done),
             skipped: vec![],
             current: current.map(|(n, s)| (n.to_string(), s)),
+            leaving: false,
         }
     }
 
