@@ -158,6 +158,10 @@ pub struct HealthzView {
     /// Unix time (ms) at which this instance began leaving its pair.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leaving_since_ms: Option<u64>,
+    /// While leaving: whether it has left (no connection open, and no new
+    /// client for a few seconds, so the address has moved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<bool>,
     /// In cluster mode: the cluster and whether etcd answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterView>,
@@ -214,7 +218,8 @@ pub struct LeaveView {
     pub since_ms: Option<u64>,
     /// Live connections still open through this instance.
     pub active_connections: usize,
-    /// Whether it is leaving and none is left.
+    /// Whether it has left: leaving, no connection open, and no new client
+    /// for a few seconds (so the floating address has moved).
     pub left: bool,
 }
 

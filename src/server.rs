@@ -345,13 +345,15 @@ impl Sluice {
             }
         }
         shared.tasks.spawn(trim_pools());
+        // Before any client: the other instances count this one, and it
+        // has the states they agreed on.
+        let cluster = crate::cluster::Cluster::start(&shared)
+            .await
+            .map_err(Error::Cluster)?;
         // Accepting ends the moment a new process has taken over.
         let workers = Workers::start(&shared, listeners, upgrader.handed_over.child_token())?;
         let admin_stop = CancellationToken::new();
         info!(listen = %admin.local_addr().map_err(Error::Io)?, "admin API listening");
-        let cluster = crate::cluster::Cluster::start(&shared)
-            .await
-            .map_err(Error::Cluster)?;
         let plane = Arc::new(crate::admin::Plane {
             shared: shared.clone(),
             upgrader: Some(upgrader.clone()),

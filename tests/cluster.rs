@@ -159,9 +159,20 @@ fn instance_config(
 
 impl Instance {
     fn start(etcd: &Etcd, cluster: &str, name: &str, backends: &[(&str, SocketAddr)]) -> Instance {
+        Self::start_with_lease(etcd, cluster, name, backends, "2s")
+    }
+
+    fn start_with_lease(
+        etcd: &Etcd,
+        cluster: &str,
+        name: &str,
+        backends: &[(&str, SocketAddr)],
+        lease: &str,
+    ) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.json");
-        let text = instance_config(etcd, cluster, name, &state, backends);
+        let text = instance_config(etcd, cluster, name, &state, backends)
+            .replace("lease = \"2s\"", &format!("lease = \"{lease}\""));
         let path = dir.path().join("sluice.toml");
         std::fs::write(&path, text).unwrap();
         Self::run(name, dir, path)
@@ -330,8 +341,11 @@ async fn a_drain_on_one_instance_drains_all_and_ends_with_the_last_connection_an
 
     // The cluster-wide count holds c's connection, with a breakdown, and
     // the drain is not over on any instance while it is open.
+    wait_for("a counts c's connection", || async {
+        a.backend("web1").await["active_connections"] == 1
+    })
+    .await;
     let v = a.backend("web1").await;
-    assert_eq!(v["active_connections"], 1, "{v}");
     let on_c = v["instances"]
         .as_array()
         .unwrap()
@@ -622,4 +636,36 @@ async fn a_rollout_against_one_instance_updates_each_backend_drained_on_all() {
     }
     load.stop(tasks).await;
     assert_eq!(load.failed.load(Ordering::SeqCst), 0, "no client failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_is_not_over_while_an_instance_has_not_applied_it() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let (web1, web2) = (Echo::start("web1").await, Echo::start("web2").await);
+    let backends = [("web1", web1.addr), ("web2", web2.addr)];
+    // A long lease: the frozen instance stays a member while frozen.
+    let a = Instance::start_with_lease(&etcd, "behind", "a", &backends, "30s");
+    let c = Instance::start_with_lease(&etcd, "behind", "c", &backends, "30s");
+    converged(&[&a, &c]).await;
+
+    // c holds no connection, but cannot apply anything while frozen: it
+    // could still accept web1's next client, so the drain is not over.
+    c.proc.signal("STOP");
+    let (status, v) = a.post("/backends/web1/drain?wait=1500ms").await;
+    assert_eq!((status, &v["state"]), (202, &"draining".into()), "{v}");
+    let us = v["instances"].as_array().unwrap();
+    assert!(
+        us.iter()
+            .any(|i| i["instance"] == "c" && i["state"] == "active"),
+        "{v}"
+    );
+
+    // Thawed, c applies the drain and reports it: now it is over.
+    c.proc.signal("CONT");
+    let (status, v) = a.post("/backends/web1/drain?wait=20s").await;
+    assert_eq!((status, &v["state"]), (200, &"drained".into()), "{v}");
+    assert_eq!(c.state("web1").await, "drained");
 }

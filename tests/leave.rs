@@ -120,17 +120,25 @@ async fn force_after_closes_what_is_left_and_wait_times_out_with_exit_2() {
     assert_eq!(v["left"], true);
     assert!(within("the forced close", closed_by_peer(&mut session)).await);
 
-    // A join cancels a pending force_after.
+    // A repeated leave keeps an earlier force_after: the earliest closes.
     let (mut session, _) = lb.connect().await;
+    lb.post("/join").await;
+    let (status, _) = lb.post("/leave?force_after=200ms").await;
+    assert_eq!(status, 202);
+    let (status, _) = lb.post("/leave").await;
+    assert_eq!(status, 202);
+    assert!(within("the earlier deadline", closed_by_peer(&mut session)).await);
+
+    // A join cancels a pending force_after: a session opened before it is
+    // still open well after that deadline has passed.
+    let (mut session, _) = lb.connect().await;
+    lb.post("/join").await;
     let (status, _) = lb.post("/leave?force_after=300ms").await;
     assert_eq!(status, 202);
     let (status, v) = lb.post("/join").await;
     assert_eq!((status, v["leaving"].as_bool()), (200, Some(false)));
-    let (status, v) = lb.post("/leave?wait=600ms").await;
-    assert_eq!(
-        status, 202,
-        "the earlier force_after no longer applies: {v}"
-    );
+    let (status, v) = lb.post("/leave?wait=900ms").await;
+    assert_eq!(status, 202, "a session is open: {v}");
     echo(&mut session, b"still open").await;
     lb.post("/join").await;
     lb.shutdown().await;

@@ -352,7 +352,7 @@ fn wire_types_match_their_schemas() {
         instances: vec!["lb1".into(), "lb2".into()],
     };
     let healthz =
-        |problems: Vec<String>, time_ms, previous, leaving_since_ms, cluster| HealthzView {
+        |problems: Vec<String>, time_ms, previous, leaving_since_ms, cluster, left| HealthzView {
             status: "degraded".into(),
             problems,
             time_ms,
@@ -363,6 +363,7 @@ fn wire_types_match_their_schemas() {
             active_connections: 3,
             leaving_since_ms,
             cluster,
+            left,
         };
     let previous = |exited_ms| PreviousView {
         pid: 41,
@@ -386,9 +387,10 @@ fn wire_types_match_their_schemas() {
                 Some(1),
                 Some(previous(Some(2))),
                 Some(1_795_876_660_100),
-                Some(cluster.clone())
+                Some(cluster.clone()),
+                Some(false)
             )),
-            json!(healthz(Vec::new(), None, None, None, None)),
+            json!(healthz(Vec::new(), None, None, None, None, None)),
         ),
         (
             "LeaveView",
@@ -509,6 +511,7 @@ fn wire_types_match_their_schemas() {
             active_connections: 0,
             leaving_since_ms: None,
             cluster: None,
+            left: None,
         });
         assert_valid(&doc, &schema("HealthzView"), &v, "each healthz status");
     }

@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderValue};
 use super::route::Op;
 use super::{OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
 use crate::api::{BackendView, ConnView, HealthzView, InstanceCount, LeaveView, StatsView};
-use crate::backend::{Backend, ConnInfo};
+use crate::backend::{Backend, ConnInfo, State};
 use crate::cluster::Change;
 use crate::health::unix_ms;
 use crate::state::Shared;
@@ -48,9 +48,13 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
         )
         .reply();
     }
-    if let Some(refusal) = agree(&op, plane).await {
-        return refusal.reply();
-    }
+    // In cluster mode a change enters through etcd, applied in revision
+    // order (`Shared::apply_agreed`); the local call below would apply it
+    // a second time, out of that order.
+    let agreed = match agree(&op, plane).await {
+        Ok(agreed) => agreed,
+        Err(refusal) => return refusal.reply(),
+    };
     let backend = |name: &str| shared.backend(name);
     match op {
         Op::OpenApi => {
@@ -133,10 +137,16 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 return gone(&name);
             };
             caller.audit("drain", &name);
-            let drain = b.drain(policy, &shared.tasks);
             if let Some(limit) = wait {
                 // Also over when someone starts the backend again meanwhile.
-                drain.wait(limit).await;
+                if agreed {
+                    b.wait_until(limit, |b| b.is_drained() || b.state() == State::Active)
+                        .await;
+                } else {
+                    b.drain(policy, &shared.tasks).wait(limit).await;
+                }
+            } else if !agreed {
+                b.drain(policy, &shared.tasks);
             }
             let status = if b.is_drained() {
                 StatusCode::OK
@@ -150,7 +160,9 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 return gone(&name);
             };
             caller.audit("stop", &name);
-            b.stop();
+            if !agreed {
+                b.stop();
+            }
             // Closing is asynchronous; give the connections a moment so
             // the reply shows the count they leave behind.
             b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
@@ -162,7 +174,9 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 return gone(&name);
             };
             caller.audit("start", &name);
-            b.start();
+            if !agreed {
+                b.start();
+            }
             changed(&b, shared, StatusCode::OK).await
         }
         Op::Leave { wait, force_after } => {
@@ -205,25 +219,30 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
     }
 }
 
-/// In cluster mode, a backend's change is first agreed in etcd (and
-/// applied here); the local steps after it then find it done. Refused,
-/// and applied nowhere, when etcd cannot take it.
-async fn agree(op: &Op, plane: &Plane) -> Option<Refusal> {
+/// In cluster mode, a backend's change is agreed in etcd, and applied
+/// here and everywhere from there: `Ok(true)`. `Ok(false)`: not a cluster
+/// change, to apply here. Refused, and applied nowhere, when etcd cannot
+/// take it.
+async fn agree(op: &Op, plane: &Plane) -> Result<bool, Refusal> {
     let (name, change) = match op {
         Op::Drain { name, policy, .. } => (name, Change::Drain(*policy)),
         Op::Stop(name) => (name, Change::Stop),
         Op::Start(name) => (name, Change::Start),
-        _ => return None,
+        _ => return Ok(false),
     };
-    plane.shared.cluster()?;
+    if plane.shared.cluster().is_none() {
+        return Ok(false);
+    }
     let Some(cluster) = &plane.cluster else {
-        return Some(Refusal::new(
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "cluster mode without a session to etcd: changes are refused",
         ));
     };
-    let why = cluster.write(name, change).await.err()?;
-    Some(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, why))
+    match cluster.write(name, change).await {
+        Ok(()) => Ok(true),
+        Err(why) => Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, why)),
+    }
 }
 
 /// Writes the state file off the runtime; the task yields whether the
@@ -310,7 +329,7 @@ fn leave_view(shared: &Shared, saved: Option<bool>) -> LeaveView {
         leaving,
         since_ms: shared.leaving.since_ms(),
         active_connections,
-        left: leaving && active_connections == 0,
+        left: shared.has_left(),
     }
 }
 
@@ -326,6 +345,7 @@ fn whoami(shared: &Shared) -> HealthzView {
         previous: shared.previous(),
         active_connections: shared.live_everywhere(),
         leaving_since_ms: shared.leaving.since_ms(),
+        left: shared.leaving.is_on().then(|| shared.has_left()),
         cluster: shared.cluster().map(|c| c.view()),
     }
 }

@@ -5,15 +5,15 @@
 //! - `instances/{instance}`: what each instance reports
 //!   ([`InstanceReport`], JSON), under a lease that ends with it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use tokio::time::Instant;
 
@@ -28,12 +28,14 @@ use crate::state::{Agreed, Shared};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the counts are looked at, and published when they changed.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
-/// A report is put again at least this often, so that a key another
-/// process of this instance wrote (an upgrade) is soon this one's again.
+/// Count changes that no drain waits for are published at most this often.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// How many times a write retries when another admin changed the same
 /// backend between its read and its compare-and-set.
-const WRITE_TRIES: usize = 5;
+const WRITE_TRIES: usize = 50;
+/// How long a start waits for its first session before serving on the
+/// state it has, degraded.
+const START_LIMIT: Duration = Duration::from_secs(5);
 
 /// This instance's session with etcd.
 pub struct Cluster {
@@ -88,7 +90,8 @@ async fn connect(config: &ClusterConfig) -> Result<Client, String> {
         .with_connect_timeout(REQUEST_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
         .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
     timed("connect", Client::connect(&config.etcd, Some(options))).await
 }
 
@@ -116,6 +119,17 @@ pub async fn agreed_states(config: &ClusterConfig) -> Result<HashMap<String, Sta
         .collect())
 }
 
+/// Whether `new` differs from `old` in what a drain somewhere waits for:
+/// a state, an applied revision, or a count reaching or leaving 0.
+fn significant(old: &InstanceReport, new: &InstanceReport) -> bool {
+    old.backends.len() != new.backends.len()
+        || new.backends.iter().any(|(name, n)| {
+            old.backends.get(name).is_none_or(|o| {
+                o.state != n.state || o.rev != n.rev || (o.live == 0) != (n.live == 0)
+            })
+        })
+}
+
 /// What a key under the prefix is.
 enum Key<'a> {
     Backend(&'a str),
@@ -123,8 +137,26 @@ enum Key<'a> {
     Other,
 }
 
+/// A put in flight.
+type Pending = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// A session with etcd: this instance's lease, the watch from the
+/// revision its snapshot was read at, and what it published last.
+struct Session {
+    client: Client,
+    lease: i64,
+    ttl: Duration,
+    keeper: LeaseKeeper,
+    renewals: LeaseKeepAliveStream,
+    watch: WatchStream,
+    published: InstanceReport,
+}
+
 impl Cluster {
-    /// Starts the session of `shared`'s cluster, if it has one: it runs
+    /// Starts the session of `shared`'s cluster, if it has one. Before it
+    /// returns, and so before this instance accepts a client, it has told
+    /// the others it exists (as behind on every backend) and applied the
+    /// state as of now, or tried for [`START_LIMIT`]. Then the session runs
     /// until shutdown, reconnecting whenever etcd stops answering.
     pub async fn start(shared: &Arc<Shared>) -> Result<Option<Arc<Cluster>>, String> {
         let Some(cluster) = shared.cluster() else {
@@ -139,7 +171,19 @@ impl Cluster {
             prefix: prefix(&config),
             lease: AtomicI64::new(0),
         });
-        shared.tasks.spawn(c.clone().run());
+        let first = match tokio::time::timeout(START_LIMIT, c.open()).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(why)) => {
+                shared.cluster_reachable(Some(c.problem(&why)));
+                None
+            }
+            Err(_) => {
+                let why = format!("no session within {}", format_duration(START_LIMIT));
+                shared.cluster_reachable(Some(c.problem(&why)));
+                None
+            }
+        };
+        shared.tasks.spawn(c.clone().run(first));
         Ok(Some(c))
     }
 
@@ -174,10 +218,24 @@ impl Cluster {
     }
 
     /// Sessions, one after another, until shutdown or a hand-over.
-    async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>, mut session: Option<Session>) {
         let mut pause = Duration::from_millis(100);
         loop {
-            match self.session(&mut pause).await {
+            // The new process reports for this instance from now.
+            if self.shared.handed_over() {
+                return;
+            }
+            let result = match session.take() {
+                Some(s) => self.serve(s).await,
+                None => match self.open().await {
+                    Ok(s) => {
+                        pause = Duration::from_millis(100);
+                        self.serve(s).await
+                    }
+                    Err(why) => Err(why),
+                },
+            };
+            match result {
                 Ok(()) => return,
                 Err(why) => self.shared.cluster_reachable(Some(self.problem(&why))),
             }
@@ -186,15 +244,17 @@ impl Cluster {
         }
     }
 
-    /// One session: a lease, the state as of now, then the watch from
-    /// there, so nothing that changed meanwhile is missed.
-    async fn session(&self, pause: &mut Duration) -> Result<(), String> {
+    /// Opens a session: a lease and a first report under it, so that the
+    /// others count this instance before it acts; then the state as of
+    /// now, and a watch from there, so nothing that changes meanwhile is
+    /// missed.
+    async fn open(&self) -> Result<Session, String> {
         let mut c = self.client.clone();
         let ttl = self.config().lease.as_secs().max(2) as i64;
         let lease = timed("grant a lease", c.lease_grant(ttl, None)).await?.id();
         self.lease.store(lease, Ordering::SeqCst);
-        let (mut keeper, mut renewals) =
-            timed("keep the lease alive", c.lease_keep_alive(lease)).await?;
+        let (keeper, renewals) = timed("keep the lease alive", c.lease_keep_alive(lease)).await?;
+        self.put(&mut c, lease, &self.report()).await?;
         let snapshot = timed(
             "read the cluster's state",
             c.get(self.prefix.clone(), Some(GetOptions::new().with_prefix())),
@@ -203,21 +263,28 @@ impl Cluster {
         let rev = snapshot.header().map_or(0, |h| h.revision());
         let me = self.config().instance.clone();
         let mut peers = HashMap::new();
+        let mut unreadable = HashSet::new();
         for kv in snapshot.kvs() {
             match self.key(kv.key()) {
                 Key::Backend(name) => self.apply(name, Some(kv.value()), kv.mod_revision()),
                 Key::Instance(name) if name != me => {
-                    if let Ok(r) = serde_json::from_slice::<InstanceReport>(kv.value()) {
-                        peers.insert(name.to_string(), r);
+                    match serde_json::from_slice::<InstanceReport>(kv.value()) {
+                        Ok(r) => {
+                            peers.insert(name.to_string(), r);
+                        }
+                        Err(_) => {
+                            unreadable.insert(name.to_string());
+                        }
                     }
                 }
                 _ => {}
             }
         }
-        self.shared.peers_are(peers);
-        let mut published = self.publish(&mut c, lease).await?;
-        let mut last_put = Instant::now();
-        let mut watch = timed(
+        self.shared.peers_are(peers, unreadable);
+        self.shared.cluster_seen(rev);
+        let published = self.report();
+        self.put(&mut c, lease, &published).await?;
+        let watch = timed(
             "watch the cluster's state",
             c.watch(
                 self.prefix.clone(),
@@ -230,63 +297,105 @@ impl Cluster {
         )
         .await?;
         self.shared.cluster_reachable(None);
-        *pause = Duration::from_millis(100);
+        Ok(Session {
+            client: c,
+            lease,
+            ttl: Duration::from_secs(ttl as u64),
+            keeper,
+            renewals,
+            watch,
+            published,
+        })
+    }
 
-        let ttl = Duration::from_secs(ttl as u64);
-        let mut renew = tokio::time::interval(ttl / 3);
+    /// Follows the watch, renews the lease and publishes this instance's
+    /// counts until etcd fails (`Err`) or the process hands over (`Ok`).
+    async fn serve(&self, mut s: Session) -> Result<(), String> {
+        let me = self.config().instance.clone();
+        let mut renew = tokio::time::interval(s.ttl / 3);
         let mut tick = tokio::time::interval(PUBLISH_EVERY);
         let mut renewed = Instant::now();
+        let mut last_put = Instant::now();
+        // A put in flight: awaited beside the watch and the renewals, so a
+        // slow etcd never holds up the lease.
+        let mut putting: Option<Pending> = None;
         loop {
             tokio::select! {
-                m = watch.message() => {
+                m = s.watch.message() => {
                     let m = m
-                        .map_err(|e| format!("watch: {e}"))?
+                        .map_err(|e| format!("watch: {}", short(&e)))?
                         .ok_or("the watch ended")?;
                     if m.canceled() {
                         return Err(format!("the watch was cancelled: {}", m.cancel_reason()));
                     }
+                    let mut seen = 0;
                     for ev in m.events() {
                         let Some(kv) = ev.kv() else { continue };
+                        seen = seen.max(kv.mod_revision());
                         let put = ev.event_type() == EventType::Put;
                         match self.key(kv.key()) {
                             Key::Backend(name) => {
                                 self.apply(name, put.then(|| kv.value()), kv.mod_revision());
                             }
                             Key::Instance(name) if name != me => {
-                                match put.then(|| serde_json::from_slice::<InstanceReport>(kv.value())) {
-                                    Some(Ok(r)) => self.shared.peer_reported(name, r),
-                                    Some(Err(_)) => {}
-                                    None => self.shared.peer_gone(name),
+                                if put {
+                                    let r = serde_json::from_slice::<InstanceReport>(kv.value()).ok();
+                                    self.shared.peer_reported(name, r);
+                                } else {
+                                    self.shared.peer_gone(name);
                                 }
                             }
                             _ => {}
                         }
                     }
+                    self.shared.cluster_seen(seen);
                 }
                 _ = renew.tick() => {
-                    if renewed.elapsed() > ttl {
+                    if renewed.elapsed() > s.ttl {
                         return Err("the lease was not renewed in time".into());
                     }
-                    timed("renew the lease", keeper.keep_alive()).await?;
+                    timed("renew the lease", s.keeper.keep_alive()).await?;
                 }
-                r = renewals.message() => {
+                r = s.renewals.message() => {
                     let r = r
-                        .map_err(|e| format!("lease renewal: {e}"))?
+                        .map_err(|e| format!("lease renewal: {}", short(&e)))?
                         .ok_or("the lease renewals ended")?;
                     if r.ttl() <= 0 {
                         return Err("the lease expired".into());
                     }
                     renewed = Instant::now();
                 }
-                _ = tick.tick() => {
-                    // The new process reports for this instance from now.
+                r = async { putting.as_mut().expect("a put in flight").await }, if putting.is_some() => {
+                    putting = None;
+                    r?;
+                }
+                _ = tick.tick(), if putting.is_none() => {
                     if self.shared.handed_over() {
                         return Ok(());
                     }
                     let report = self.report();
-                    if report != published || last_put.elapsed() >= REFRESH_EVERY {
-                        self.put(&mut c, lease, &report).await?;
-                        published = report;
+                    // At once when something a drain waits for changed;
+                    // other count changes at most once a second, so a busy
+                    // balancer does not fill etcd's history.
+                    let due = if significant(&s.published, &report) {
+                        true
+                    } else {
+                        report != s.published && last_put.elapsed() >= REFRESH_EVERY
+                    };
+                    if due {
+                        let (mut c, lease) = (s.client.clone(), s.lease);
+                        let me = self.config().instance.clone();
+                        let key = format!("{}instances/{me}", self.prefix);
+                        let value = serde_json::to_vec(&report).map_err(|e| e.to_string())?;
+                        putting = Some(Box::pin(async move {
+                            timed(
+                                "publish this instance's counts",
+                                c.put(key, value, Some(PutOptions::new().with_lease(lease))),
+                            )
+                            .await
+                            .map(drop)
+                        }));
+                        s.published = report;
                         last_put = Instant::now();
                     }
                 }
@@ -300,12 +409,6 @@ impl Cluster {
             version: crate::upgrade::version(),
             backends: self.shared.backend_reports(),
         }
-    }
-
-    async fn publish(&self, c: &mut Client, lease: i64) -> Result<InstanceReport, String> {
-        let report = self.report();
-        self.put(c, lease, &report).await?;
-        Ok(report)
     }
 
     async fn put(&self, c: &mut Client, lease: i64, report: &InstanceReport) -> Result<(), String> {
@@ -374,7 +477,16 @@ impl Cluster {
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                 .and_then([TxnOp::put(key.clone(), value, None)]);
-            let r = timed("write", c.txn(txn)).await.map_err(refused)?;
+            let r = timed("write", c.txn(txn)).await.map_err(|why| {
+                // Sent, but unanswered: etcd may have taken it, and then
+                // every instance applies it through its watch.
+                let c = self.config();
+                format!(
+                    "cluster `{}`: etcd ({}) did not confirm the change ({why}); it may still have been taken, in which case every instance applies it: GET /backends shows what applies",
+                    c.name,
+                    c.etcd.join(", ")
+                )
+            })?;
             if r.succeeded() {
                 let rev = r.header().map_or(0, |h| h.revision());
                 self.apply_value(name, Some(&next), rev);

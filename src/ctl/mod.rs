@@ -271,10 +271,11 @@ pub async fn leave(
                 "this instance joined again while leaving".into(),
             ));
         }
-        if h.active_connections == 0 {
+        if h.left == Some(true) {
             say(&format!(
-                "left after {:.1}s, 0 live connections: patch or reboot this host, then `sluice ctl join`",
-                started.elapsed().as_secs_f64()
+                "left after {:.1}s: 0 live connections, and no new client for {}s; patch or reboot this host, then `sluice ctl join`",
+                started.elapsed().as_secs_f64(),
+                crate::state::LEAVE_SETTLE.as_secs()
             ));
             return Ok(Outcome::Done);
         }

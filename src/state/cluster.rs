@@ -7,9 +7,8 @@
 //! ([`Backend::set_peers`]), so a drain is over only when it is over on
 //! every instance alive. Talking to etcd is `cluster.rs`'s job.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -56,10 +55,18 @@ pub struct ClusterState {
 struct Inner {
     /// The other instances alive, by name.
     peers: HashMap<String, InstanceReport>,
+    /// Instances alive whose report this version cannot read: each counts
+    /// as behind on every backend, so no drain ends on a guess.
+    unreadable: HashSet<String>,
     /// By backend: the revision of the agreed state applied here.
     applied: HashMap<String, i64>,
     /// By backend: the agreed state, for a backend a reload adds.
     agreed: HashMap<String, State>,
+    /// The revision up to which this instance has seen every change.
+    /// Below a backend's applied revision (a write of its own applied
+    /// before its watch brought what came earlier), an instance that
+    /// registered meanwhile may still be unknown: the drain waits.
+    seen: i64,
     /// Why etcd cannot be reached; `None` while it answers.
     problem: Option<String>,
     /// Set once etcd answered.
@@ -143,35 +150,36 @@ impl Shared {
     /// (`None`: the key was deleted, which is `active`), through the same
     /// transitions as an admin's call here. An older revision than the
     /// one applied changes nothing. Returns whether it applied.
+    ///
+    /// Under the reload lock, so a backend a reload adds at this moment
+    /// takes it, and under the cluster lock, so the revision this instance
+    /// reports and its state move together.
     pub fn apply_agreed(&self, name: &str, agreed: Option<&Agreed>, rev: i64) -> bool {
         let Some(c) = &self.cluster else {
             return false;
         };
-        {
-            let mut inner = c.inner();
-            let applied = inner.applied.entry(name.to_string()).or_insert(0);
-            if rev <= *applied {
-                return false;
-            }
-            *applied = rev;
-            let state = agreed.map_or(State::Active, |a| a.state);
-            inner.agreed.insert(name.to_string(), state);
+        let _no_reload = self.changes.lock().expect("changes lock");
+        let mut inner = c.inner();
+        let applied = inner.applied.entry(name.to_string()).or_insert(0);
+        if rev <= *applied {
+            return false;
         }
+        *applied = rev;
+        let state = agreed.map_or(State::Active, |a| a.state);
+        inner.agreed.insert(name.to_string(), state);
         let Some(b) = self.backend(name) else {
             return true;
         };
         // The others are behind this revision until they report it, so the
         // drain below cannot count as over before they have applied it.
-        self.count_peers();
-        match agreed {
-            None => b.start(),
-            Some(a) => match a.state {
-                State::Active => b.start(),
-                State::Draining | State::Drained => {
-                    b.drain(a.policy(), &self.tasks);
-                }
-                State::Stopped => b.stop(),
-            },
+        self.count_peers(&inner);
+        match state {
+            State::Active => b.start(),
+            State::Draining | State::Drained => {
+                let policy = agreed.map(Agreed::policy).unwrap_or_default();
+                b.drain(policy, &self.tasks);
+            }
+            State::Stopped => b.stop(),
         }
         true
     }
@@ -181,29 +189,55 @@ impl Shared {
         self.cluster.as_ref()?.inner().agreed.get(name).copied()
     }
 
-    /// The reports of every other instance alive, replacing what was known.
-    pub fn peers_are(&self, reports: HashMap<String, InstanceReport>) {
+    /// The reports of every other instance alive, replacing what was
+    /// known; `unreadable` names those whose report could not be read.
+    pub fn peers_are(&self, reports: HashMap<String, InstanceReport>, unreadable: HashSet<String>) {
         if let Some(c) = &self.cluster {
-            c.inner().peers = reports;
-            self.count_peers();
+            let mut inner = c.inner();
+            inner.peers = reports;
+            inner.unreadable = unreadable;
+            self.count_peers(&inner);
         }
     }
 
-    /// One instance's new report.
-    pub fn peer_reported(&self, instance: &str, report: InstanceReport) {
+    /// One instance's new report (`None`: one this version cannot read).
+    pub fn peer_reported(&self, instance: &str, report: Option<InstanceReport>) {
         if let Some(c) = &self.cluster {
-            c.inner().peers.insert(instance.to_string(), report);
-            self.count_peers();
+            let mut inner = c.inner();
+            match report {
+                Some(r) => {
+                    inner.unreadable.remove(instance);
+                    inner.peers.insert(instance.to_string(), r);
+                }
+                None => {
+                    inner.peers.remove(instance);
+                    inner.unreadable.insert(instance.to_string());
+                }
+            }
+            self.count_peers(&inner);
         }
     }
 
     /// An instance's lease ended: it is gone, and so are its connections.
     pub fn peer_gone(&self, instance: &str) {
         if let Some(c) = &self.cluster {
-            if c.inner().peers.remove(instance).is_some() {
+            let mut inner = c.inner();
+            let known = inner.peers.remove(instance).is_some();
+            if known | inner.unreadable.remove(instance) {
                 tracing::warn!(instance, "cluster: an instance is gone (its lease ended)");
             }
-            self.count_peers();
+            self.count_peers(&inner);
+        }
+    }
+
+    /// Every change up to `rev` has been seen.
+    pub fn cluster_seen(&self, rev: i64) {
+        if let Some(c) = &self.cluster {
+            let mut inner = c.inner();
+            if rev > inner.seen {
+                inner.seen = rev;
+                self.count_peers(&inner);
+            }
         }
     }
 
@@ -212,72 +246,64 @@ impl Shared {
         let Some(c) = &self.cluster else {
             return;
         };
-        {
-            let mut inner = c.inner();
-            match &problem {
-                None if inner.problem.is_some() => {
-                    tracing::info!(
-                        cluster = %c.config.name,
-                        instance = %c.config.instance,
-                        "cluster: etcd answers; admin changes are accepted"
-                    );
-                }
-                Some(p) if inner.problem.as_ref() != Some(p) => {
-                    tracing::error!("{p}");
-                }
-                _ => {}
+        let mut inner = c.inner();
+        match &problem {
+            None if inner.problem.is_some() => {
+                tracing::info!(
+                    cluster = %c.config.name,
+                    instance = %c.config.instance,
+                    "cluster: etcd answers; admin changes are accepted"
+                );
             }
-            inner.connected = problem.is_none();
-            inner.problem = problem;
+            Some(p) if inner.problem.as_ref() != Some(p) => {
+                tracing::error!("{p}");
+            }
+            _ => {}
         }
-        self.count_peers();
+        inner.connected = problem.is_none();
+        inner.problem = problem;
+        self.count_peers(&inner);
     }
 
-    /// Sets every backend's count of the other instances' connections. An
-    /// instance still behind the revision applied here counts as holding
-    /// connections, and so does everyone while etcd cannot be reached.
-    fn count_peers(&self) {
-        let Some(c) = &self.cluster else {
-            return;
-        };
-        let counts: Vec<(std::sync::Arc<Backend>, usize, usize)> = {
-            let inner = c.inner();
-            let unknown = usize::from(!inner.connected);
-            self.backends()
-                .iter()
-                .map(|b| {
-                    let applied = inner.applied.get(&b.name).copied().unwrap_or(0);
-                    let mut live = 0;
-                    let mut behind = unknown;
-                    for r in inner.peers.values() {
-                        if let Some(br) = r.backends.get(&b.name) {
-                            live += br.live;
-                            if br.rev < applied {
-                                behind += 1;
-                            }
-                        }
+    /// Sets every backend's count of the other instances' connections,
+    /// under the cluster lock so that no older count lands after a newer
+    /// one. An instance still behind the revision applied here counts as
+    /// holding connections, and so does everyone while etcd cannot be
+    /// reached or this instance has not seen every change up to it.
+    fn count_peers(&self, inner: &Inner) {
+        let unknown = usize::from(!inner.connected) + inner.unreadable.len();
+        for b in self.backends().iter() {
+            let applied = inner.applied.get(&b.name).copied().unwrap_or(0);
+            let mut live = 0;
+            let mut behind = unknown + usize::from(inner.seen < applied);
+            for r in inner.peers.values() {
+                if let Some(br) = r.backends.get(&b.name) {
+                    live += br.live;
+                    if br.rev < applied {
+                        behind += 1;
                     }
-                    (b.clone(), live, behind)
-                })
-                .collect()
-        };
-        // Outside the lock: completing a drain takes other locks.
-        for (b, live, behind) in counts {
+                }
+            }
             b.set_peers(live, behind);
         }
     }
 
-    /// What this instance publishes for the others, by backend.
+    /// What this instance publishes for the others, by backend: read
+    /// under the cluster lock, so a revision goes out only with the state
+    /// it brought. Removed backends too, while they drain.
     pub fn backend_reports(&self) -> BTreeMap<String, BackendReport> {
         let c = self.cluster.as_ref();
+        let inner = c.map(|c| c.inner());
         self.backends()
             .iter()
-            .filter(|b| !b.removed.load(Ordering::SeqCst))
             .map(|b| {
                 let r = BackendReport {
                     state: b.state(),
                     live: b.live() + b.elsewhere(),
-                    rev: c.map_or(0, |c| c.applied(&b.name)),
+                    rev: inner
+                        .as_ref()
+                        .and_then(|i| i.applied.get(&b.name).copied())
+                        .unwrap_or(0),
                 };
                 (b.name.clone(), r)
             })

@@ -4,21 +4,30 @@
 //! is kept in the state file, so a host rebooted for its patch does not
 //! take the address back before `join`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::Shared;
 use crate::health::unix_ms;
+
+/// How long a leaving instance must see no new client, and carry no
+/// connection, before it has left: longer than keepalived takes to move
+/// the address (its check fails twice, a second apart), so a host that
+/// says it has left is one the address has gone from.
+pub const LEAVE_SETTLE: Duration = Duration::from_secs(5);
 
 /// Whether this instance is leaving, and since when.
 #[derive(Debug, Default)]
 pub struct Leaving {
     on: AtomicBool,
     since_ms: AtomicU64,
-    /// Bumped by every leave and join, so a delayed `force_after` can tell
-    /// whether the leave it was meant for still holds.
+    /// Bumped by every join, so a delayed `force_after` can tell whether
+    /// the leave it was meant for still holds; a repeated leave keeps it,
+    /// so the earliest deadline wins.
     generation: AtomicU64,
+    /// The accepted count last seen, and since when it has not moved.
+    quiet: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Leaving {
@@ -49,12 +58,14 @@ impl Shared {
         let changed = !l.on.swap(true, Ordering::SeqCst);
         if changed {
             l.since_ms.store(unix_ms(), Ordering::SeqCst);
+            let accepted = self.stats.accepted.load(Ordering::SeqCst);
+            *l.quiet.lock().expect("quiet lock") = Some((accepted, Instant::now()));
             tracing::warn!(
                 live = self.live_everywhere(),
                 "leaving: /healthz answers 503 so the peer takes the address; connections run on"
             );
         }
-        let generation = l.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let generation = l.generation.load(Ordering::SeqCst);
         if let Some(after) = force_after {
             let shared = self.clone();
             self.tasks.spawn(async move {
@@ -86,6 +97,26 @@ impl Shared {
         changed
     }
 
+    /// Whether this instance has left: leaving, no connection open, and
+    /// no new client for [`LEAVE_SETTLE`].
+    pub fn has_left(&self) -> bool {
+        if !self.leaving.is_on() {
+            return false;
+        }
+        let accepted = self.stats.accepted.load(Ordering::SeqCst);
+        let mut quiet = self.leaving.quiet.lock().expect("quiet lock");
+        let now = Instant::now();
+        let since = match *quiet {
+            Some((n, since)) if n == accepted => since,
+            _ => {
+                *quiet = Some((accepted, now));
+                now
+            }
+        };
+        drop(quiet);
+        self.live_everywhere() == 0 && now.duration_since(since) >= LEAVE_SETTLE
+    }
+
     /// Live connections over every backend, the previous process's too.
     pub fn live_everywhere(&self) -> usize {
         self.backends()
@@ -94,12 +125,12 @@ impl Shared {
             .sum()
     }
 
-    /// Waits until no connection is left, or `limit` passes, or a join;
-    /// returns whether none is left.
+    /// Waits until this instance has left, or `limit` passes, or a join;
+    /// returns whether it has left.
     pub async fn left(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if self.live_everywhere() == 0 {
+            if self.has_left() {
                 return true;
             }
             if !self.leaving.is_on() || tokio::time::Instant::now() >= deadline {

@@ -33,7 +33,7 @@ use crate::shutdown::Background;
 
 pub use cluster::{Agreed, ClusterState};
 pub use file::{Saved, States, load as load_state_file};
-pub use leave::Leaving;
+pub use leave::{LEAVE_SETTLE, Leaving};
 pub use limit::{Limit, Permit};
 pub use reload::{NeedsRestart, ReloadError};
 pub use shortage::Shortage;

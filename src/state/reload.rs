@@ -148,10 +148,18 @@ impl Shared {
                     // acted on it meanwhile.
                     if b.removed.swap(false, Ordering::SeqCst) {
                         let retired = self.retired_remove(&b.name);
-                        if retired.is_some_and(|r| {
-                            r.state == State::Active && r.generation == b.generation()
-                        }) {
-                            b.start();
+                        // In a cluster, the state it agreed on meanwhile.
+                        match self.agreed_state(&b.name) {
+                            Some(State::Active) => b.start(),
+                            Some(State::Stopped) => b.stop(),
+                            Some(_) => {}
+                            None if retired.is_some_and(|r| {
+                                r.state == State::Active && r.generation == b.generation()
+                            }) =>
+                            {
+                                b.start()
+                            }
+                            None => {}
                         }
                     }
                     b.set_weight(bc.weight);
