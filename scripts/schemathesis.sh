@@ -116,7 +116,9 @@ if [ -n "${ST_SEED:-}" ]; then
 fi
 status=0
 # POST /upgrade is left out: it would replace the sluice under test with a
-# new process (tests/upgrade.rs tests it). Run from the work directory:
+# new process (tests/upgrade.rs tests it). So are POST /leave and /join: a
+# leave turns /healthz to 503 on purpose, and holds a wait= reply for its
+# 5 s settle (tests/leave.rs and tests/openapi.rs test them). Run from the work directory:
 # schemathesis keeps its cache (.schemathesis/)
 # in the current one, and it goes away with the rest.
 (
@@ -129,6 +131,8 @@ status=0
     --workers 2 \
     --no-color \
     --exclude-path /upgrade \
+    --exclude-path /leave \
+    --exclude-path /join \
     "${seed[@]}"
 ) || status=$?
 if [ "$status" -ne 0 ]; then
