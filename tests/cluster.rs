@@ -669,3 +669,58 @@ async fn a_drain_is_not_over_while_an_instance_has_not_applied_it() {
     assert_eq!((status, &v["state"]), (200, &"drained".into()), "{v}");
     assert_eq!(c.state("web1").await, "drained");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_cluster_state_and_the_count_of_a_removed_backend() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let (web1, web2, web3) = (
+        Echo::start("web1").await,
+        Echo::start("web2").await,
+        Echo::start("web3").await,
+    );
+    let all = [("web1", web1.addr), ("web2", web2.addr), ("web3", web3.addr)];
+    let a = Instance::start(&etcd, "reload", "a", &all);
+    let b = Instance::start(&etcd, "reload", "b", &all[..2]);
+    converged(&[&a, &b]).await;
+    let (status, _) = a.post("/backends/web3/stop").await;
+    assert_eq!(status, 200);
+
+    // b's file gains web3: it comes in stopped, as agreed, not active.
+    let text = std::fs::read_to_string(&b.path).unwrap();
+    let web3_entry = format!(
+        "\n[[backend]]\nname = \"web3\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        web3.addr
+    );
+    let with_web3 = text.replace("\n[cluster]", &format!("{web3_entry}\n[cluster]"));
+    std::fs::write(&b.path, &with_web3).unwrap();
+    b.proc.signal("HUP");
+    wait_for("b has web3", || async {
+        b.get("/backends/web3").await.0 == 200
+    })
+    .await;
+    assert_eq!(b.state("web3").await, "stopped");
+
+    // b's file loses web1 while b holds a web1 client: a drain of web1 on
+    // a is not over until that client leaves.
+    let held = b.connect_to("web1").await;
+    let web1_entry = format!(
+        "\n[[backend]]\nname = \"web1\"\naddress = \"{}\"\nhealth_check = \"none\"\n",
+        web1.addr
+    );
+    std::fs::write(&b.path, with_web3.replace(&web1_entry, "")).unwrap();
+    b.proc.signal("HUP");
+    wait_for("b's routes lose web1", || async {
+        b.backend("web1").await["services"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    })
+    .await;
+    let (status, v) = a.post("/backends/web1/drain?wait=1s").await;
+    assert_eq!((status, &v["state"]), (202, &"draining".into()), "{v}");
+    drop(held);
+    let (status, v) = a.post("/backends/web1/drain?wait=20s").await;
+    assert_eq!((status, &v["state"]), (200, &"drained".into()), "{v}");
+}
