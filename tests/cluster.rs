@@ -681,7 +681,11 @@ async fn a_reload_keeps_the_cluster_state_and_the_count_of_a_removed_backend() {
         Echo::start("web2").await,
         Echo::start("web3").await,
     );
-    let all = [("web1", web1.addr), ("web2", web2.addr), ("web3", web3.addr)];
+    let all = [
+        ("web1", web1.addr),
+        ("web2", web2.addr),
+        ("web3", web3.addr),
+    ];
     let a = Instance::start(&etcd, "reload", "a", &all);
     let b = Instance::start(&etcd, "reload", "b", &all[..2]);
     converged(&[&a, &b]).await;
@@ -723,4 +727,55 @@ async fn a_reload_keeps_the_cluster_state_and_the_count_of_a_removed_backend() {
     drop(held);
     let (status, v) = a.post("/backends/web1/drain?wait=20s").await;
     assert_eq!((status, &v["state"]), (200, &"drained".into()), "{v}");
+}
+
+/// Kills a process by pid when dropped (the process an upgrade started).
+struct KillOnDrop(u64);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_instance_stays_counted_with_its_old_process_connections() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let (web1, web2) = (Echo::start("web1").await, Echo::start("web2").await);
+    let backends = [("web1", web1.addr), ("web2", web2.addr)];
+    let a = Instance::start(&etcd, "upgrade", "a", &backends);
+    let b = Instance::start(&etcd, "upgrade", "b", &backends);
+    converged(&[&a, &b]).await;
+    let held = a.connect_to("web1").await;
+
+    // a's process hands over; its old process keeps the client.
+    let (status, report) = a.post("/upgrade").await;
+    assert_eq!(status, 200, "{report}");
+    let _new = KillOnDrop(report["new_pid"].as_u64().unwrap());
+    assert_eq!(report["connections_left"], 1, "{report}");
+    wait_for("the new process answers for a", || async {
+        a.get("/healthz").await.1["pid"] == report["new_pid"]
+    })
+    .await;
+    converged(&[&a, &b]).await;
+
+    // A drain from b counts the old process's client through the new one.
+    let (status, v) = b.post("/backends/web1/drain?wait=1s").await;
+    assert_eq!((status, &v["state"]), (202, &"draining".into()), "{v}");
+    assert_eq!(v["active_connections"], 1, "{v}");
+    drop(held);
+    let (status, v) = b.post("/backends/web1/drain?wait=20s").await;
+    assert_eq!((status, &v["state"]), (200, &"drained".into()), "{v}");
+    assert_eq!(a.state("web1").await, "drained");
+    let (status, _) = a.post("/backends/web1/start").await;
+    assert_eq!(status, 200, "the new process takes changes");
+    wait_for("b applies a's start", || async {
+        b.state("web1").await == "active"
+    })
+    .await;
 }
