@@ -60,6 +60,9 @@ const VIP: u8 = 100;
 /// network left hanging shows as a timeout, not as a reset.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The read-only token of a site with tokens: what keepalived's check sends.
+const READ_TOKEN: &str = "check-only-token";
+
 /// How long a short request may take before it counts as failed.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -208,6 +211,8 @@ impl InNs {
 struct Lb {
     name: &'static str,
     ns: String,
+    /// The admin token, if sluice has one.
+    token: Option<&'static str>,
     /// Where its rendered deploy files, config and state file are.
     dir: PathBuf,
     admin: InNs,
@@ -239,8 +244,12 @@ impl Lb {
                 .connect("127.0.0.1:9000".parse().unwrap())
                 .await
                 .unwrap();
+            let auth = self
+                .token
+                .map(|t| format!("Authorization: Bearer {t}\r\n"))
+                .unwrap_or_default();
             let req = format!(
-                "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:9000\r\nConnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:9000\r\nConnection: close\r\n{auth}\r\n"
             );
             s.write_all(req.as_bytes()).await.unwrap();
             let mut reply = String::new();
@@ -290,6 +299,9 @@ impl Lb {
             .env_remove("SLUICE_ADMIN")
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if let Some(t) = self.token {
+            cmd.env("SLUICE_TOKEN", t);
+        }
         cmd
     }
 
@@ -431,6 +443,13 @@ struct Site {
 impl Site {
     /// Builds a site and waits until one balancer holds the address.
     async fn start() -> Site {
+        Self::start_with(None).await
+    }
+
+    /// A site whose sluices have admin token `token`, and a read token that
+    /// keepalived's check sends from sluice-check.header, as
+    /// deploy/keepalived/README.md says.
+    async fn start_with(token: Option<&'static str>) -> Site {
         netns::sweep_dead();
         let range = RangeHeld::new();
         let n = SITES.fetch_add(1, Ordering::SeqCst);
@@ -493,6 +512,17 @@ impl Site {
             }
             fs::set_permissions(home.join("sluice-check"), fs::Permissions::from_mode(0o755))
                 .unwrap();
+            let admin = match token {
+                None => String::new(),
+                Some(t) => {
+                    let header = home.join("sluice-check.header");
+                    fs::write(&header, format!("Authorization: Bearer {READ_TOKEN}\n")).unwrap();
+                    // Readable by the check's user (nobody here) alone.
+                    std::os::unix::fs::chown(&header, Some(65534), None).unwrap();
+                    fs::set_permissions(&header, fs::Permissions::from_mode(0o400)).unwrap();
+                    format!("token = \"{t}\"\nread_token = \"{READ_TOKEN}\"\n")
+                }
+            };
             set_up_host_network(ns, &render("sluice-vip.service", &net, peer, &home));
 
             fs::write(
@@ -500,7 +530,7 @@ impl Site {
                 format!(
                     "shutdown_grace = \"5s\"\nstate_file = \"{}\"\n\n\
                      [health]\ninterval = \"200ms\"\ntimeout = \"300ms\"\n\n\
-                     [admin]\nlisten = \"127.0.0.1:9000\"\n\n\
+                     [admin]\nlisten = \"127.0.0.1:9000\"\n{admin}\n\
                      [[service]]\nname = \"web\"\nlisten = \"{vip}:80\"\n\n\
                      [[backend]]\nname = \"web1\"\naddress = \"{}\"\n\n\
                      [[backend]]\nname = \"web2\"\naddress = \"{}\"\n",
@@ -539,6 +569,7 @@ impl Site {
             lbs.push(Lb {
                 name,
                 ns: ns.clone(),
+                token,
                 dir: home,
                 admin: InNs::new(ns),
                 sluice,
@@ -972,6 +1003,8 @@ async fn leave_patch_join(
         "{h}"
     );
     site.lbs[i].entered("FAULT");
+    let status = ctl_ok(&site.lbs[i], &["status"]).await;
+    assert!(status.contains("leaving its pair"), "{status}");
 
     // New clients reach the peer, and the leaving host takes no more.
     sessions.mark();
@@ -1121,7 +1154,30 @@ async fn a_killed_sluice_loses_the_address_within_seconds_and_new_clients_are_se
     if !keepalived_available() {
         return;
     }
-    let mut site = Site::start().await;
+    // With an admin token, so the check passes only with the read token it
+    // sends from sluice-check.header.
+    let mut site = Site::start_with(Some("admin-token")).await;
+    let bare = output(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &site.lbs[0].ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:9000/healthz",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        bare, "401",
+        "/healthz asks no token: the header was not tested"
+    );
     let client = site.client.clone();
     let active = site.holders().await[0];
     let peer = 1 - active;
