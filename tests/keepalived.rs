@@ -1021,12 +1021,12 @@ async fn leave_patch_join(
         "{me} still takes new clients after the address moved"
     );
 
-    // The sessions on the leaving host go on through the peer.
+    // The sessions on the leaving host go on through the peer: ten
+    // answers a session on average, at least five each (checked below).
     let want = 10 * sessions.locals.len();
-    wait_for(
-        "the sessions answered 10 times each after the move",
-        || async { sessions.finished() > 0 || sessions.since_mark.load(Ordering::SeqCst) >= want },
-    )
+    wait_for("the sessions answered after the move", || async {
+        sessions.finished() > 0 || sessions.since_mark.load(Ordering::SeqCst) >= want
+    })
     .await;
     let held = site.lbs[i].clients().await;
     for local in &sessions.locals {
