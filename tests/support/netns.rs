@@ -23,9 +23,9 @@ const SLOTS: usize = 1 << 14;
 /// Namespaces this process made so far (names and slots come from it).
 static MADE: AtomicUsize = AtomicUsize::new(0);
 
-/// Live [`Net`]s in this process: the last one to drop removes the
-/// unreachable route.
-static USERS: Mutex<usize> = Mutex::new(0);
+/// Users of each test range in this process: the last one to drop
+/// removes the range's unreachable route.
+static USERS: Mutex<Vec<(&str, usize)>> = Mutex::new(Vec::new());
 
 /// Runs a command; its stdout, or its stderr as the error.
 pub fn run(prog: &str, args: &[&str]) -> Result<String, String> {
@@ -91,8 +91,11 @@ pub fn available() -> bool {
 }
 
 /// Removes namespaces left by test processes that died without dropping
-/// them (a SIGKILLed run); their veths and routes go with them.
-fn sweep_dead() {
+/// them (a SIGKILLed run), and ends the processes that run on in them
+/// (servers, keepalived), which would keep them alive; their veths and
+/// routes go with them. Every namespace a test makes is named
+/// `sluice-t-PID-...` after the test process.
+pub fn sweep_dead() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         let list = run("ip", &["netns", "list"]).unwrap_or_default();
@@ -104,10 +107,24 @@ fn sweep_dead() {
                 continue;
             };
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                kill_inside(name);
                 let _ = run("ip", &["netns", "del", name]);
             }
         }
     });
+}
+
+/// SIGKILLs every process in namespace `ns`, by pid.
+pub fn kill_inside(ns: &str) {
+    let pids = run("ip", &["netns", "pids", ns]).unwrap_or_default();
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill has no memory preconditions; a pid gone meanwhile
+        // only makes it fail.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
 }
 
 /// How packets leaving a namespace are lost.
@@ -161,7 +178,7 @@ impl Net {
             ns_ip: Ipv4Addr::from(base + 2),
         };
         // From here on, drop undoes whatever was made, also on a panic.
-        hold_range();
+        hold_range(RANGE);
         must("ip", &["netns", "add", &net.ns]);
         must(
             "ip",
@@ -207,12 +224,7 @@ impl Net {
     /// Starts `sluice web` inside the namespace on an ephemeral port;
     /// returns the process (killed on drop) and where it listens.
     pub fn web(&self, name: &str) -> (Proc, SocketAddr) {
-        let listen = format!("{}:0", self.ns_ip);
-        let mut p = Proc::spawn_command(Command::new("ip").args([
-            "netns", "exec", &self.ns, BIN, "web", "--listen", &listen, "--name", name,
-        ]));
-        let addr = addr_after(&p.wait_line("listening on"), "listening on ");
-        (p, addr)
+        web_in(&self.ns, self.ns_ip, name)
     }
 
     /// Takes the namespace's end of the link down: what is sent to it from
@@ -299,25 +311,49 @@ impl Drop for Net {
         // The pair usually went with the namespace; this makes it certain
         // now, and the /30's route with it.
         let _ = run("ip", &["link", "del", &self.host_if]);
-        release_range();
+        release_range(RANGE);
     }
 }
 
-fn hold_range() {
+/// Starts `sluice web` in namespace `ns` on `ip` and an ephemeral port;
+/// returns the process (killed on drop) and where it listens.
+pub fn web_in(ns: &str, ip: Ipv4Addr, name: &str) -> (Proc, SocketAddr) {
+    let listen = format!("{ip}:0");
+    let mut p = Proc::spawn_command(Command::new("ip").args([
+        "netns", "exec", ns, BIN, "web", "--listen", &listen, "--name", name,
+    ]));
+    let addr = addr_after(&p.wait_line("listening on"), "listening on ");
+    (p, addr)
+}
+
+/// Routes `range` nowhere on the host (an unreachable route) while this
+/// process uses it, so that a test's address can never leave by the
+/// default route; pair each call with [`release_range`].
+pub fn hold_range(range: &'static str) {
     let mut users = USERS.lock().unwrap_or_else(|e| e.into_inner());
-    *users += 1;
-    if *users == 1
-        && let Err(e) = run("ip", &["route", "add", "unreachable", RANGE])
+    let n = match users.iter_mut().find(|(r, _)| *r == range) {
+        Some((_, n)) => n,
+        None => {
+            users.push((range, 0));
+            &mut users.last_mut().unwrap().1
+        }
+    };
+    *n += 1;
+    if *n == 1
+        && let Err(e) = run("ip", &["route", "add", "unreachable", range])
         && !e.contains("File exists")
     {
         panic!("{e}");
     }
 }
 
-fn release_range() {
+/// Ends one use of `range`; the last removes its unreachable route.
+pub fn release_range(range: &'static str) {
     let mut users = USERS.lock().unwrap_or_else(|e| e.into_inner());
-    *users -= 1;
-    if *users == 0 {
-        let _ = run("ip", &["route", "del", "unreachable", RANGE]);
+    if let Some((_, n)) = users.iter_mut().find(|(r, _)| *r == range) {
+        *n -= 1;
+        if *n == 0 {
+            let _ = run("ip", &["route", "del", "unreachable", range]);
+        }
     }
 }
