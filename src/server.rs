@@ -255,6 +255,11 @@ impl Sluice {
             if let Some(&state) = offer.states.get(&b.name) {
                 b.take_over(state, offer.health.get(&b.name).copied().unwrap_or(true));
             }
+            // Until the old process's first report, it holds a connection
+            // to every backend: no drain here, and none on another
+            // instance of a cluster this process reports to, may end
+            // before that is known.
+            b.set_elsewhere(1);
         }
         Ok(Sluice::assemble(shared, sets, admin, admin_socket))
     }

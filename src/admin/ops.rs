@@ -230,7 +230,9 @@ async fn agree(op: &Op, plane: &Plane) -> Result<bool, Refusal> {
         Op::Start(name) => (name, Change::Start),
         _ => return Ok(false),
     };
-    if plane.shared.cluster().is_none() {
+    // Not a cluster, or no such backend here (the reply is 404, and
+    // nothing is written for a name that is a typo).
+    if plane.shared.cluster().is_none() || plane.shared.backend(name).is_none() {
         return Ok(false);
     }
     let Some(cluster) = &plane.cluster else {

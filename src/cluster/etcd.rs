@@ -25,7 +25,7 @@ use crate::health::unix_ms;
 use crate::state::{Agreed, Shared};
 
 /// The longest one etcd request may take before it counts as failed.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the counts are looked at, and published when they changed.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// Count changes that no drain waits for are published at most this often.
@@ -345,6 +345,14 @@ impl Cluster {
                                     self.shared.peer_gone(name);
                                 }
                             }
+                            // This instance's key, deleted or put under
+                            // another lease (a late put of an earlier
+                            // session or of the process before an
+                            // upgrade): put it back under this session's
+                            // lease at the next tick.
+                            Key::Instance(_) if !put || kv.lease() != s.lease => {
+                                s.published = InstanceReport::default();
+                            }
                             _ => {}
                         }
                     }
@@ -461,10 +469,16 @@ impl Cluster {
                 .await
                 .map_err(refused)?;
             let (current, rev) = match r.kvs().first() {
-                Some(kv) => (
-                    serde_json::from_slice::<Agreed>(kv.value()).ok(),
-                    kv.mod_revision(),
-                ),
+                Some(kv) => match serde_json::from_slice::<Agreed>(kv.value()) {
+                    Ok(a) => (Some(a), kv.mod_revision()),
+                    // As the watch does: an unreadable value is no state
+                    // to decide on.
+                    Err(e) => {
+                        return Err(refused(format!(
+                            "the state in etcd at {key} is not sluice's ({e}); fix or delete that key"
+                        )));
+                    }
+                },
                 None => (None, 0),
             };
             let Some(next) = change.next(current.as_ref(), &me, unix_ms()) else {
