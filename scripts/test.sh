@@ -4,7 +4,8 @@
 # tests, keepalived for the pair behind a floating address, kmod to load
 # netem, a C++ compiler for libFuzzer, python3-venv for schemathesis,
 # systemd for `systemd-analyze verify` of the unit, etcd for the cluster
-# tests and protoc to build etcd's client), runs
+# tests and protoc to build etcd's client, Chromium and chromedriver for
+# the dashboard's browser test), runs
 # every test, runs schemathesis against the admin
 # API's OpenAPI document, then fuzzes each target for a bounded time.
 # `.ci/run` calls exactly this; README gives it as the test command.
@@ -19,7 +20,8 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests use, by the command each provides.
 declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [nft]=nftables
   [keepalived]=keepalived [modprobe]=kmod [c++]=g++ [systemd-analyze]=systemd
-  [etcd]=etcd-server [protoc]=protobuf-compiler)
+  [etcd]=etcd-server [protoc]=protobuf-compiler
+  [chromium]=chromium [chromedriver]=chromium-driver)
 need=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")

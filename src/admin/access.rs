@@ -49,6 +49,7 @@ impl fmt::Display for Who {
 /// Decides whether a request may go on.
 pub(super) fn admit(
     method: &Method,
+    path: &str,
     headers: &HeaderMap,
     peer: &Peer,
     local: Option<SocketAddr>,
@@ -70,6 +71,9 @@ pub(super) fn admit(
         ));
     }
     let who = match &admin.token {
+        // The dashboard page holds no data, and a browser cannot send a
+        // token to load it: the page asks for the token itself.
+        _ if method == Method::GET && path == "/" => Who::Anyone,
         None => Who::Anyone,
         Some(token) => {
             let given = headers
@@ -235,7 +239,7 @@ mod tests {
         ] {
             let h = headers(&[("host", ok)]);
             assert_eq!(
-                status(admit(&Method::GET, &h, &tcp(), local, &a)),
+                status(admit(&Method::GET, "/backends", &h, &tcp(), local, &a)),
                 Ok(Who::Anyone),
                 "{ok}"
             );
@@ -248,7 +252,7 @@ mod tests {
         ] {
             let h = headers(&[("host", bad)]);
             assert_eq!(
-                status(admit(&Method::GET, &h, &tcp(), local, &a)),
+                status(admit(&Method::GET, "/backends", &h, &tcp(), local, &a)),
                 Err(403),
                 "{bad}"
             );
@@ -257,17 +261,52 @@ mod tests {
         let h = headers(&[("host", "10.1.2.3:9000")]);
         let local = Some("10.1.2.3:9000".parse().unwrap());
         assert_eq!(
-            status(admit(&Method::GET, &h, &tcp(), local, &a)),
+            status(admit(&Method::GET, "/backends", &h, &tcp(), local, &a)),
             Ok(Who::Anyone)
         );
+    }
+
+    #[test]
+    fn the_dashboard_page_needs_no_token_but_its_host_is_checked() {
+        let a = admin(Some("s3cret"));
+        let page = |host: &str| {
+            status(admit(
+                &Method::GET,
+                "/",
+                &headers(&[("host", host)]),
+                &tcp(),
+                None,
+                &a,
+            ))
+        };
+        assert_eq!(page("127.0.0.1:9000"), Ok(Who::Anyone));
+        assert_eq!(page("evil.example"), Err(403));
+        let data = admit(
+            &Method::GET,
+            "/backends",
+            &headers(&[("host", "127.0.0.1:9000")]),
+            &tcp(),
+            None,
+            &a,
+        );
+        assert_eq!(status(data), Err(401));
     }
 
     #[test]
     fn tokens_and_what_they_may_do() {
         let a = admin(Some("s3cret"));
         let with = |t: &str| headers(&[("host", "127.0.0.1:9000"), ("authorization", t)]);
-        let get = |h: &HeaderMap| status(admit(&Method::GET, h, &tcp(), None, &a));
-        let post = |h: &HeaderMap| status(admit(&Method::POST, h, &tcp(), None, &a));
+        let get = |h: &HeaderMap| status(admit(&Method::GET, "/backends", h, &tcp(), None, &a));
+        let post = |h: &HeaderMap| {
+            status(admit(
+                &Method::POST,
+                "/backends/a/stop",
+                h,
+                &tcp(),
+                None,
+                &a,
+            ))
+        };
         assert_eq!(get(&with("Bearer s3cret")), Ok(Who::Admin));
         assert_eq!(post(&with("Bearer s3cret")), Ok(Who::Admin));
         assert_eq!(get(&with("Bearer reader")), Ok(Who::Reader));
@@ -276,7 +315,14 @@ mod tests {
         assert_eq!(get(&headers(&[("host", "127.0.0.1:9000")])), Err(401));
         let unix = Peer::Unix { uid: 0 };
         assert_eq!(
-            status(admit(&Method::POST, &HeaderMap::new(), &unix, None, &a)),
+            status(admit(
+                &Method::POST,
+                "/backends/a/stop",
+                &HeaderMap::new(),
+                &unix,
+                None,
+                &a
+            )),
             Ok(Who::Socket(0))
         );
     }
@@ -287,7 +333,14 @@ mod tests {
         let post = |pairs: &[(&'static str, &str)]| {
             let mut all = vec![("host", "127.0.0.1:9000")];
             all.extend_from_slice(pairs);
-            status(admit(&Method::POST, &headers(&all), &tcp(), None, &a))
+            status(admit(
+                &Method::POST,
+                "/backends/a/stop",
+                &headers(&all),
+                &tcp(),
+                None,
+                &a,
+            ))
         };
         assert_eq!(post(&[]), Ok(Who::Anyone), "curl sends neither header");
         assert_eq!(post(&[("sec-fetch-site", "cross-site")]), Err(403));
@@ -302,7 +355,7 @@ mod tests {
         // Reading from another site is left to the browser's same-origin rule.
         let h = headers(&[("host", "127.0.0.1:9000"), ("sec-fetch-site", "cross-site")]);
         assert_eq!(
-            status(admit(&Method::GET, &h, &tcp(), None, &a)),
+            status(admit(&Method::GET, "/backends", &h, &tcp(), None, &a)),
             Ok(Who::Anyone)
         );
     }

@@ -11,6 +11,7 @@
 //! | GET  | `/backends/{name}/connections` | live connections: client, service, age, idle time, bytes each way |
 //! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
 //! | GET  | `/openapi.json` | this API as an OpenAPI 3.1 document ([`OPENAPI`]) |
+//! | GET  | `/` | the dashboard ([`DASHBOARD`]), which needs no token to load |
 //!
 //! Repeating a drain while the same drain runs keeps one policy, the
 //! tighter one (the earlier `force_after` deadline, the shorter
@@ -50,6 +51,10 @@ use crate::state::Shared;
 /// `src/admin/openapi.json` and served at `GET /openapi.json`;
 /// `tests/openapi.rs` holds it to the routes and the replies.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The dashboard: one page, its style and script inline, so it works with
+/// no network and no build step.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Every route the router answers, as (method, path template), for the
 /// test that holds the OpenAPI document to them.
@@ -292,6 +297,7 @@ async fn handle(
     let runtime = shared.runtime();
     let who = match access::admit(
         req.method(),
+        req.uri().path(),
         req.headers(),
         peer,
         local,

@@ -11,7 +11,7 @@ use hyper::body::Bytes;
 use hyper::header::{self, HeaderValue};
 
 use super::route::Op;
-use super::{OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
+use super::{DASHBOARD, OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
 use crate::api::{BackendView, ConnView, HealthzView, InstanceCount, LeaveView, StatsView};
 use crate::backend::{Backend, ConnInfo, State};
 use crate::cluster::Change;
@@ -57,6 +57,25 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
     };
     let backend = |name: &str| shared.backend(name);
     match op {
+        Op::Dashboard => {
+            let mut r = Reply::new(Full::new(Bytes::from_static(DASHBOARD.as_bytes())));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            // Its own inline script and style, calls to this API, and no
+            // frame: another site cannot dress the buttons in its own page.
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+                ),
+            );
+            h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
         Op::OpenApi => {
             let mut r = Reply::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
             r.headers_mut().insert(

@@ -16,6 +16,7 @@ use crate::config::parse_duration;
 /// [`Op`] is beside it. The OpenAPI document (`src/admin/openapi.json`)
 /// must list exactly these, which `tests/openapi.rs` checks.
 pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/stats"),
     ("GET", "/backends"),
@@ -40,6 +41,8 @@ const LEAVE_PARAMS: &[&str] = &["wait", "force_after"];
 #[derive(Debug, PartialEq)]
 pub(super) enum Op {
     Healthz,
+    /// The dashboard page.
+    Dashboard,
     /// This API's OpenAPI document.
     OpenApi,
     Stats,
@@ -107,6 +110,7 @@ pub(super) fn route(
                 .chain(rest.iter().flat_map(|r| ["/", r]))
                 .collect::<String>()
         }
+        [] => "/".to_string(),
         _ => parts.iter().flat_map(|p| ["/", p]).collect(),
     };
     let Some(&(allowed, _)) = ROUTES.iter().find(|(_, t)| *t == template) else {
@@ -145,6 +149,7 @@ pub(super) fn route(
     let name = || backend.clone().unwrap_or_default();
     // One arm for each of ROUTES.
     Ok(match template.as_str() {
+        "/" => Op::Dashboard,
         "/healthz" => Op::Healthz,
         "/openapi.json" => Op::OpenApi,
         "/stats" => Op::Stats,
@@ -202,6 +207,7 @@ mod tests {
     /// listed route to give the operation of that route.
     fn route_of(op: &Op) -> (&'static str, &'static str) {
         match op {
+            Op::Dashboard => ("GET", "/"),
             Op::Healthz => ("GET", "/healthz"),
             Op::OpenApi => ("GET", "/openapi.json"),
             Op::Stats => ("GET", "/stats"),
