@@ -297,7 +297,7 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         }),
         idle_connections: b.idle_count(IDLE_REPORT),
         total_connections: b.total_connections.load(Ordering::Relaxed),
-        connect_failures: b.connect_failures.load(Ordering::Relaxed),
+        connect_failures: b.connect_failures(),
         bytes_in: b.bytes_in.load(Ordering::Relaxed),
         bytes_out: b.bytes_out.load(Ordering::Relaxed),
         bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),
