@@ -209,8 +209,9 @@ impl Checker {
     }
 
     /// Sends `target` for the operation `key` and checks the reply: a
-    /// status the document lists for the operation, JSON as the content
-    /// type, and a body that the schema of that status accepts.
+    /// status the document lists for the operation, its content type (JSON
+    /// but for `/metrics`), and a body that the schema of that status
+    /// accepts.
     async fn call(
         &mut self,
         addr: SocketAddr,
@@ -239,6 +240,16 @@ impl Checker {
     }
 
     fn check_body(&self, response: &Value, reply: &Reply, what: &str) {
+        // A text reply (`GET /metrics`): its media type, and a body its
+        // schema accepts as a string.
+        if let Some(text) = response["content"].get("text/plain") {
+            let ct = reply.header("content-type").unwrap_or_default();
+            assert!(ct.starts_with("text/plain;"), "{what}: {reply:?}");
+            let body = Value::String(reply.body.clone());
+            let what = format!("{what} {}", reply.status);
+            assert_valid(&self.doc, &text["schema"], &body, &what);
+            return;
+        }
         assert_eq!(
             reply.header("content-type"),
             Some("application/json"),

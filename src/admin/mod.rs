@@ -11,6 +11,7 @@
 //! | GET  | `/backends/{name}/connections` | live connections: client, service, age, idle time, bytes each way |
 //! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
 //! | GET  | `/openapi.json` | this API as an OpenAPI 3.1 document ([`OPENAPI`]) |
+//! | GET  | `/metrics` | Prometheus text exposition (`crate::metrics`) |
 //!
 //! Repeating a drain while the same drain runs keeps one policy, the
 //! tighter one (the earlier `force_after` deadline, the shorter

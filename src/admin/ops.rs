@@ -65,6 +65,14 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             );
             r
         }
+        Op::Metrics => {
+            let mut r = Reply::new(Full::new(Bytes::from(crate::metrics::render(shared))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            r
+        }
         Op::Healthz => {
             if shared.shutting_down.load(Ordering::SeqCst) {
                 let v = HealthzView {

@@ -28,6 +28,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("POST", "/upgrade"),
     ("POST", "/leave"),
     ("POST", "/join"),
+    ("GET", "/metrics"),
 ];
 
 /// The query parameters of `drain`, in the order their values are read.
@@ -65,6 +66,8 @@ pub(super) enum Op {
         force_after: Option<Duration>,
     },
     Join,
+    /// Prometheus text exposition of the counters.
+    Metrics,
 }
 
 /// Routes a request to its operation; `exists` tells which backends do.
@@ -177,6 +180,7 @@ pub(super) fn route(
             force_after: given[1],
         },
         "/join" => Op::Join,
+        "/metrics" => Op::Metrics,
         // A route listed without an arm; the unit tests catch it.
         _ => return Err(no_path()),
     })
@@ -214,6 +218,7 @@ mod tests {
             Op::Upgrade { .. } => ("POST", "/upgrade"),
             Op::Leave { .. } => ("POST", "/leave"),
             Op::Join => ("POST", "/join"),
+            Op::Metrics => ("GET", "/metrics"),
         }
     }
 
