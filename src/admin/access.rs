@@ -7,7 +7,8 @@
 //!    that rebinds its own DNS name to 127.0.0.1 sends its own name, and is
 //!    refused.
 //! 3. With `[admin] token` set, `Authorization: Bearer` must carry it, or
-//!    the `read_token`, which may only read.
+//!    the `read_token`, which may only read; `GET /metrics` and `GET
+//!    /healthz` need none when `open_metrics` and `open_healthz` say so.
 //! 4. A request that changes state must not come from another site: a
 //!    browser says so in `Sec-Fetch-Site` and `Origin`, and a page
 //!    anywhere could otherwise post a form to the loopback API.
@@ -49,6 +50,7 @@ impl fmt::Display for Who {
 /// Decides whether a request may go on.
 pub(super) fn admit(
     method: &Method,
+    path: &str,
     headers: &HeaderMap,
     peer: &Peer,
     local: Option<SocketAddr>,
@@ -71,6 +73,9 @@ pub(super) fn admit(
     }
     let who = match &admin.token {
         None => Who::Anyone,
+        // Scrapers and health checks that cannot send a token, if the
+        // config lets them in.
+        Some(_) if open_read(method, path, admin) => Who::Anyone,
         Some(token) => {
             let given = headers
                 .get(header::AUTHORIZATION)
@@ -108,6 +113,19 @@ pub(super) fn admit(
         }
     }
     Ok(who)
+}
+
+/// Whether this request reads a path the config serves without a token.
+/// The path as the router reads it: a trailing `/` is the same path.
+fn open_read(method: &Method, path: &str, admin: &AdminConfig) -> bool {
+    if method != Method::GET {
+        return false;
+    }
+    match path.trim_end_matches('/') {
+        "/metrics" => admin.open_metrics,
+        "/healthz" => admin.open_healthz,
+        _ => false,
+    }
 }
 
 fn changes_state(method: &Method) -> bool {
@@ -235,7 +253,7 @@ mod tests {
         ] {
             let h = headers(&[("host", ok)]);
             assert_eq!(
-                status(admit(&Method::GET, &h, &tcp(), local, &a)),
+                status(admit(&Method::GET, "/backends", &h, &tcp(), local, &a)),
                 Ok(Who::Anyone),
                 "{ok}"
             );
@@ -248,7 +266,7 @@ mod tests {
         ] {
             let h = headers(&[("host", bad)]);
             assert_eq!(
-                status(admit(&Method::GET, &h, &tcp(), local, &a)),
+                status(admit(&Method::GET, "/backends", &h, &tcp(), local, &a)),
                 Err(403),
                 "{bad}"
             );
@@ -257,7 +275,7 @@ mod tests {
         let h = headers(&[("host", "10.1.2.3:9000")]);
         let local = Some("10.1.2.3:9000".parse().unwrap());
         assert_eq!(
-            status(admit(&Method::GET, &h, &tcp(), local, &a)),
+            status(admit(&Method::GET, "/backends", &h, &tcp(), local, &a)),
             Ok(Who::Anyone)
         );
     }
@@ -266,8 +284,8 @@ mod tests {
     fn tokens_and_what_they_may_do() {
         let a = admin(Some("s3cret"));
         let with = |t: &str| headers(&[("host", "127.0.0.1:9000"), ("authorization", t)]);
-        let get = |h: &HeaderMap| status(admit(&Method::GET, h, &tcp(), None, &a));
-        let post = |h: &HeaderMap| status(admit(&Method::POST, h, &tcp(), None, &a));
+        let get = |h: &HeaderMap| status(admit(&Method::GET, "/backends", h, &tcp(), None, &a));
+        let post = |h: &HeaderMap| status(admit(&Method::POST, "/backends", h, &tcp(), None, &a));
         assert_eq!(get(&with("Bearer s3cret")), Ok(Who::Admin));
         assert_eq!(post(&with("Bearer s3cret")), Ok(Who::Admin));
         assert_eq!(get(&with("Bearer reader")), Ok(Who::Reader));
@@ -276,9 +294,39 @@ mod tests {
         assert_eq!(get(&headers(&[("host", "127.0.0.1:9000")])), Err(401));
         let unix = Peer::Unix { uid: 0 };
         assert_eq!(
-            status(admit(&Method::POST, &HeaderMap::new(), &unix, None, &a)),
+            status(admit(
+                &Method::POST,
+                "/backends",
+                &HeaderMap::new(),
+                &unix,
+                None,
+                &a
+            )),
             Ok(Who::Socket(0))
         );
+    }
+
+    #[test]
+    fn metrics_and_healthz_open_only_as_configured() {
+        let mut a = admin(Some("s3cret"));
+        let h = headers(&[("host", "127.0.0.1:9000")]);
+        let get =
+            |path: &str, a: &AdminConfig| status(admit(&Method::GET, path, &h, &tcp(), None, a));
+        assert_eq!(get("/metrics", &a), Err(401), "closed by default");
+        assert_eq!(get("/healthz", &a), Err(401), "closed by default");
+        a.open_metrics = true;
+        assert_eq!(get("/metrics", &a), Ok(Who::Anyone));
+        assert_eq!(get("/metrics/", &a), Ok(Who::Anyone));
+        assert_eq!(get("/healthz", &a), Err(401), "each has its own switch");
+        a.open_healthz = true;
+        assert_eq!(get("/healthz", &a), Ok(Who::Anyone));
+        assert_eq!(get("/backends", &a), Err(401), "nothing else opens");
+        assert_eq!(get("/metricsx", &a), Err(401));
+        let post = admit(&Method::POST, "/metrics", &h, &tcp(), None, &a);
+        assert_eq!(status(post), Err(401), "only reads");
+        let evil = headers(&[("host", "evil.example")]);
+        let r = admit(&Method::GET, "/metrics", &evil, &tcp(), None, &a);
+        assert_eq!(status(r), Err(403), "still only for this API's names");
     }
 
     #[test]
@@ -287,7 +335,14 @@ mod tests {
         let post = |pairs: &[(&'static str, &str)]| {
             let mut all = vec![("host", "127.0.0.1:9000")];
             all.extend_from_slice(pairs);
-            status(admit(&Method::POST, &headers(&all), &tcp(), None, &a))
+            status(admit(
+                &Method::POST,
+                "/backends",
+                &headers(&all),
+                &tcp(),
+                None,
+                &a,
+            ))
         };
         assert_eq!(post(&[]), Ok(Who::Anyone), "curl sends neither header");
         assert_eq!(post(&[("sec-fetch-site", "cross-site")]), Err(403));
@@ -302,7 +357,7 @@ mod tests {
         // Reading from another site is left to the browser's same-origin rule.
         let h = headers(&[("host", "127.0.0.1:9000"), ("sec-fetch-site", "cross-site")]);
         assert_eq!(
-            status(admit(&Method::GET, &h, &tcp(), None, &a)),
+            status(admit(&Method::GET, "/backends", &h, &tcp(), None, &a)),
             Ok(Who::Anyone)
         );
     }

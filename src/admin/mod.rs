@@ -293,6 +293,7 @@ async fn handle(
     let runtime = shared.runtime();
     let who = match access::admit(
         req.method(),
+        req.uri().path(),
         req.headers(),
         peer,
         local,
