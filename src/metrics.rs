@@ -70,211 +70,229 @@ struct Row {
 
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
-        let shared = &self.0;
-        let rows: Vec<Row> = shared
-            .backends()
-            .iter()
-            .map(|b| {
-                let mut live: Vec<(String, u64)> =
-                    shared.services_of(b).into_iter().map(|s| (s, 0)).collect();
-                for (service, n) in b.live_by_service() {
-                    match live.iter_mut().find(|(s, _)| **s == *service) {
-                        Some((_, m)) => *m += n as u64,
-                        None => live.push((service.to_string(), n as u64)),
-                    }
-                }
-                let health = b.health();
-                Row {
-                    name: b.name.clone(),
-                    live,
-                    total: b.total_connections.load(Relaxed),
-                    failures: ConnectFailure::ALL.map(|w| b.connect_failures_of(w)),
-                    received: b.bytes_out.load(Relaxed),
-                    sent: b.bytes_in.load(Relaxed),
-                    up: health.up,
-                    state: b.state(),
-                    weight: b.weight(),
-                    checks: [b.checks_passed.load(Relaxed), b.checks_failed.load(Relaxed)],
-                    state_since_ms: b.state_since_ms(),
-                }
-            })
-            .collect();
-
-        let mut m = e.encode_descriptor(
-            "sluice_backend_connections",
-            "Live connections to the backend in this process, connects in progress included, by the service they came in on.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in &rows {
-            for (service, n) in &r.live {
-                let labels = [("backend", r.name.as_str()), ("service", service.as_str())];
-                gauge(&mut m, &labels, *n as i64)?;
-            }
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_connections",
-            "Connections made to the backend.",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in &rows {
-            counter(&mut m, &[("backend", r.name.as_str())], r.total)?;
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_connect_errors",
-            "Proxied connects to the backend that failed, by reason: refused, timeout, unreachable, other.",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in &rows {
-            for (why, n) in ConnectFailure::ALL.iter().zip(r.failures) {
-                let labels = [("backend", r.name.as_str()), ("reason", why.as_str())];
-                counter(&mut m, &labels, n)?;
-            }
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_received_bytes",
-            "Bytes received from the backend (its replies, passed on to clients).",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in &rows {
-            counter(&mut m, &[("backend", r.name.as_str())], r.received)?;
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_sent_bytes",
-            "Bytes sent to the backend (what clients sent).",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in &rows {
-            counter(&mut m, &[("backend", r.name.as_str())], r.sent)?;
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_up",
-            "1 while the backend is healthy, 0 while health checks or failed connects have taken it down.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in &rows {
-            gauge(&mut m, &[("backend", r.name.as_str())], i64::from(r.up))?;
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_admin_state",
-            "The backend's admin state, one-hot: 1 for the state it is in, 0 for the others.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in &rows {
-            for s in STATES {
-                let labels = [("backend", r.name.as_str()), ("state", s.as_str())];
-                gauge(&mut m, &labels, i64::from(r.state == s))?;
-            }
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_weight",
-            "The backend's weight in round-robin.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in &rows {
-            gauge(&mut m, &[("backend", r.name.as_str())], i64::from(r.weight))?;
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_backend_health_checks",
-            "Active health checks of the backend, by result: passed, failed.",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in &rows {
-            for (result, n) in ["passed", "failed"].into_iter().zip(r.checks) {
-                let labels = [("backend", r.name.as_str()), ("result", result)];
-                counter(&mut m, &labels, n)?;
-            }
-        }
-        // Present only while a drain runs, so that `time() - metric` is the
-        // drain's age with no 0 to filter out.
-        let mut m = e.encode_descriptor(
-            "sluice_backend_drain_started_seconds",
-            "Unix time at which the backend's current drain began; present only while it is draining.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for r in rows.iter().filter(|r| r.state == State::Draining) {
-            let at = r.state_since_ms as f64 / 1000.0;
-            ConstGauge::new(at).encode(m.encode_family(&[("backend", r.name.as_str())])?)?;
-        }
-
-        let mut m = e.encode_descriptor(
-            "sluice_service_connections",
-            "Live connections of the service in this process, connects in progress included.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for s in &shared.services {
-            let n: u64 = rows
-                .iter()
-                .flat_map(|r| &r.live)
-                .filter(|(name, _)| **name == *s.name)
-                .map(|(_, n)| n)
-                .sum();
-            gauge(&mut m, &[("service", &*s.name)], n as i64)?;
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_service_clients_refused",
-            "Clients the service closed without a backend, by reason: limit (max_connections), no_backend (none took or answered), resources (sluice short of file descriptors).",
-            None,
-            MetricType::Counter,
-        )?;
-        for s in &shared.services {
-            for why in Refusal::ALL {
-                let labels = [("service", &*s.name), ("reason", why.as_str())];
-                counter(&mut m, &labels, s.counts.refused_total(why))?;
-            }
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_service_connection_duration_seconds",
-            "How long the service's proxied connections lasted, from the backend pick to the close.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for s in &shared.services {
-            let d = s.counts.durations();
-            m.encode_family(&[("service", &*s.name)])?
-                .encode_histogram::<NoLabelSet>(d.sum_seconds, d.count, &d.buckets, None)?;
-        }
-
-        let reloads = &shared.reloads;
-        let mut m = e.encode_descriptor(
-            "sluice_config_reloads",
-            "Configuration reloads (SIGHUP), by result: accepted (applied whole), refused (nothing applied).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (result, n) in [
-            ("accepted", &reloads.accepted),
-            ("refused", &reloads.refused),
-        ] {
-            let n = n.load(Relaxed);
-            counter(&mut m, &[("result", result)], n)?;
-        }
-        let mut m = e.encode_descriptor(
-            "sluice_build_info",
-            "Always 1; the version of the running sluice is its label.",
-            None,
-            MetricType::Gauge,
-        )?;
-        let version = crate::upgrade::version();
-        gauge(&mut m, &[("version", version.as_str())], 1)?;
-
-        if let Some(p) = Process::read() {
-            p.encode(&mut e)?;
-        }
-        Ok(())
+        let rows = rows(&self.0);
+        backends(&mut e, &rows)?;
+        services(&mut e, &self.0, &rows)?;
+        process(&mut e, &self.0)
     }
 }
 
+/// Every backend, removed ones still draining included, as read now.
+fn rows(shared: &Shared) -> Vec<Row> {
+    shared
+        .backends()
+        .iter()
+        .map(|b| {
+            let mut live: Vec<(String, u64)> =
+                shared.services_of(b).into_iter().map(|s| (s, 0)).collect();
+            for (service, n) in b.live_by_service() {
+                match live.iter_mut().find(|(s, _)| **s == *service) {
+                    Some((_, m)) => *m += n as u64,
+                    None => live.push((service.to_string(), n as u64)),
+                }
+            }
+            Row {
+                name: b.name.clone(),
+                live,
+                total: b.total_connections.load(Relaxed),
+                failures: ConnectFailure::ALL.map(|w| b.connect_failures_of(w)),
+                received: b.bytes_out.load(Relaxed),
+                sent: b.bytes_in.load(Relaxed),
+                up: b.healthy(),
+                state: b.state(),
+                weight: b.weight(),
+                checks: [b.checks_passed.load(Relaxed), b.checks_failed.load(Relaxed)],
+                state_since_ms: b.state_since_ms(),
+            }
+        })
+        .collect()
+}
+
+/// The backend families.
+fn backends(e: &mut DescriptorEncoder, rows: &[Row]) -> fmt::Result {
+    let mut m = e.encode_descriptor(
+        "sluice_backend_connections",
+        "Live connections to the backend in this process, connects in progress included, by the service they came in on.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in rows {
+        for (service, n) in &r.live {
+            let labels = [("backend", r.name.as_str()), ("service", service.as_str())];
+            gauge(&mut m, &labels, *n as i64)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_connections",
+        "Connections made to the backend.",
+        None,
+        MetricType::Counter,
+    )?;
+    for r in rows {
+        counter(&mut m, &[("backend", r.name.as_str())], r.total)?;
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_connect_errors",
+        "Proxied connects to the backend that failed, by reason: refused, timeout, unreachable, other.",
+        None,
+        MetricType::Counter,
+    )?;
+    for r in rows {
+        for (why, n) in ConnectFailure::ALL.iter().zip(r.failures) {
+            let labels = [("backend", r.name.as_str()), ("reason", why.as_str())];
+            counter(&mut m, &labels, n)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_received_bytes",
+        "Bytes received from the backend (its replies, passed on to clients).",
+        None,
+        MetricType::Counter,
+    )?;
+    for r in rows {
+        counter(&mut m, &[("backend", r.name.as_str())], r.received)?;
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_sent_bytes",
+        "Bytes sent to the backend (what clients sent).",
+        None,
+        MetricType::Counter,
+    )?;
+    for r in rows {
+        counter(&mut m, &[("backend", r.name.as_str())], r.sent)?;
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_up",
+        "1 while the backend is healthy, 0 while health checks or failed connects have taken it down.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in rows {
+        gauge(&mut m, &[("backend", r.name.as_str())], i64::from(r.up))?;
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_admin_state",
+        "The backend's admin state, one-hot: 1 for the state it is in, 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in rows {
+        for s in STATES {
+            let labels = [("backend", r.name.as_str()), ("state", s.as_str())];
+            gauge(&mut m, &labels, i64::from(r.state == s))?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_weight",
+        "The backend's weight in round-robin.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in rows {
+        gauge(&mut m, &[("backend", r.name.as_str())], i64::from(r.weight))?;
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_backend_health_checks",
+        "Active health checks of the backend, by result: passed, failed.",
+        None,
+        MetricType::Counter,
+    )?;
+    for r in rows {
+        for (result, n) in ["passed", "failed"].into_iter().zip(r.checks) {
+            let labels = [("backend", r.name.as_str()), ("result", result)];
+            counter(&mut m, &labels, n)?;
+        }
+    }
+    // Present only while a drain runs, so that `time() - metric` is the
+    // drain's age with no 0 to filter out.
+    let mut m = e.encode_descriptor(
+        "sluice_backend_drain_started_seconds",
+        "Unix time at which the backend's current drain began; present only while it is draining.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in rows.iter().filter(|r| r.state == State::Draining) {
+        let at = r.state_since_ms as f64 / 1000.0;
+        ConstGauge::new(at).encode(m.encode_family(&[("backend", r.name.as_str())])?)?;
+    }
+    Ok(())
+}
+
+/// The service families, each service's live count summed over the rows.
+fn services(e: &mut DescriptorEncoder, shared: &Shared, rows: &[Row]) -> fmt::Result {
+    let mut m = e.encode_descriptor(
+        "sluice_service_connections",
+        "Live connections of the service in this process, connects in progress included.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for s in &shared.services {
+        let n: u64 = rows
+            .iter()
+            .flat_map(|r| &r.live)
+            .filter(|(name, _)| **name == *s.name)
+            .map(|(_, n)| n)
+            .sum();
+        gauge(&mut m, &[("service", &*s.name)], n as i64)?;
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_service_clients_refused",
+        "Clients the service closed without a backend, by reason: limit (max_connections), no_backend (none took or answered), resources (sluice short of file descriptors).",
+        None,
+        MetricType::Counter,
+    )?;
+    for s in &shared.services {
+        for why in Refusal::ALL {
+            let labels = [("service", &*s.name), ("reason", why.as_str())];
+            counter(&mut m, &labels, s.counts.refused_total(why))?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_service_connection_duration_seconds",
+        "How long the service's proxied connections lasted, from the backend pick to the close.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for s in &shared.services {
+        let d = s.counts.durations();
+        m.encode_family(&[("service", &*s.name)])?
+            .encode_histogram::<NoLabelSet>(d.sum_seconds, d.count, &d.buckets, None)?;
+    }
+    Ok(())
+}
+
+/// Reloads, the build, and the process's own figures.
+fn process(e: &mut DescriptorEncoder, shared: &Shared) -> fmt::Result {
+    let reloads = &shared.reloads;
+    let mut m = e.encode_descriptor(
+        "sluice_config_reloads",
+        "Configuration reloads (SIGHUP), by result: accepted (applied whole), refused (nothing applied).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (result, n) in [
+        ("accepted", &reloads.accepted),
+        ("refused", &reloads.refused),
+    ] {
+        let n = n.load(Relaxed);
+        counter(&mut m, &[("result", result)], n)?;
+    }
+    let mut m = e.encode_descriptor(
+        "sluice_build_info",
+        "Always 1; the version of the running sluice is its label.",
+        None,
+        MetricType::Gauge,
+    )?;
+    let version = crate::upgrade::version();
+    gauge(&mut m, &[("version", version.as_str())], 1)?;
+
+    if let Some(p) = Process::read() {
+        p.encode(e)?;
+    }
+    Ok(())
+}
+
+/// One sample of the counter family `m`.
 fn counter(
     m: &mut prometheus_client::encoding::MetricEncoder,
     labels: &impl EncodeLabelSet,
@@ -283,6 +301,7 @@ fn counter(
     ConstCounter::new(v).encode(m.encode_family(labels)?)
 }
 
+/// One sample of the gauge family `m`.
 fn gauge(
     m: &mut prometheus_client::encoding::MetricEncoder,
     labels: &impl EncodeLabelSet,
