@@ -4,8 +4,9 @@
 # tests, keepalived for the pair behind a floating address, kmod to load
 # netem, a C++ compiler for libFuzzer, python3-venv for schemathesis,
 # systemd for `systemd-analyze verify` of the unit, etcd for the cluster
-# tests and protoc to build etcd's client, Chromium and chromedriver for
-# the dashboard's browser test), runs
+# tests, protoc to build etcd's client, prometheus, whose server scrapes
+# /metrics in tests/metrics.rs, and Chromium and chromedriver for the
+# dashboard's browser test), runs
 # every test, runs schemathesis against the admin
 # API's OpenAPI document, then fuzzes each target for a bounded time.
 # `.ci/run` calls exactly this; README gives it as the test command.
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests use, by the command each provides.
 declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [nft]=nftables
   [keepalived]=keepalived [modprobe]=kmod [c++]=g++ [systemd-analyze]=systemd
-  [etcd]=etcd-server [protoc]=protobuf-compiler
+  [etcd]=etcd-server [protoc]=protobuf-compiler [prometheus]=prometheus [promtool]=prometheus
   [chromium]=chromium [chromedriver]=chromium-driver)
 need=()
 for cmd in "${!packages[@]}"; do
@@ -39,6 +40,14 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+  # The tests start their own Prometheus on a loopback port; the package's
+  # service (and the node exporter it recommends), where the install
+  # started them, would only run on.
+  if [[ " ${need[*]} " == *" prometheus "* ]]; then
+    for s in prometheus prometheus-node-exporter; do
+      { systemctl disable --now "$s" || service "$s" stop; } >/dev/null 2>&1 || true
+    done
+  fi
 fi
 
 # netem is a module on stock kernels; where it cannot be loaded, the lossy

@@ -102,6 +102,12 @@ pub struct AdminConfig {
     /// A unix socket that serves the API too; its file permissions are its
     /// access control.
     pub socket: Option<AdminSocket>,
+    /// Whether `GET /metrics` is served without the token, for scrapers
+    /// that cannot send one.
+    pub open_metrics: bool,
+    /// Whether `GET /healthz` is served without the token, for health
+    /// checks that cannot send one.
+    pub open_healthz: bool,
 }
 
 /// `[admin] socket` and who may use it.
@@ -362,6 +368,8 @@ struct FileAdmin {
     socket: Option<Spanned<String>>,
     socket_mode: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
+    open_metrics: Option<Spanned<toml::Value>>,
+    open_healthz: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -428,6 +436,26 @@ impl Ctx<'_> {
         v.as_ref()
             .map(|s| parse_duration(s.get_ref()).map_err(|m| self.err(s.span(), field, m)))
             .transpose()
+    }
+
+    /// A switch; read as any value, so that a wrong one is refused naming
+    /// its whole field.
+    fn flag(
+        &self,
+        v: &Option<Spanned<toml::Value>>,
+        field: &str,
+    ) -> Result<Option<bool>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) => match s.get_ref() {
+                toml::Value::Boolean(b) => Ok(Some(*b)),
+                other => Err(self.err(
+                    s.span(),
+                    field,
+                    format!("must be true or false, not {other}"),
+                )),
+            },
+        }
     }
 
     fn int(
@@ -670,6 +698,8 @@ fn admin(
             read_token: None,
             allowed_hosts: Vec::new(),
             socket: None,
+            open_metrics: false,
+            open_healthz: false,
         },
         Some(a) => {
             let listen = match &a.listen {
@@ -736,6 +766,14 @@ fn admin(
                 read_token,
                 allowed_hosts,
                 socket: admin_socket(ctx, a)?,
+                // Closed unless asked: what they show (backend names and
+                // addresses, traffic, process ids) is for the token's holders.
+                open_metrics: ctx
+                    .flag(&a.open_metrics, "admin.open_metrics")?
+                    .unwrap_or(false),
+                open_healthz: ctx
+                    .flag(&a.open_healthz, "admin.open_healthz")?
+                    .unwrap_or(false),
             }
         }
     };
@@ -1431,6 +1469,27 @@ mod tests {
     }
 
     #[test]
+    fn open_metrics_and_healthz_are_true_or_false() {
+        let c = Config::parse(
+            "sluice.toml",
+            &format!("{BASE}[admin]\nopen_metrics = true\n"),
+        )
+        .unwrap();
+        assert!(c.admin.open_metrics && !c.admin.open_healthz);
+        for (line, field, value) in [
+            ("open_metrics = \"yes\"", "admin.open_metrics", "\"yes\""),
+            ("open_healthz = 1", "admin.open_healthz", "1"),
+        ] {
+            let text = format!("{BASE}[admin]\n{line}\n");
+            let line_no = text.lines().count();
+            assert_eq!(
+                Config::parse("sluice.toml", &text).unwrap_err().to_string(),
+                format!("sluice.toml:{line_no}: {field}: must be true or false, not {value}")
+            );
+        }
+    }
+
+    #[test]
     fn an_admin_token_from_outside_is_used_only_when_the_file_sets_none() {
         let open = format!("{BASE}[admin]\nlisten = \"0.0.0.0:9000\"\n");
         let c = Config::parse_with_token("sluice.toml", &open, Some("outside".into())).unwrap();
@@ -1472,6 +1531,8 @@ mod tests {
                     read_token: None,
                     allowed_hosts: Vec::new(),
                     socket: None,
+                    open_metrics: false,
+                    open_healthz: false,
                 },
                 services: vec![ServiceConfig {
                     name: "web".into(),
@@ -1508,6 +1569,7 @@ mod tests {
                     [admin]\nlisten = \"127.0.0.1:9100\"\ntoken = \"s3cret\"\nrequest_timeout = \"4s\"\nmax_connections = 8\n\
                     read_token = \"l00k\"\nallowed_hosts = [\"LB.example.com\", \"10.0.0.5\"]\n\
                     socket = \"/run/sluice/admin.sock\"\nsocket_mode = \"0640\"\nsocket_group = \"sluice\"\n\
+                    open_metrics = true\nopen_healthz = true\n\
                     [health]\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 4\nfall = 5\n\
                     [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend_port = 81\nbackends = [\"b\"]\n\
                     [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\n\
@@ -1528,6 +1590,8 @@ mod tests {
                     mode: 0o640,
                     group: Some("sluice".into()),
                 }),
+                open_metrics: true,
+                open_healthz: true,
             }
         );
         assert_eq!(

@@ -23,6 +23,8 @@
 //!   replaces it: listening sockets and admin state, then messages.
 //! - [`upgrade`]: updating sluice itself: hand the sockets to a new
 //!   process, which counts this one's connections until it has gone.
+//! - [`metrics`]: `GET /metrics`: the counters of `state` and of the
+//!   process as Prometheus text, read at scrape time.
 //! - [`admin`]: the HTTP admin API: routing, then the operation.
 //! - [`server`]: the process lifecycle: bind, workers, SIGHUP, state file
 //!   writer, graceful shutdown.
@@ -39,6 +41,7 @@ pub mod demo;
 pub mod handover;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod proxy;

@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::{ConnGuard, ConnInfo};
+use crate::backend::{ConnGuard, ConnInfo, ConnectFailure};
 use crate::net;
-use crate::state::{ConnSettings, Permit, Service, Shared};
+use crate::state::{ConnSettings, Permit, Refusal, Service, Shared};
 
 /// Accepts clients of one service until `stop` is cancelled. Accept errors
 /// (EMFILE, ENFILE, ...) back off and are logged; they never end the loop.
@@ -63,6 +63,7 @@ pub async fn accept_loop(
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
+            service.counts.refused(Refusal::Limit);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
         };
@@ -104,20 +105,27 @@ async fn handle(
 ) {
     let settings = shared.conn_settings();
     let stats = &shared.stats;
-    let counter = match connect(&client, peer, service, shared, settings).await {
+    let (counter, refusal) = match connect(&client, peer, service, shared, settings).await {
         Ok((server, guard)) => {
             stats.established.fetch_add(1, Ordering::Relaxed);
+            // Since the slot was taken, before the connect: `started` is
+            // kept for the idle time already.
+            let started = guard.info().started;
             relay(client, server, guard, settings).await;
+            service.counts.ended(started.elapsed());
             return;
         }
         Err(Refused::NoBackend) => {
             warn!("no backend took the connection; closing client");
-            &stats.rejected_no_backend
+            (&stats.rejected_no_backend, Some(Refusal::NoBackend))
         }
-        Err(Refused::Shortage) => &stats.rejected_resources,
-        Err(Refused::Abandoned) => &stats.abandoned,
+        Err(Refused::Shortage) => (&stats.rejected_resources, Some(Refusal::Resources)),
+        Err(Refused::Abandoned) => (&stats.abandoned, None),
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    if let Some(why) = refusal {
+        service.counts.refused(why);
+    }
 }
 
 /// Connects to the first backend in the pick's order that answers. Until
@@ -166,7 +174,7 @@ async fn connect(
                 return Err(Refused::Shortage);
             }
             Err(e) => {
-                backend.connect_failed(settings.health);
+                backend.connect_failed(ConnectFailure::of(&e), settings.health);
                 warn!(backend = %backend.name, address = %target, error = %e, "backend connect failed; trying the next");
             }
         }

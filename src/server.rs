@@ -812,7 +812,11 @@ async fn reload_on_sighup(
                 Ok(()) => info!("configuration reloaded"),
                 Err(e) => error!("reload refused, the running configuration stays: {e}"),
             },
-            Err(e) => error!("reload refused, the running configuration stays: {e}"),
+            Err(e) => {
+                // Never reached `Shared::reload`, which counts the others.
+                shared.reloads.refused.fetch_add(1, Ordering::Relaxed);
+                error!("reload refused, the running configuration stays: {e}");
+            }
         }
     }
 }

@@ -209,8 +209,9 @@ impl Checker {
     }
 
     /// Sends `target` for the operation `key` and checks the reply: a
-    /// status the document lists for the operation, JSON as the content
-    /// type, and a body that the schema of that status accepts.
+    /// status the document lists for the operation, its content type (JSON
+    /// but for `/metrics`), and a body that the schema of that status
+    /// accepts.
     async fn call(
         &mut self,
         addr: SocketAddr,
@@ -247,6 +248,16 @@ impl Checker {
                 "{what}"
             );
             assert!(reply.body.contains("<title>sluice</title>"), "{what}");
+            return;
+        }
+        // A text reply (`GET /metrics`): its media type, and a body its
+        // schema accepts as a string.
+        if let Some(text) = response["content"].get("text/plain") {
+            let ct = reply.header("content-type").unwrap_or_default();
+            assert!(ct.starts_with("text/plain;"), "{what}: {reply:?}");
+            let body = Value::String(reply.body.clone());
+            let what = format!("{what} {}", reply.status);
+            assert_valid(&self.doc, &text["schema"], &body, &what);
             return;
         }
         assert_eq!(

@@ -7,7 +7,8 @@
 //!    that rebinds its own DNS name to 127.0.0.1 sends its own name, and is
 //!    refused.
 //! 3. With `[admin] token` set, `Authorization: Bearer` must carry it, or
-//!    the `read_token`, which may only read.
+//!    the `read_token`, which may only read; `GET /metrics` and `GET
+//!    /healthz` need none when `open_metrics` and `open_healthz` say so.
 //! 4. A request that changes state must not come from another site: a
 //!    browser says so in `Sec-Fetch-Site` and `Origin`, and a page
 //!    anywhere could otherwise post a form to the loopback API.
@@ -75,6 +76,9 @@ pub(super) fn admit(
         // token to load it: the page asks for the token itself.
         _ if method == Method::GET && path == "/" => Who::Anyone,
         None => Who::Anyone,
+        // Scrapers and health checks that cannot send a token, if the
+        // config lets them in.
+        Some(_) if open_read(method, path, admin) => Who::Anyone,
         Some(token) => {
             let given = headers
                 .get(header::AUTHORIZATION)
@@ -112,6 +116,19 @@ pub(super) fn admit(
         }
     }
     Ok(who)
+}
+
+/// Whether this request reads a path the config serves without a token.
+/// The path as the router reads it: a trailing `/` is the same path.
+fn open_read(method: &Method, path: &str, admin: &AdminConfig) -> bool {
+    if method != Method::GET {
+        return false;
+    }
+    match path.trim_end_matches('/') {
+        "/metrics" => admin.open_metrics,
+        "/healthz" => admin.open_healthz,
+        _ => false,
+    }
 }
 
 fn changes_state(method: &Method) -> bool {
@@ -325,6 +342,29 @@ mod tests {
             )),
             Ok(Who::Socket(0))
         );
+    }
+
+    #[test]
+    fn metrics_and_healthz_open_only_as_configured() {
+        let mut a = admin(Some("s3cret"));
+        let h = headers(&[("host", "127.0.0.1:9000")]);
+        let get =
+            |path: &str, a: &AdminConfig| status(admit(&Method::GET, path, &h, &tcp(), None, a));
+        assert_eq!(get("/metrics", &a), Err(401), "closed by default");
+        assert_eq!(get("/healthz", &a), Err(401), "closed by default");
+        a.open_metrics = true;
+        assert_eq!(get("/metrics", &a), Ok(Who::Anyone));
+        assert_eq!(get("/metrics/", &a), Ok(Who::Anyone));
+        assert_eq!(get("/healthz", &a), Err(401), "each has its own switch");
+        a.open_healthz = true;
+        assert_eq!(get("/healthz", &a), Ok(Who::Anyone));
+        assert_eq!(get("/backends", &a), Err(401), "nothing else opens");
+        assert_eq!(get("/metricsx", &a), Err(401));
+        let post = admit(&Method::POST, "/metrics", &h, &tcp(), None, &a);
+        assert_eq!(status(post), Err(401), "only reads");
+        let evil = headers(&[("host", "evil.example")]);
+        let r = admit(&Method::GET, "/metrics", &evil, &tcp(), None, &a);
+        assert_eq!(status(r), Err(403), "still only for this API's names");
     }
 
     #[test]

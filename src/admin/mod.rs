@@ -12,6 +12,7 @@
 //! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
 //! | GET  | `/openapi.json` | this API as an OpenAPI 3.1 document ([`OPENAPI`]) |
 //! | GET  | `/` | the dashboard ([`DASHBOARD`]), which needs no token to load |
+//! | GET  | `/metrics` | Prometheus text exposition (`crate::metrics`) |
 //!
 //! Repeating a drain while the same drain runs keeps one policy, the
 //! tighter one (the earlier `force_after` deadline, the shorter

@@ -84,6 +84,14 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             );
             r
         }
+        Op::Metrics => {
+            let mut r = Reply::new(Full::new(Bytes::from(crate::metrics::render(shared))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            r
+        }
         Op::Healthz => {
             if shared.shutting_down.load(Ordering::SeqCst) {
                 let v = HealthzView {
@@ -318,7 +326,7 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         }),
         idle_connections: b.idle_count(IDLE_REPORT),
         total_connections: b.total_connections.load(Ordering::Relaxed),
-        connect_failures: b.connect_failures.load(Ordering::Relaxed),
+        connect_failures: b.connect_failures(),
         bytes_in: b.bytes_in.load(Ordering::Relaxed),
         bytes_out: b.bytes_out.load(Ordering::Relaxed),
         bytes_spliced: b.bytes_spliced.load(Ordering::Relaxed),

@@ -29,6 +29,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("POST", "/upgrade"),
     ("POST", "/leave"),
     ("POST", "/join"),
+    ("GET", "/metrics"),
 ];
 
 /// The query parameters of `drain`, in the order their values are read.
@@ -68,6 +69,8 @@ pub(super) enum Op {
         force_after: Option<Duration>,
     },
     Join,
+    /// Prometheus text exposition of the counters.
+    Metrics,
 }
 
 /// Routes a request to its operation; `exists` tells which backends do.
@@ -182,6 +185,7 @@ pub(super) fn route(
             force_after: given[1],
         },
         "/join" => Op::Join,
+        "/metrics" => Op::Metrics,
         // A route listed without an arm; the unit tests catch it.
         _ => return Err(no_path()),
     })
@@ -220,6 +224,7 @@ mod tests {
             Op::Upgrade { .. } => ("POST", "/upgrade"),
             Op::Leave { .. } => ("POST", "/leave"),
             Op::Join => ("POST", "/join"),
+            Op::Metrics => ("GET", "/metrics"),
         }
     }
 

@@ -78,6 +78,50 @@ impl State {
     }
 }
 
+/// Why a proxied connect to a backend failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens on the port (a reset to the SYN).
+    Refused,
+    /// No answer within `connect_timeout`.
+    Timeout,
+    /// No route to the host or its network.
+    Unreachable,
+    /// Anything else, such as a name that does not resolve.
+    Other,
+}
+
+impl ConnectFailure {
+    pub const ALL: [ConnectFailure; 4] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Timeout,
+        ConnectFailure::Unreachable,
+        ConnectFailure::Other,
+    ];
+
+    /// The kind of a connect's error.
+    pub fn of(e: &std::io::Error) -> ConnectFailure {
+        use std::io::ErrorKind;
+        match e.kind() {
+            ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+            ErrorKind::TimedOut => ConnectFailure::Timeout,
+            ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
+                ConnectFailure::Unreachable
+            }
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Other => "other",
+        }
+    }
+}
+
 /// A backend server shared by every service that forwards to it.
 #[derive(Debug)]
 pub struct Backend {
@@ -118,7 +162,12 @@ pub struct Backend {
     /// close here (`None`: all; `Some(d)`: those idle for `d`).
     close_elsewhere: Mutex<Option<CloseElsewhere>>,
     pub total_connections: AtomicU64,
-    pub connect_failures: AtomicU64,
+    /// Failed proxied connects, by [`ConnectFailure`]; their sum is the
+    /// API's `connect_failures`.
+    connect_failures: [AtomicU64; 4],
+    /// Active health checks that passed and failed.
+    pub checks_passed: AtomicU64,
+    pub checks_failed: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Bytes, either way, that moved by splice(2) rather than a copy.
@@ -152,7 +201,9 @@ impl Backend {
             peers_behind: AtomicUsize::new(0),
             close_elsewhere: Mutex::new(None),
             total_connections: AtomicU64::new(0),
-            connect_failures: AtomicU64::new(0),
+            connect_failures: Default::default(),
+            checks_passed: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             bytes_spliced: AtomicU64::new(0),
@@ -401,6 +452,11 @@ impl Backend {
     /// publishes a flip for the hot path.
     pub fn record_health(&self, event: Event, rules: Rules) {
         let passed = matches!(event, Event::CheckPassed { .. });
+        match event {
+            Event::CheckPassed { .. } => self.checks_passed.fetch_add(1, Ordering::Relaxed),
+            Event::CheckFailed(_) => self.checks_failed.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         let mut health = self.health.lock().expect("health lock");
         if let Event::CheckFailed(e) = &event {
             tracing::debug!(backend = %self.name, error = %e, "health check failed");
@@ -433,9 +489,35 @@ impl Backend {
     }
 
     /// A proxied connect failed: counted, and a passive health event.
-    pub fn connect_failed(&self, rules: Rules) {
-        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    pub fn connect_failed(&self, why: ConnectFailure, rules: Rules) {
+        self.connect_failures[why as usize].fetch_add(1, Ordering::Relaxed);
         self.record_health(Event::ConnectFailed, rules);
+    }
+
+    /// Failed proxied connects of one kind, since it was created.
+    pub fn connect_failures_of(&self, why: ConnectFailure) -> u64 {
+        self.connect_failures[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Failed proxied connects, since it was created.
+    pub fn connect_failures(&self) -> u64 {
+        ConnectFailure::ALL
+            .iter()
+            .map(|&w| self.connect_failures_of(w))
+            .sum()
+    }
+
+    /// Live connections (pending connects too) by the service they came
+    /// in on, read at the moment.
+    pub fn live_by_service(&self) -> Vec<(Arc<str>, usize)> {
+        let mut out: Vec<(Arc<str>, usize)> = Vec::new();
+        for c in self.conns.iter() {
+            match out.iter_mut().find(|(s, _)| *s == c.service) {
+                Some((_, n)) => *n += 1,
+                None => out.push((c.service.clone(), 1)),
+            }
+        }
+        out
     }
 
     /// A proxied connect succeeded; it ends a run of failed connects.
@@ -556,14 +638,16 @@ mod tests {
     fn passive_failures_count_and_flip_only_a_checked_backend() {
         let b = backend();
         let rules = Rules { rise: 2, fall: 2 };
-        b.connect_failed(rules);
-        b.connect_failed(rules);
+        b.connect_failed(ConnectFailure::Refused, rules);
+        b.connect_failed(ConnectFailure::Timeout, rules);
         assert!(b.healthy(), "no active checks: nothing would bring it back");
         b.record_health(Event::ChecksOn, rules);
-        b.connect_failed(rules);
+        b.connect_failed(ConnectFailure::Refused, rules);
         assert!(!b.healthy());
         assert_eq!(b.state(), State::Active, "health is a separate axis");
-        assert_eq!(b.connect_failures.load(Ordering::Relaxed), 3);
+        assert_eq!(b.connect_failures(), 3);
+        assert_eq!(b.connect_failures_of(ConnectFailure::Refused), 2);
+        assert_eq!(b.connect_failures_of(ConnectFailure::Timeout), 1);
         b.record_health(Event::CheckPassed { started_ms: 5 }, rules);
         assert!(b.healthy());
         assert_eq!(b.health().last_ok_check_ms, 5);

@@ -7,6 +7,7 @@
 //! on reload (`reload.rs`), so no setting can be accepted and forgotten.
 
 mod cluster;
+mod counts;
 mod file;
 mod leave;
 mod limit;
@@ -32,6 +33,7 @@ use crate::pool::Route;
 use crate::shutdown::Background;
 
 pub use cluster::{Agreed, ClusterState};
+pub use counts::{DURATION_BOUNDS, Durations, Refusal, ServiceCounts};
 pub use file::{Saved, States, load as load_state_file};
 pub use leave::{LEAVE_SETTLE, Leaving};
 pub use limit::{Limit, Permit};
@@ -79,6 +81,8 @@ pub struct Service {
     /// The bound address (a port 0 in the file is resolved here).
     pub listen: SocketAddr,
     route: ArcSwap<Route>,
+    /// Its refused clients and its connections' durations.
+    pub counts: ServiceCounts,
 }
 
 impl Service {
@@ -117,6 +121,16 @@ pub struct Stats {
     pub shortage: Shortage,
 }
 
+/// Configuration reloads (SIGHUP), by outcome.
+#[derive(Debug, Default)]
+pub struct Reloads {
+    /// Applied whole.
+    pub accepted: AtomicU64,
+    /// Refused whole: a file that did not load, or a change that needs a
+    /// restart.
+    pub refused: AtomicU64,
+}
+
 /// State shared by the accept loops, the connections, the admin API and
 /// the background tasks.
 #[derive(Debug)]
@@ -129,6 +143,7 @@ pub struct Shared {
     /// `[admin] max_connections`.
     pub admin_limit: Limit,
     pub stats: Stats,
+    pub reloads: Reloads,
     /// Failed admin authentications, for a rate-limited log line.
     pub auth_failures: LogThrottle,
     /// Set when the shutdown grace period ends: every connection closes,
@@ -299,6 +314,7 @@ impl Shared {
                     name: s.name.as_str().into(),
                     listen,
                     route: ArcSwap::from_pointee(Route::new(Vec::new())),
+                    counts: ServiceCounts::default(),
                 })
             })
             .collect();
@@ -347,6 +363,7 @@ impl Shared {
             backends: ArcSwap::from_pointee(backends),
             services,
             stats: Stats::default(),
+            reloads: Reloads::default(),
             closing_all: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             leaving: Leaving::default(),

@@ -131,8 +131,19 @@ pub(super) fn new_backend(bc: &BackendConfig, state_changed: &Arc<Notify>) -> Ar
 }
 
 impl Shared {
-    /// Applies `new` to the running balancer, or refuses it whole.
+    /// Applies `new` to the running balancer, or refuses it whole; counted
+    /// either way.
     pub fn reload(self: &Arc<Self>, new: Config) -> Result<(), ReloadError> {
+        let r = self.apply(new);
+        let outcome = match r {
+            Ok(()) => &self.reloads.accepted,
+            Err(_) => &self.reloads.refused,
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    fn apply(self: &Arc<Self>, new: Config) -> Result<(), ReloadError> {
         let _one_at_a_time = self.changes.lock().expect("changes lock");
         let old = self.runtime();
         let refused = needs_restart(&old.config, &new);
