@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backend::{ConnGuard, ConnInfo};
+use crate::events::Reason;
 use crate::net;
 use crate::state::{ConnSettings, Permit, Service, Shared};
 
@@ -63,6 +64,7 @@ pub async fn accept_loop(
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
+            service.refusals.count(Reason::Limit);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
         };
@@ -112,9 +114,13 @@ async fn handle(
         }
         Err(Refused::NoBackend) => {
             warn!("no backend took the connection; closing client");
+            service.refusals.count(Reason::NoBackend);
             &stats.rejected_no_backend
         }
-        Err(Refused::Shortage) => &stats.rejected_resources,
+        Err(Refused::Shortage) => {
+            service.refusals.count(Reason::Resources);
+            &stats.rejected_resources
+        }
         Err(Refused::Abandoned) => &stats.abandoned,
     };
     counter.fetch_add(1, Ordering::Relaxed);
