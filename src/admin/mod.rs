@@ -65,6 +65,11 @@ const MAX_BODY: usize = 4096;
 /// How long a refused token waits for its answer: a guesser gets few
 /// tries a second per connection slot.
 const FAILED_AUTH_DELAY: Duration = Duration::from_millis(250);
+/// The send buffer of an admin connection. Without a cap, the kernel
+/// lets a loopback socket's grow to megabytes, which an event stream's
+/// client that stops reading would fill (thousands of events) before it
+/// counts as behind; replies are small, and a large one just waits.
+const SEND_BUFFER: usize = 64 * 1024;
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
 /// What the admin API acts on: the balancer's state, and the upgrader
@@ -112,6 +117,7 @@ pub async fn serve(
             },
         };
         let local = stream.local_addr().ok();
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         admit_connection(stream, peer, local, &plane, &stop);
     }
 }
@@ -137,6 +143,7 @@ pub async fn serve_unix(
             },
         };
         let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         admit_connection(stream, Peer::Unix { uid }, None, &plane, &stop);
     }
 }
