@@ -454,3 +454,136 @@ async fn the_stream_takes_the_read_token_like_any_read() {
     assert_eq!(ev.expect().await["to"], "draining");
     lb.shutdown().await;
 }
+
+/// Reads `ctl`'s stdout until a line contains `needle`; returns the lines.
+async fn lines_until(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    needle: &str,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    while !got.last().is_some_and(|l: &String| l.contains(needle)) {
+        match within("ctl's output", lines.next_line()).await.unwrap() {
+            Some(l) => got.push(l),
+            None => panic!("ctl ended its output without `{needle}`: {got:?}"),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_events_prints_lines_or_json_and_comes_back_after_a_restart() {
+    let a = Echo::start("a").await;
+    let text = support::config("shutdown_grace = \"100ms\"", "", &[("a", a.addr)]);
+    let (shared, _, admin, stop, task) = bound(&text).await;
+    let spawn = |json: bool| {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(["ctl", "--admin", &format!("http://{admin}"), "events"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .env_remove("SLUICE_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    };
+    let (human, mut human_out) = spawn(false);
+    let (json, mut json_out) = spawn(true);
+    wait_for("both ctl listen", || async {
+        shared.events.listeners() == 2
+    })
+    .await;
+    http(admin, "POST", "/backends/a/drain", None).await;
+
+    let got = lines_until(&mut human_out, "drained after").await;
+    let stamp = |l: &str| {
+        let b = l.as_bytes();
+        b.len() > 12 && b[0] == b'[' && &l[9..11] == "Z]" && b[3] == b':' && b[6] == b':'
+    };
+    assert!(got.iter().all(|l| stamp(l)), "{got:?}");
+    let said: Vec<&str> = got.iter().map(|l| &l[12..]).collect();
+    assert_eq!(
+        said,
+        [
+            "a: active -> draining (0 live)",
+            "a: draining -> drained (0 live)",
+            "a: drained after 0.0s"
+        ]
+    );
+    let got = lines_until(&mut json_out, "\"type\":\"drained\"").await;
+    assert!(got[0].starts_with("{\"id\":"), "the JSON as sent: {got:?}");
+    let events: Vec<Value> = got
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<_> = events.iter().map(kind).collect();
+    assert_eq!(kinds, ["state", "state", "drained"]);
+    let last = id(&events[2]);
+
+    // sluice restarts on the same admin address: ctl comes back on its
+    // own, and is told that what it had is not this process's.
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+    let got = lines_until(&mut json_out, "\"shutdown\"").await;
+    let bye: Value = serde_json::from_str(got.last().unwrap()).unwrap();
+    assert_eq!(id(&bye), last + 1);
+    let again = text.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{admin}\""),
+        1,
+    );
+    assert_ne!(again, text);
+    let (shared, _, _, stop, task) = bound(&again).await;
+    let got = lines_until(&mut json_out, "\"gap\"").await;
+    let gap: Value = serde_json::from_str(got.last().unwrap()).unwrap();
+    assert_eq!(gap["requested"], last + 1);
+    lines_until(&mut human_out, "were missed").await;
+    wait_for("both ctl back", || async { shared.events.listeners() == 2 }).await;
+    // Without a state file the new process starts `a` active.
+    http(admin, "POST", "/backends/a/drain", None).await;
+    let got = lines_until(&mut human_out, "a: active -> draining").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+
+    // Ctrl-C ends it, and that is a success.
+    for child in [human, json] {
+        let pid = child.id().unwrap().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let out = within("ctl exits", child.wait_with_output()).await.unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn ctl_events_fails_when_nothing_answers() {
+    let (_guard, dead) = dead_addr();
+    let out = within(
+        "ctl",
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "--admin", &format!("http://{dead}"), "events"])
+            .env_remove("SLUICE_TOKEN")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"),
+        "{out:?}"
+    );
+}

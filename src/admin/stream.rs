@@ -87,9 +87,8 @@ impl Body for Stream {
         if let Some(b) = this.replay.next() {
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
-        if this.stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
-        }
+        // What is queued first: the bus closes before the admin API stops,
+        // so the last events (`shutdown`) still go out.
         match this.queue.poll_recv(cx) {
             Poll::Ready(Some(b)) => {
                 this.rearm();
@@ -98,6 +97,9 @@ impl Body for Stream {
             // The bus closed, or cut this listener off.
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
+        }
+        if this.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
         }
         if this.keep_alive.as_mut().poll(cx).is_ready() {
             this.rearm();
