@@ -587,3 +587,43 @@ async fn ctl_events_fails_when_nothing_answers() {
         "{out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_ends_the_old_process_stream_and_the_new_one_answers() {
+    let a = Echo::start("a").await;
+    let text = support::config("shutdown_grace = \"5m\"", "", &[("a", a.addr)]);
+    let (_dir, path) = write_config(&text);
+    let mut old = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+    let web = addr_after(&old.wait_line("service=web "), "listen=");
+    let admin = addr_after(&old.wait_line("admin API listening"), "listen=");
+    // A client that keeps the old process alive after the hand-over.
+    let mut held = TcpStream::connect(web).await.unwrap();
+    assert_eq!(within("greeting", read_line(&mut held)).await, "a");
+    let mut ev = open(admin, "", "").await;
+    let (status, report) = http(admin, "POST", "/upgrade", None).await;
+    assert_eq!(status, 200, "{report}");
+    let new_pid = report["new_pid"].as_u64().unwrap();
+    let bye = ev.expect().await;
+    assert_eq!(
+        (kind(&bye), &bye["reason"]),
+        ("shutdown", &"upgrade".into())
+    );
+    assert!(within("the end of the stream", ev.next()).await.is_none());
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the stream ended at the hand-over, not at the old process's exit"
+    );
+    // The same address now reaches the new process, which says that the
+    // old one's ids are not its own.
+    let mut again = open(admin, "", &format!("Last-Event-ID: {}\r\n", id(&bye))).await;
+    let gap = again.expect().await;
+    assert_eq!((kind(&gap), &gap["requested"]), ("gap", &bye["id"]));
+    let (_, health) = http(admin, "GET", "/healthz", None).await;
+    assert_eq!(health["pid"].as_u64(), Some(new_pid));
+    drop(held);
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
