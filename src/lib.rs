@@ -11,6 +11,8 @@
 //!   allows.
 //! - [`net`]: sockets: targets, listeners, options, connect with a timeout.
 //! - [`health`]: the health value (rise and fall) and the active checks.
+//! - [`events`]: the event bus: what happened, kept for a while and
+//!   offered to every listener without waiting for any.
 //! - [`backend`]: a backend's state machine, live-connection guard and
 //!   drain policy.
 //! - [`pool`]: a service's backends and round-robin in fallback order.
@@ -38,6 +40,7 @@ pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod events;
 pub mod handover;
 pub mod health;
 pub mod limits;

@@ -174,6 +174,13 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print what happens as it happens (state, health, drain progress,
+    /// reloads, refused clients), one line each; Ctrl-C ends it (exit 0).
+    Events {
+        /// The API's JSON objects, one per line, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Update every backend in turn: drain, run a command, check, start.
     Rollout {
         /// Command run for each backend, with SLUICE_BACKEND and SLUICE_ADDRESS set.
@@ -316,6 +323,13 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<sluice::ctl::Ended> {
     let mut signals = ctl::Signals::install().context("cannot install signal handlers")?;
     let token = ctl::read_token(args.token, args.token_file.as_deref())?;
     let c = ctl::Client::new(&args.admin, token)?;
+    if let CtlCommand::Events { json } = args.command {
+        // It only prints: a signal is how it ends, not an interruption.
+        return tokio::select! {
+            r = ctl::events(&c, json) => Ok(ctl::Ended::Finished(r?)),
+            _ = signals.recv() => Ok(ctl::Ended::Finished(ctl::Outcome::Done)),
+        };
+    }
     let progress = ctl::Progress::default();
     let command = run_ctl(&c, args.command, &progress);
     Ok(ctl::until_interrupted(&c, &progress, &mut signals, command).await?)
@@ -347,6 +361,7 @@ async fn run_ctl(
         CtlCommand::Join => ctl::join(c).await?,
         CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
         CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
+        CtlCommand::Events { json } => ctl::events(c, json).await?,
         CtlCommand::Rollout {
             exec,
             smoke,

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backend::{ConnGuard, ConnInfo, ConnectFailure};
+use crate::events::Reason;
 use crate::net;
 use crate::state::{ConnSettings, Permit, Refusal, Service, Shared};
 
@@ -64,6 +65,7 @@ pub async fn accept_loop(
         let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
             service.counts.refused(Refusal::Limit);
+            service.refusals.count(Reason::Limit);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
         };
@@ -117,9 +119,13 @@ async fn handle(
         }
         Err(Refused::NoBackend) => {
             warn!("no backend took the connection; closing client");
+            service.refusals.count(Reason::NoBackend);
             (&stats.rejected_no_backend, Some(Refusal::NoBackend))
         }
-        Err(Refused::Shortage) => (&stats.rejected_resources, Some(Refusal::Resources)),
+        Err(Refused::Shortage) => {
+            service.refusals.count(Reason::Resources);
+            (&stats.rejected_resources, Some(Refusal::Resources))
+        }
         Err(Refused::Abandoned) => (&stats.abandoned, None),
     };
     counter.fetch_add(1, Ordering::Relaxed);

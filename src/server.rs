@@ -253,7 +253,11 @@ impl Sluice {
         let shared = Shared::new(config, &bound, &saved);
         for b in shared.backends().iter() {
             if let Some(&state) = offer.states.get(&b.name) {
+                let reported = b.state() == crate::backend::State::Draining;
                 b.take_over(state, offer.health.get(&b.name).copied().unwrap_or(true));
+                if !reported {
+                    b.report_drain(&shared.tasks);
+                }
             }
             // Until the old process's first report, it holds a connection
             // to every backend: no drain here, and none on another
@@ -350,6 +354,7 @@ impl Sluice {
             }
         }
         shared.tasks.spawn(trim_pools());
+        shared.tasks.spawn(flush_refusals(shared.clone()));
         // Before any client: the other instances count this one, and it
         // has the states they agreed on.
         let cluster = crate::cluster::Cluster::start(&shared)
@@ -401,11 +406,16 @@ impl Sluice {
         };
         // Its copies would keep the sockets listening after the loops stop.
         upgrader.release();
+        shared.events.publish(crate::events::Kind::Shutdown {
+            reason: if handed_over { "upgrade" } else { "stop" }.into(),
+        });
         if handed_over {
             // The new process owns the state file and the socket file now,
             // and answers the admin API.
             shared.stop_saving();
             admin_accepting.cancel();
+            // Its listeners reconnect, and reach the new process.
+            shared.events.close();
         }
         shared.shutting_down.store(true, Ordering::SeqCst);
         let mut workers = workers;
@@ -416,6 +426,8 @@ impl Sluice {
         shared.previous_gone().await;
         workers.join().await;
         admin_accepting.cancel();
+        // The event streams end as the admin API stops answering.
+        shared.events.close();
         admin_stop.cancel();
         let _ = admin.await;
         if let Some(task) = admin_socket {
@@ -775,6 +787,16 @@ async fn trim_pools() {
     }
 }
 
+/// Publishes the clients refused in the last second, per service and
+/// reason, so a flood of them is one event a second, not a flood.
+async fn flush_refusals(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        shared.flush_refusals();
+    }
+}
+
 /// How often a state file that could not be written is tried again.
 const STATE_FILE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -816,6 +838,12 @@ async fn reload_on_sighup(
                 // Never reached `Shared::reload`, which counts the others.
                 shared.reloads.refused.fetch_add(1, Ordering::Relaxed);
                 error!("reload refused, the running configuration stays: {e}");
+                shared.events.publish(crate::events::Kind::Reload {
+                    result: "refused".into(),
+                    error: Some(e.to_string()),
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                });
             }
         }
     }

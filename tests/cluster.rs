@@ -225,6 +225,36 @@ impl Instance {
     }
 }
 
+/// Reads `GET /events?last_event_id=0` of `admin` (every event it kept)
+/// until each of `needles` has come, in this order; returns the text.
+async fn kept_events(admin: SocketAddr, needles: &[&str]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within("the kept events", async {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        let req = format!("GET /events?last_event_id=0 HTTP/1.1\r\nHost: {admin}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut text = String::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let mut at = 0;
+            let all_in_order = needles.iter().all(|n| match text[at..].find(n) {
+                Some(i) => {
+                    at += i + n.len();
+                    true
+                }
+                None => false,
+            });
+            if all_in_order {
+                return text;
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended before {needles:?}: {text}");
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+}
+
 /// Waits until every instance is connected and sees all of `names`.
 async fn converged(all: &[&Instance]) {
     let names: Vec<String> = all.iter().map(|i| i.name.clone()).collect();
@@ -472,6 +502,22 @@ async fn without_etcd_nothing_is_dropped_and_changes_are_refused_until_it_is_bac
         b.state("web1").await == "drained"
     })
     .await;
+    // b's events told the lost and restored connection, then the drain a
+    // asked for, which entered b's state machine like its own.
+    let told = kept_events(
+        b.admin,
+        &[
+            r#""type":"cluster","connected":false"#,
+            r#""type":"cluster","connected":true"#,
+            r#""type":"state","backend":"web1","from":"active","to":"draining""#,
+            r#""type":"drained","backend":"web1""#,
+        ],
+    )
+    .await;
+    assert!(
+        told.contains("etcd"),
+        "the lost connection says why: {told}"
+    );
     b.post("/backends/web1/start").await;
     load.more(30).await;
     load.stop(tasks).await;

@@ -260,8 +260,8 @@ async fn repeating_a_drain_two_thousand_times_leaves_one_policy_task() {
     }
     assert_eq!(
         shared.tasks.len(),
-        before + 1,
-        "one policy task for the drain"
+        before + 2,
+        "one policy task for the drain, and one that tells its progress"
     );
     http(admin, "POST", "/backends/a/start", None).await;
     wait_for("the policy task ended with the drain", || async {

@@ -166,7 +166,23 @@ async fn send(
         req.push_str(body_head);
         s.write_all(req.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw).await;
+        // To the end, except an event stream, which has none: up to the
+        // end of its first frame.
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+            if let Some((head, body)) = text.split_once("\r\n\r\n")
+                && head.contains("content-type: text/event-stream")
+                && body.contains("\n\n")
+            {
+                break;
+            }
+        }
         let raw = String::from_utf8(raw).expect("a text reply");
         let (head, body) = raw
             .split_once("\r\n\r\n")
@@ -260,6 +276,18 @@ impl Checker {
             assert_valid(&self.doc, &text["schema"], &body, &what);
             return;
         }
+        if reply.header("content-type") == Some("text/event-stream") {
+            assert!(
+                response["content"]["text/event-stream"].is_object(),
+                "{what}: an event stream where none is documented"
+            );
+            // The stream's first frame (after its chunk size).
+            assert!(
+                reply.body.contains(": sluice events\nretry: 1000\n\n"),
+                "{what}: {reply:?}"
+            );
+            return;
+        }
         assert_eq!(
             reply.header("content-type"),
             Some("application/json"),
@@ -325,6 +353,107 @@ fn document_paths_are_the_routes() {
     for r in all {
         assert!(doc.pointer(&r[1..]).is_some(), "dangling $ref {r}");
     }
+}
+
+#[test]
+fn every_event_matches_its_schema() {
+    use sluice::events::{Event, Kind};
+    let doc = doc();
+    let schema = json!({ "$ref": "#/components/schemas/Event" });
+    let s = |x: &str| x.to_string();
+    // Each kind with every optional field, and without.
+    let kinds = [
+        Kind::State {
+            backend: s("web1"),
+            from: s("active"),
+            to: s("draining"),
+            live: 3,
+        },
+        Kind::Health {
+            backend: s("web1"),
+            up: false,
+            why: s("3 health checks failed in a row"),
+        },
+        Kind::Progress {
+            backend: s("web1"),
+            live: 2,
+            idle: 1,
+        },
+        Kind::Drained {
+            backend: s("web1"),
+            after_ms: 1500,
+        },
+        Kind::Removed { backend: s("web1") },
+        Kind::Reload {
+            result: s("applied"),
+            error: None,
+            added: vec![s("web3")],
+            removed: vec![s("web2")],
+        },
+        Kind::Reload {
+            result: s("applied"),
+            error: None,
+            added: Vec::new(),
+            removed: Vec::new(),
+        },
+        Kind::Reload {
+            result: s("refused"),
+            error: Some(s("admin.listen changed")),
+            added: Vec::new(),
+            removed: Vec::new(),
+        },
+        Kind::Refused {
+            service: s("web"),
+            reason: s("no_backend"),
+            count: 7,
+        },
+        Kind::Leave { live: 4 },
+        Kind::Join {},
+        Kind::Cluster {
+            connected: false,
+            error: Some(s("etcd does not answer")),
+        },
+        Kind::Cluster {
+            connected: true,
+            error: None,
+        },
+        Kind::Shutdown {
+            reason: s("upgrade"),
+        },
+        Kind::Gap {
+            requested: 7,
+            first: 1_795_876_660_221_001,
+        },
+    ];
+    let mut named = BTreeSet::new();
+    for kind in kinds {
+        named.insert(kind.name());
+        let e = json!(Event {
+            id: 1_795_876_660_221_005,
+            time_ms: 1_795_876_660_222,
+            kind,
+        });
+        assert_valid(&doc, &schema, &e, "Event");
+        // What ctl reads back is what was sent.
+        let back: Event = serde_json::from_value(e.clone()).unwrap();
+        assert_eq!(json!(back), e);
+    }
+    // The document names exactly these kinds, each once.
+    let documented: BTreeSet<&str> = doc["components"]["schemas"]["Event"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["properties"]["type"]["const"].as_str().unwrap())
+        .collect();
+    assert_eq!(documented, named);
+    // A field it does not document is refused.
+    let extra = json!({"id": 1, "type": "join", "time_ms": 2, "extra": 3});
+    assert!(
+        validator(&doc, &schema)
+            .iter_errors(&extra)
+            .next()
+            .is_some()
+    );
 }
 
 #[test]

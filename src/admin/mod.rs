@@ -13,6 +13,7 @@
 //! | GET  | `/openapi.json` | this API as an OpenAPI 3.1 document ([`OPENAPI`]) |
 //! | GET  | `/` | the dashboard ([`DASHBOARD`]), which needs no token to load |
 //! | GET  | `/metrics` | Prometheus text exposition (`crate::metrics`) |
+//! | GET  | `/events` | Server-Sent Events: state and health changes, drain progress, `drained`, reloads, refused clients, leave and join, the cluster connection (`crate::events`). `Last-Event-ID` or `last_event_id=N` resumes after event N; the stream holds its admin connection (and its `max_connections` slot) while open |
 //!
 //! Repeating a drain while the same drain runs keeps one policy, the
 //! tighter one (the earlier `force_after` deadline, the shorter
@@ -25,6 +26,7 @@
 mod access;
 mod ops;
 mod route;
+mod stream;
 
 pub use access::Who;
 
@@ -33,7 +35,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -69,6 +71,11 @@ const MAX_BODY: usize = 4096;
 /// How long a refused token waits for its answer: a guesser gets few
 /// tries a second per connection slot.
 const FAILED_AUTH_DELAY: Duration = Duration::from_millis(250);
+/// The send buffer of an admin connection. Without a cap, the kernel
+/// lets a loopback socket's grow to megabytes, which an event stream's
+/// client that stops reading would fill (thousands of events) before it
+/// counts as behind; replies are small, and a large one just waits.
+const SEND_BUFFER: usize = 64 * 1024;
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
 /// What the admin API acts on: the balancer's state, and the upgrader
@@ -116,6 +123,7 @@ pub async fn serve(
             },
         };
         let local = stream.local_addr().ok();
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         admit_connection(stream, peer, local, &plane, &stop);
     }
 }
@@ -141,6 +149,7 @@ pub async fn serve_unix(
             },
         };
         let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         admit_connection(stream, Peer::Unix { uid }, None, &plane, &stop);
     }
 }
@@ -208,9 +217,16 @@ pub async fn serve_connection<I>(
     // Read per connection, so a reload applies to the next one.
     let timeout = plane.shared.runtime().config.admin.request_timeout;
     let peer = Arc::new(peer);
+    // Cancelled when an event stream of this connection falls behind: the
+    // connection is dropped, not waited on.
+    let cut = CancellationToken::new();
+    let link = Link {
+        stop: stop.clone(),
+        cut: cut.clone(),
+    };
     let svc = service_fn(move |req| {
-        let (plane, peer) = (plane.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(handle(req, &plane, &peer, local, timeout).await) }
+        let (plane, peer, link) = (plane.clone(), peer.clone(), link.clone());
+        async move { Ok::<_, Infallible>(handle(req, &plane, &peer, local, timeout, &link).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -223,9 +239,16 @@ pub async fn serve_connection<I>(
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,
+        _ = cut.cancelled() => {
+            debug!("admin connection cut: its event stream fell behind");
+            return;
+        }
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn => r,
+                _ = cut.cancelled() => return,
+            }
         }
     };
     if let Err(e) = r {
@@ -234,6 +257,17 @@ pub async fn serve_connection<I>(
 }
 
 type Reply = Response<Full<Bytes>>;
+
+/// What a request gets: a whole reply, or an event stream.
+type Answer = Response<Either<Full<Bytes>, stream::Stream>>;
+
+/// What a request's handler knows of its connection: `stop` ends the
+/// admin API's connections, `cut` drops this one at once.
+#[derive(Clone)]
+struct Link {
+    stop: CancellationToken,
+    cut: CancellationToken,
+}
 
 fn json(status: StatusCode, value: &impl Serialize) -> Reply {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
@@ -287,13 +321,50 @@ impl Refusal {
     }
 }
 
+/// Answers one request: an event stream for `GET /events`, otherwise
+/// what its operation replies.
 async fn handle(
     req: Request<Incoming>,
     plane: &Plane,
     peer: &Peer,
     local: Option<SocketAddr>,
     timeout: Duration,
-) -> Reply {
+    link: &Link,
+) -> Answer {
+    let last_event_id = req.headers().get("last-event-id").cloned();
+    let (op, who) = match admit_and_route(req, plane, peer, local, timeout).await {
+        Ok(routed) => routed,
+        Err(reply) => return reply.map(Either::Left),
+    };
+    let route::Op::Events { last_event_id: q } = op else {
+        return ops::execute(op, plane, ops::Caller { who, peer })
+            .await
+            .map(Either::Left);
+    };
+    // The header wins: a browser's EventSource sends it when it
+    // reconnects, to the URL (and query) of its first connect.
+    let header = last_event_id.map(|v| {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        route::parse_event_id(&v).map_err(|e| format!("Last-Event-ID: {e}"))
+    });
+    match header.transpose() {
+        Ok(h) => {
+            stream::reply(&plane.shared.events, h.or(q), &link.stop, &link.cut).map(Either::Right)
+        }
+        Err(e) => Refusal::new(StatusCode::BAD_REQUEST, e)
+            .reply()
+            .map(Either::Left),
+    }
+}
+
+/// Lets a request in (or refuses it), reads its body, and routes it.
+async fn admit_and_route(
+    req: Request<Incoming>,
+    plane: &Plane,
+    peer: &Peer,
+    local: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<(route::Op, Who), Reply> {
     let shared = &plane.shared;
     let runtime = shared.runtime();
     let who = match access::admit(
@@ -316,7 +387,7 @@ async fn handle(
                 }
                 tokio::time::sleep(FAILED_AUTH_DELAY).await;
             }
-            return refusal.reply();
+            return Err(refusal.reply());
         }
     };
     drop(runtime);
@@ -334,21 +405,21 @@ async fn handle(
         .reply()
     };
     if too_long {
-        return too_large();
+        return Err(too_large());
     }
     let method = req.method().clone();
     let uri = req.uri().clone();
     let body = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
     match body.await {
         Ok(Ok(_)) => {}
-        Ok(Err(_)) => return too_large(),
+        Ok(Err(_)) => return Err(too_large()),
         Err(_) => {
-            return Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body too slow").reply();
+            return Err(Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body too slow").reply());
         }
     }
     let exists = |name: &str| shared.backend(name).is_some();
     match route::route(&method, uri.path(), uri.query().unwrap_or(""), exists) {
-        Ok(op) => ops::execute(op, plane, ops::Caller { who, peer }).await,
-        Err(refusal) => refusal.reply(),
+        Ok(op) => Ok((op, who)),
+        Err(refusal) => Err(refusal.reply()),
     }
 }

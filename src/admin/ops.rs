@@ -18,9 +18,6 @@ use crate::cluster::Change;
 use crate::health::unix_ms;
 use crate::state::Shared;
 
-/// Idle time after which the API counts a connection as idle.
-const IDLE_REPORT: Duration = Duration::from_secs(10);
-
 /// Who asked, for the audit log.
 pub(super) struct Caller<'a> {
     pub who: Who,
@@ -228,6 +225,8 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             let saved = save_in_background(shared).await.ok().flatten();
             json(StatusCode::OK, &leave_view(shared, saved))
         }
+        // `handle` answers it with a stream; it never comes here.
+        Op::Events { .. } => Refusal::new(StatusCode::NOT_FOUND, "no such path: /events").reply(),
         Op::Upgrade { binary } => {
             let Some(upgrader) = &plane.upgrader else {
                 return Refusal::new(
@@ -324,7 +323,7 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
             };
             std::iter::once(here).chain(c.counts(b)).collect()
         }),
-        idle_connections: b.idle_count(IDLE_REPORT),
+        idle_connections: b.idle_count(crate::backend::IDLE_AFTER),
         total_connections: b.total_connections.load(Ordering::Relaxed),
         connect_failures: b.connect_failures(),
         bytes_in: b.bytes_in.load(Ordering::Relaxed),

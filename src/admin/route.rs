@@ -30,6 +30,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("POST", "/leave"),
     ("POST", "/join"),
     ("GET", "/metrics"),
+    ("GET", "/events"),
 ];
 
 /// The query parameters of `drain`, in the order their values are read.
@@ -71,6 +72,11 @@ pub(super) enum Op {
     Join,
     /// Prometheus text exposition of the counters.
     Metrics,
+    /// The event stream, resumed after `last_event_id` if given (the
+    /// `Last-Event-ID` header wins over the query).
+    Events {
+        last_event_id: Option<u64>,
+    },
 }
 
 /// Routes a request to its operation; `exists` tells which backends do.
@@ -133,6 +139,7 @@ pub(super) fn route(
         "/backends/{name}/drain" => DRAIN_PARAMS,
         "/leave" => LEAVE_PARAMS,
         "/upgrade" => &["binary"],
+        "/events" => &["last_event_id"],
         _ => &[],
     };
     if let Some((k, _)) = params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
@@ -186,9 +193,23 @@ pub(super) fn route(
         },
         "/join" => Op::Join,
         "/metrics" => Op::Metrics,
+        "/events" => {
+            let last = params.iter().find(|(k, _)| k == "last_event_id");
+            let last_event_id = last
+                .map(|(_, v)| parse_event_id(v).map_err(|e| bad(format!("last_event_id: {e}"))))
+                .transpose()?;
+            Op::Events { last_event_id }
+        }
         // A route listed without an arm; the unit tests catch it.
         _ => return Err(no_path()),
     })
+}
+
+/// An event id, as `Last-Event-ID` or `?last_event_id=` gives it.
+pub(super) fn parse_event_id(v: &str) -> Result<u64, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| format!("`{v}` is not an event id (a whole number)"))
 }
 
 #[cfg(test)]
@@ -225,6 +246,7 @@ mod tests {
             Op::Leave { .. } => ("POST", "/leave"),
             Op::Join => ("POST", "/join"),
             Op::Metrics => ("GET", "/metrics"),
+            Op::Events { .. } => ("GET", "/events"),
         }
     }
 
@@ -276,6 +298,29 @@ mod tests {
         assert_eq!(
             at(Method::POST, "/backends/web1/start"),
             Ok(Op::Start("web1".into()))
+        );
+    }
+
+    #[test]
+    fn events_resume_after_an_id() {
+        assert_eq!(
+            at(Method::GET, "/events"),
+            Ok(Op::Events {
+                last_event_id: None
+            })
+        );
+        assert_eq!(
+            at(Method::GET, "/events?last_event_id=42"),
+            Ok(Op::Events {
+                last_event_id: Some(42)
+            })
+        );
+        assert_eq!(
+            refused(at(Method::GET, "/events?last_event_id=x")),
+            (
+                400,
+                "last_event_id: `x` is not an event id (a whole number)".into()
+            )
         );
     }
 

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Backend, State};
+use super::{Backend, IDLE_AFTER, State};
+use crate::events::{Kind, PROGRESS_EVERY_MS};
 use crate::shutdown::Background;
 
 /// How a drain may end before its connections finish on their own.
@@ -86,16 +87,19 @@ impl Backend {
     /// a start that races the drain cannot lend it a generation that is not
     /// a drain's.
     pub fn drain(self: &Arc<Self>, policy: DrainPolicy, tasks: &Background) -> Drain {
-        let generation = {
+        let (generation, began) = {
             let _one_at_a_time = self.transitions.lock().expect("transition lock");
-            self.transition_locked(&[State::Active], State::Draining);
+            let began = self.transition_locked(&[State::Active], State::Draining);
             self.complete_drain_locked();
-            self.generation()
+            (self.generation(), began)
         };
         let drain = Drain {
             backend: self.clone(),
             generation,
         };
+        if began && self.events.is_some() {
+            tasks.spawn(self.clone().report_progress(generation));
+        }
         if !policy.is_empty() {
             self.tighten(generation, policy, tasks);
         }
@@ -129,6 +133,46 @@ impl Backend {
         } else {
             // The running task reads the tightened policy when woken.
             self.changed.notify_waiters();
+        }
+    }
+
+    /// Tells the event bus how the running drain, if any, progresses; for
+    /// a drain restored at start, since it began in another process.
+    pub fn report_drain(self: &Arc<Self>, tasks: &Background) {
+        if self.events.is_some() && self.state() == State::Draining {
+            tasks.spawn(self.clone().report_progress(self.generation()));
+        }
+    }
+
+    /// Publishes the live and idle counts of the drain of `generation`
+    /// while it runs, when they moved, at most every [`PROGRESS_EVERY_MS`].
+    /// A sample, not a hook in `ConnGuard::drop`: the data path pays
+    /// nothing, and the last count before a quiet spell is never lost.
+    async fn report_progress(self: Arc<Self>, generation: u64) {
+        let Some(bus) = self.events.clone() else {
+            return;
+        };
+        let mut told = None;
+        loop {
+            let idle = self.idle_count(IDLE_AFTER);
+            {
+                // Checked and told under the transition lock, so no
+                // progress can follow the `drained` of its drain.
+                let _one_at_a_time = self.transitions.lock().expect("transition lock");
+                if !self.draining_since(generation) {
+                    return;
+                }
+                let live = self.live_everywhere();
+                if told != Some((live, idle)) {
+                    told = Some((live, idle));
+                    bus.publish(Kind::Progress {
+                        backend: self.name.clone(),
+                        live,
+                        idle,
+                    });
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(PROGRESS_EVERY_MS)).await;
         }
     }
 

@@ -26,10 +26,15 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 use crate::config::BackendAddress;
+use crate::events::{Bus, Kind};
 use crate::health::{Event, Health, Rules, unix_ms};
 
 pub use conn::{ConnGuard, ConnInfo};
 pub use drain::{Drain, DrainPolicy};
+
+/// How long a connection must move no byte to count as idle, in the API's
+/// counts and in a drain's progress events.
+pub const IDLE_AFTER: Duration = Duration::from_secs(10);
 
 /// How a backend's connections in the previous process are closed: given
 /// the backend's name and, for an idle close, the idle time.
@@ -141,6 +146,8 @@ pub struct Backend {
     pub removed: AtomicBool,
     /// Told of every admin transition, for the state file.
     on_change: Option<Arc<Notify>>,
+    /// Told of every state and health change and of a drain's progress.
+    events: Option<Arc<Bus>>,
     /// Held while the state changes; never across an await.
     transitions: Mutex<()>,
     /// Bumped on every admin transition, so a delayed action (force_after)
@@ -192,6 +199,7 @@ impl Backend {
             state_since_ms: AtomicU64::new(now),
             removed: AtomicBool::new(false),
             on_change: None,
+            events: None,
             transitions: Mutex::new(()),
             generation: AtomicU64::new(0),
             policy: Mutex::new(drain::Slot::default()),
@@ -216,6 +224,19 @@ impl Backend {
     pub fn notify_changes_to(mut self, n: Arc<Notify>) -> Backend {
         self.on_change = Some(n);
         self
+    }
+
+    /// Publishes its state and health changes, and its drains' progress,
+    /// on `bus`.
+    pub fn publish_to(mut self, bus: Arc<Bus>) -> Backend {
+        self.events = Some(bus);
+        self
+    }
+
+    fn publish(&self, kind: Kind) {
+        if let Some(bus) = &self.events {
+            bus.publish(kind);
+        }
     }
 
     pub fn address(&self) -> BackendAddress {
@@ -260,6 +281,12 @@ impl Backend {
     /// connects to this backend.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::SeqCst)
+    }
+
+    /// The live count as the API shows it: this process's, a previous
+    /// process's and the other instances'.
+    pub fn live_everywhere(&self) -> usize {
+        self.live() + self.elsewhere() + self.peers_live()
     }
 
     /// Connections the previous process holds (after an upgrade).
@@ -358,7 +385,8 @@ impl Backend {
             {
                 Ok(_) => {
                     self.generation.fetch_add(1, Ordering::SeqCst);
-                    self.state_since_ms.store(unix_ms(), Ordering::Relaxed);
+                    let now = unix_ms();
+                    let since = self.state_since_ms.swap(now, Ordering::Relaxed);
                     tracing::info!(
                         backend = %self.name,
                         from = s.as_str(),
@@ -366,6 +394,20 @@ impl Backend {
                         live = self.live(),
                         "backend state changed"
                     );
+                    // Under the transition lock, so events leave in the
+                    // order the states changed.
+                    self.publish(Kind::State {
+                        backend: self.name.clone(),
+                        from: s.as_str().into(),
+                        to: to.as_str().into(),
+                        live: self.live_everywhere(),
+                    });
+                    if (s, to) == (State::Draining, State::Drained) {
+                        self.publish(Kind::Drained {
+                            backend: self.name.clone(),
+                            after_ms: now.saturating_sub(since),
+                        });
+                    }
                     self.changed.notify_waiters();
                     if let Some(n) = &self.on_change {
                         n.notify_one();
@@ -468,6 +510,12 @@ impl Backend {
         if let Some(flip) = flip {
             // Stored under the lock, so flips are published in order.
             self.healthy.store(flip.up, Ordering::SeqCst);
+            // Under the lock too, so the events keep the flips' order.
+            self.publish(Kind::Health {
+                backend: self.name.clone(),
+                up: flip.up,
+                why: flip.why.clone(),
+            });
             drop(health);
             let state = self.state().as_str();
             if flip.up {

@@ -156,6 +156,32 @@ impl Client {
     }
 
     async fn call_once(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), CtlError> {
+        let resp = self.send(method, path, None).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.http_error(e))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    fn http_error(&self, e: hyper::Error) -> CtlError {
+        CtlError::Http {
+            url: self.url.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Sends one request on its own connection; the reply's body is read
+    /// by the caller, as it comes.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CtlError> {
         let unreachable = |e| CtlError::Unreachable {
             url: self.url.clone(),
             error: e,
@@ -191,16 +217,52 @@ impl Client {
         if let Some(auth) = &self.auth {
             req = req.header(hyper::header::AUTHORIZATION, auth.clone());
         }
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
         let req = req
             .body(Empty::<Bytes>::new())
             .map_err(|e| CtlError::Http {
                 url: self.url.clone(),
                 message: e.to_string(),
             })?;
-        let resp = sender.send_request(req).await.map_err(http)?;
+        sender.send_request(req).await.map_err(http)
+    }
+
+    /// Opens `GET /events`, resuming after `last_event_id` if given. The
+    /// wait for the reply's head is bounded; the stream itself is not.
+    pub async fn events(&self, last_event_id: Option<u64>) -> Result<EventStream, CtlError> {
+        let resp = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.send(Method::GET, "/events", last_event_id),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(CtlError::Http {
+                url: self.url.clone(),
+                message: format!("no answer within {}", format_duration(REQUEST_TIMEOUT)),
+            })
+        })?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
-        Ok((status, body))
+        if status != StatusCode::OK {
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.http_error(e))?
+                .to_bytes();
+            return Err(self
+                .decode::<serde_json::Value>(status, &body)
+                .err()
+                .unwrap_or_else(|| CtlError::Api {
+                    status: status.as_u16(),
+                    message: "not an event stream".into(),
+                }));
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            pending: Vec::new(),
+        })
     }
 
     async fn json<T: serde::de::DeserializeOwned>(
@@ -315,6 +377,42 @@ impl Client {
     ) -> Result<BackendView, CtlError> {
         let path = with_query(&format!("/backends/{name}/{action}"), query);
         Ok(self.json(Method::POST, &path).await?.1)
+    }
+}
+
+/// The events of `GET /events` as they come.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    pending: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event: its `data:` line (its JSON, as sent) and that JSON
+    /// read, or `None` once the stream has ended (shutdown, an upgrade, or
+    /// a broken connection).
+    pub async fn next(&mut self) -> Option<(String, serde_json::Value)> {
+        loop {
+            if let Some(i) = self.pending.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.pending.drain(..i + 2).collect();
+                let block = String::from_utf8_lossy(&block);
+                // Comments and `retry:` carry no data.
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+                if let Some(d) = data
+                    && let Ok(v) = serde_json::from_str(d)
+                {
+                    return Some((d.to_string(), v));
+                }
+                continue;
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.pending.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(_)) | None => return None,
+            }
+        }
     }
 }
 

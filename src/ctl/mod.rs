@@ -10,6 +10,7 @@
 //! them, and `interrupt` reports what a signal left behind.
 
 mod client;
+mod events;
 mod interrupt;
 mod output;
 mod rollout;
@@ -20,7 +21,8 @@ use crate::backend::State;
 use crate::config::format_duration;
 use output::{colour, err, out, print_json, say};
 
-pub use client::{Client, read_token};
+pub use client::{Client, EventStream, read_token};
+pub use events::{describe, events};
 pub use interrupt::{Ended, Progress, Signal, Signals, until_interrupted};
 pub use output::{conns_table, status_table};
 pub use rollout::{RolloutOpts, rollout};

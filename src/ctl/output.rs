@@ -46,6 +46,11 @@ pub(super) fn write(to: Stream, bytes: &[u8]) {
     }
 }
 
+/// Whether stdout is closed: a command that only prints can stop.
+pub(super) fn out_closed() -> bool {
+    CLOSED[Stream::Out as usize].load(Ordering::Relaxed)
+}
+
 /// Text for stdout; see [`write`].
 pub(super) fn out(text: &str) {
     write(Stream::Out, text.as_bytes());

@@ -260,6 +260,14 @@ impl Shared {
             }
             _ => {}
         }
+        // A change of connection, not of its reason: a lost connection is
+        // told once, however its error reads on each retry.
+        if inner.connected != problem.is_none() {
+            self.events.publish(crate::events::Kind::Cluster {
+                connected: problem.is_none(),
+                error: problem.clone(),
+            });
+        }
         inner.connected = problem.is_none();
         inner.problem = problem;
         self.count_peers(&inner);

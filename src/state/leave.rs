@@ -60,10 +60,12 @@ impl Shared {
             l.since_ms.store(unix_ms(), Ordering::SeqCst);
             let accepted = self.stats.accepted.load(Ordering::SeqCst);
             *l.quiet.lock().expect("quiet lock") = Some((accepted, Instant::now()));
+            let live = self.live_everywhere();
             tracing::warn!(
-                live = self.live_everywhere(),
+                live,
                 "leaving: /healthz answers 503 so the peer takes the address; connections run on"
             );
+            self.events.publish(crate::events::Kind::Leave { live });
         }
         let generation = l.generation.load(Ordering::SeqCst);
         if let Some(after) = force_after {
@@ -92,6 +94,7 @@ impl Shared {
         let changed = l.on.swap(false, Ordering::SeqCst);
         if changed {
             tracing::info!("joined: /healthz answers 200 again, so this host may take the address");
+            self.events.publish(crate::events::Kind::Join {});
         }
         self.state_changed.notify_one();
         changed

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{ConnView, PreviousView};
 use crate::backend::{Backend, State};
 use crate::config::Config;
+use crate::events::{Bus, Refusals};
 use crate::health::Rules;
 use crate::pool::Route;
 use crate::shutdown::Background;
@@ -83,6 +84,8 @@ pub struct Service {
     route: ArcSwap<Route>,
     /// Its refused clients and its connections' durations.
     pub counts: ServiceCounts,
+    /// Clients refused since the last `refused` event.
+    pub refusals: Refusals,
 }
 
 impl Service {
@@ -164,6 +167,8 @@ pub struct Shared {
     changes: Mutex<()>,
     /// Woken on every admin transition, for the state file.
     pub state_changed: Arc<Notify>,
+    /// What happened, for `GET /events`.
+    pub events: Arc<Bus>,
     /// Whether the state file holds the admin states.
     pub persist: Persist,
     /// The process this one took over from, and what it still holds.
@@ -315,10 +320,12 @@ impl Shared {
                     listen,
                     route: ArcSwap::from_pointee(Route::new(Vec::new())),
                     counts: ServiceCounts::default(),
+                    refusals: Refusals::default(),
                 })
             })
             .collect();
         let state_changed = Arc::new(Notify::new());
+        let events = Arc::new(Bus::new());
         // Saved states of backends the file no longer names wait for them.
         let retired = saved
             .backends
@@ -336,7 +343,7 @@ impl Shared {
             .backends
             .iter()
             .map(|bc| {
-                let b = reload::new_backend(bc, &state_changed);
+                let b = reload::new_backend(bc, &state_changed, &events);
                 if let Some(&state) = saved.backends.get(&bc.name) {
                     // Saved states first, so a backend drained for
                     // maintenance never takes a connection because sluice
@@ -372,6 +379,7 @@ impl Shared {
             health_checks: Mutex::new(CancellationToken::new()),
             changes: Mutex::new(()),
             state_changed,
+            events,
             retired: Mutex::new(retired),
             persist: Persist::default(),
             previous: Mutex::new(None),
@@ -388,7 +396,19 @@ impl Shared {
         let list = shared.backends();
         shared.set_routes(&list, &runtime.config);
         shared.restart_health_checks(&list, &runtime.config);
+        // A drain the cluster agreed on runs on here: its progress too.
+        for b in list.iter() {
+            b.report_drain(&shared.tasks);
+        }
         shared
+    }
+
+    /// Publishes the clients refused since the last call, one event per
+    /// service and reason; called every second.
+    pub fn flush_refusals(&self) {
+        for s in &self.services {
+            s.refusals.flush(&s.name, &self.events);
+        }
     }
 
     /// The configuration in force.

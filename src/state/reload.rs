@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use super::{Retired, Runtime, Shared};
 use crate::backend::{Backend, DrainPolicy, State};
 use crate::config::{BackendAddress, BackendConfig, Config, HealthCheck};
+use crate::events::{Bus, Kind};
 use crate::health::Probe;
 use crate::net::Target;
 use crate::pool::Route;
@@ -118,7 +119,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<NeedsRestart> {
     out
 }
 
-pub(super) fn new_backend(bc: &BackendConfig, state_changed: &Arc<Notify>) -> Arc<Backend> {
+pub(super) fn new_backend(
+    bc: &BackendConfig,
+    state_changed: &Arc<Notify>,
+    events: &Arc<Bus>,
+) -> Arc<Backend> {
     Arc::new(
         Backend::new(
             bc.name.clone(),
@@ -126,7 +131,8 @@ pub(super) fn new_backend(bc: &BackendConfig, state_changed: &Arc<Notify>) -> Ar
             bc.weight,
             State::Active,
         )
-        .notify_changes_to(state_changed.clone()),
+        .notify_changes_to(state_changed.clone())
+        .publish_to(events.clone()),
     )
 }
 
@@ -148,8 +154,16 @@ impl Shared {
         let old = self.runtime();
         let refused = needs_restart(&old.config, &new);
         if !refused.is_empty() {
-            return Err(ReloadError(refused));
+            let e = ReloadError(refused);
+            self.events.publish(Kind::Reload {
+                result: "refused".into(),
+                error: Some(e.to_string()),
+                added: Vec::new(),
+                removed: Vec::new(),
+            });
+            return Err(e);
         }
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
         let mut list: Vec<Arc<Backend>> = self.backends().to_vec();
         for bc in &new.backends {
             match list.iter().find(|b| b.name == bc.name) {
@@ -177,7 +191,8 @@ impl Shared {
                     b.set_address(bc.address.clone());
                 }
                 None => {
-                    let b = new_backend(bc, &self.state_changed);
+                    added.push(bc.name.clone());
+                    let b = new_backend(bc, &self.state_changed, &self.events);
                     let retired = self.retired_remove(&bc.name);
                     if let Some(state) = self.agreed_state(&bc.name) {
                         // The cluster's state over this instance's memory.
@@ -207,6 +222,7 @@ impl Shared {
                 continue;
             }
             tracing::info!(backend = %b.name, live = b.live(), "backend removed from the configuration: draining it");
+            removed.push(b.name.clone());
             let state = b.state();
             b.drain(DrainPolicy::default(), &self.tasks);
             let generation = b.generation();
@@ -235,6 +251,12 @@ impl Shared {
         self.runtime.store(Arc::new(Runtime::new(new)));
         // Removed and returning backends change what the state file says.
         self.state_changed.notify_one();
+        self.events.publish(Kind::Reload {
+            result: "applied".into(),
+            error: None,
+            added,
+            removed,
+        });
         Ok(())
     }
 
@@ -300,6 +322,9 @@ fn drop_removed(shared: &Weak<Shared>, b: &Arc<Backend>) {
         list.retain(|x| !Arc::ptr_eq(x, b));
         shared.backends.store(Arc::new(list));
         tracing::info!(backend = %b.name, "removed backend drained and dropped");
+        shared.events.publish(Kind::Removed {
+            backend: b.name.clone(),
+        });
         shared.state_changed.notify_one();
     }
 }
