@@ -140,7 +140,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 3] = [Reason::Limit, Reason::NoBackend, Reason::Resources];
+    pub const ALL: [Reason; 3] = [Reason::Limit, Reason::NoBackend, Reason::Resources];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -151,20 +151,20 @@ impl Reason {
     }
 }
 
-/// One service's refused clients not yet told: an atomic add on the
-/// refusing path, and one event per reason when flushed (every second).
+/// How many of one service's refused clients the `refused` events have
+/// told, by reason: the counting itself is the service's counts (which
+/// `/metrics` reads too), so the refusing path adds once.
 #[derive(Debug, Default)]
 pub struct Refusals([AtomicU64; 3]);
 
 impl Refusals {
-    pub fn count(&self, reason: Reason) {
-        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Publishes what was counted since the last flush.
-    pub fn flush(&self, service: &str, bus: &Bus) {
+    /// Publishes what `totals` (by reason, in [`Reason::ALL`]'s order)
+    /// counted since the last flush.
+    pub fn flush(&self, service: &str, totals: [u64; 3], bus: &Bus) {
         for reason in Reason::ALL {
-            let count = self.0[reason as usize].swap(0, Ordering::Relaxed);
+            let total = totals[reason as usize];
+            let told = self.0[reason as usize].swap(total, Ordering::Relaxed);
+            let count = total.saturating_sub(told);
             if count > 0 {
                 bus.publish(Kind::Refused {
                     service: service.to_string(),
@@ -461,12 +461,11 @@ mod tests {
         let bus = Bus::new();
         let mut s = bus.subscribe(None, CancellationToken::new());
         let r = Refusals::default();
-        for _ in 0..5 {
-            r.count(Reason::Limit);
-        }
-        r.count(Reason::NoBackend);
-        r.flush("web", &bus);
-        r.flush("web", &bus);
+        // Totals by reason: 5 over the limit, 1 with no backend; then
+        // nothing new, then 2 more over the limit.
+        r.flush("web", [5, 1, 0], &bus);
+        r.flush("web", [5, 1, 0], &bus);
+        r.flush("web", [7, 1, 0], &bus);
         let mut got = Vec::new();
         while let Ok(f) = s.queue.try_recv() {
             let text = String::from_utf8(f.to_vec()).unwrap();
@@ -478,6 +477,13 @@ mod tests {
             reason: reason.into(),
             count,
         };
-        assert_eq!(got, [refused("limit", 5), refused("no_backend", 1)]);
+        assert_eq!(
+            got,
+            [
+                refused("limit", 5),
+                refused("no_backend", 1),
+                refused("limit", 2)
+            ]
+        );
     }
 }

@@ -21,7 +21,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::backend::{ConnectFailure, State};
-use crate::state::{Refusal, Shared};
+use crate::events::Reason;
+use crate::state::Shared;
 
 /// The reply's `Content-Type`.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -242,7 +243,7 @@ fn services(e: &mut DescriptorEncoder, shared: &Shared, rows: &[Row]) -> fmt::Re
         MetricType::Counter,
     )?;
     for s in &shared.services {
-        for why in Refusal::ALL {
+        for why in Reason::ALL {
             let labels = [("service", &*s.name), ("reason", why.as_str())];
             counter(&mut m, &labels, s.counts.refused_total(why))?;
         }

@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::backend::{ConnGuard, ConnInfo, ConnectFailure};
 use crate::events::Reason;
 use crate::net;
-use crate::state::{ConnSettings, Permit, Refusal, Service, Shared};
+use crate::state::{ConnSettings, Permit, Service, Shared};
 
 /// Accepts clients of one service until `stop` is cancelled. Accept errors
 /// (EMFILE, ENFILE, ...) back off and are logged; they never end the loop.
@@ -64,8 +64,7 @@ pub async fn accept_loop(
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
-            service.counts.refused(Refusal::Limit);
-            service.refusals.count(Reason::Limit);
+            service.counts.refused(Reason::Limit);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
         };
@@ -119,13 +118,9 @@ async fn handle(
         }
         Err(Refused::NoBackend) => {
             warn!("no backend took the connection; closing client");
-            service.refusals.count(Reason::NoBackend);
-            (&stats.rejected_no_backend, Some(Refusal::NoBackend))
+            (&stats.rejected_no_backend, Some(Reason::NoBackend))
         }
-        Err(Refused::Shortage) => {
-            service.refusals.count(Reason::Resources);
-            (&stats.rejected_resources, Some(Refusal::Resources))
-        }
+        Err(Refused::Shortage) => (&stats.rejected_resources, Some(Reason::Resources)),
         Err(Refused::Abandoned) => (&stats.abandoned, None),
     };
     counter.fetch_add(1, Ordering::Relaxed);

@@ -227,6 +227,14 @@ async fn drain_and_start_a_backend_from_the_dashboard() {
         .await
         .unwrap();
     assert_eq!(mark, serde_json::json!(1), "the page was not reloaded");
+    // It heard it from the event stream, and logged it.
+    assert_eq!(text(&c, "#link").await, "live");
+    wait_page("the drained event in the log", || async {
+        text(&c, "#events")
+            .await
+            .contains(&format!("drained {held}"))
+    })
+    .await;
     shot(&c, "3-drained").await;
 
     // Stop asks first; dismissed, nothing changes.

@@ -6,28 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Why a service refused a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// `max_connections` was reached.
-    Limit,
-    /// No backend took or answered the connection.
-    NoBackend,
-    /// sluice itself was short of file descriptors or buffers.
-    Resources,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 3] = [Refusal::Limit, Refusal::NoBackend, Refusal::Resources];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Limit => "limit",
-            Refusal::NoBackend => "no_backend",
-            Refusal::Resources => "resources",
-        }
-    }
-}
+use crate::events::Reason;
 
 /// Upper bounds, in seconds, of the connection duration buckets: from a
 /// quick request to an hour-long download or idle keep-alive.
@@ -58,12 +37,17 @@ pub struct Durations {
 
 impl ServiceCounts {
     /// Counts a refused client.
-    pub fn refused(&self, why: Refusal) {
+    pub fn refused(&self, why: Reason) {
         self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Clients refused since start, by reason in [`Reason::ALL`]'s order.
+    pub fn refused_all(&self) -> [u64; 3] {
+        Reason::ALL.map(|r| self.refused_total(r))
+    }
+
     /// Clients refused for `why` since start.
-    pub fn refused_total(&self, why: Refusal) -> u64 {
+    pub fn refused_total(&self, why: Reason) -> u64 {
         self.refused[why as usize].load(Ordering::Relaxed)
     }
 
@@ -118,10 +102,10 @@ mod tests {
     #[test]
     fn refusals_count_by_reason() {
         let c = ServiceCounts::default();
-        c.refused(Refusal::NoBackend);
-        c.refused(Refusal::NoBackend);
-        c.refused(Refusal::Limit);
-        let got: Vec<_> = Refusal::ALL.iter().map(|&r| c.refused_total(r)).collect();
+        c.refused(Reason::NoBackend);
+        c.refused(Reason::NoBackend);
+        c.refused(Reason::Limit);
+        let got: Vec<_> = Reason::ALL.iter().map(|&r| c.refused_total(r)).collect();
         assert_eq!(got, [1, 2, 0]);
     }
 }

@@ -34,7 +34,7 @@ use crate::pool::Route;
 use crate::shutdown::Background;
 
 pub use cluster::{Agreed, ClusterState};
-pub use counts::{DURATION_BOUNDS, Durations, Refusal, ServiceCounts};
+pub use counts::{DURATION_BOUNDS, Durations, ServiceCounts};
 pub use file::{Saved, States, load as load_state_file};
 pub use leave::{LEAVE_SETTLE, Leaving};
 pub use limit::{Limit, Permit};
@@ -84,7 +84,7 @@ pub struct Service {
     route: ArcSwap<Route>,
     /// Its refused clients and its connections' durations.
     pub counts: ServiceCounts,
-    /// Clients refused since the last `refused` event.
+    /// What of its refused clients the last `refused` events told.
     pub refusals: Refusals,
 }
 
@@ -407,7 +407,8 @@ impl Shared {
     /// service and reason; called every second.
     pub fn flush_refusals(&self) {
         for s in &self.services {
-            s.refusals.flush(&s.name, &self.events);
+            s.refusals
+                .flush(&s.name, s.counts.refused_all(), &self.events);
         }
     }
 
