@@ -267,14 +267,11 @@ fn process(e: &mut DescriptorEncoder, shared: &Shared) -> fmt::Result {
     let reloads = &shared.reloads;
     let mut m = e.encode_descriptor(
         "sluice_config_reloads",
-        "Configuration reloads (SIGHUP), by result: accepted (applied whole), refused (nothing applied).",
+        "Configuration reloads (SIGHUP), by result: applied (whole), refused (nothing applied).",
         None,
         MetricType::Counter,
     )?;
-    for (result, n) in [
-        ("accepted", &reloads.accepted),
-        ("refused", &reloads.refused),
-    ] {
+    for (result, n) in [("applied", &reloads.applied), ("refused", &reloads.refused)] {
         let n = n.load(Relaxed);
         counter(&mut m, &[("result", result)], n)?;
     }

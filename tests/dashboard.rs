@@ -198,15 +198,18 @@ async fn drain_and_start_a_backend_from_the_dashboard() {
                 .await
                 .contains("draining")
     );
-    assert!(
+    // The click's own answer shows on the card.
+    wait_page("the drain's answer", || async {
         text(&c, &format!("{card} [data-role=\"result\"]"))
             .await
             .contains("draining")
-    );
-    // Its connection list: the netstat view.
+    })
+    .await;
+    // Its connection list: the netstat view, with the held client.
+    let client = session.local_addr().unwrap().to_string();
     click(&c, &format!("{card} h2 a")).await;
     wait_page("the held client listed", || async {
-        text(&c, "#conns-rows").await.contains("web")
+        text(&c, "#conns-rows").await.contains(&client)
     })
     .await;
     echo(&mut session, b"still served").await;
@@ -222,6 +225,8 @@ async fn drain_and_start_a_backend_from_the_dashboard() {
         "the dashboard turned red {} ms after the last client left",
         took.as_millis()
     ));
+    // Within about a second: from the event stream, not from a poll.
+    assert!(took < Duration::from_secs(2), "{took:?}");
     let mark = c
         .execute("return window.sluiceTestMark;", vec![])
         .await
@@ -246,7 +251,26 @@ async fn drain_and_start_a_backend_from_the_dashboard() {
     let asked = c.get_alert_text().await.unwrap();
     assert!(asked.contains("closed"), "{asked}");
     c.dismiss_alert().await.unwrap();
+    // Nothing was sent: the card shows no answer, and it stays green.
+    let other_card = format!("[data-backend=\"{other}\"]");
+    assert_eq!(
+        text(&c, &format!("{other_card} [data-role=\"result\"]")).await,
+        ""
+    );
     assert_eq!(colour(&c, other).await.as_deref(), Some("green"));
+
+    // The token stayed in the tab: no cookie, no local storage, no URL.
+    let kept = c
+        .execute(
+            "return [document.cookie, localStorage.length, location.href, sessionStorage.getItem('sluice-token')];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept[0], "", "{kept}");
+    assert_eq!(kept[1], 0, "{kept}");
+    assert!(!kept[2].as_str().unwrap().contains("s3cret"), "{kept}");
+    assert_eq!(kept[3], "s3cret", "{kept}");
 
     // Start: green again.
     click(&c, &format!("{card} button[data-action=\"start\"]")).await;

@@ -235,7 +235,7 @@ async fn known_traffic_gives_known_values() {
         &[("service", "web")],
     );
     assert!(sum > 0.0 && sum < 60.0, "{sum}");
-    for result in ["accepted", "refused"] {
+    for result in ["applied", "refused"] {
         let l = [("result", result)];
         assert_eq!(m.value("sluice_config_reloads_total", &l), 0.0);
     }
@@ -310,7 +310,7 @@ async fn reloads_count_and_a_removed_backend_leaves_the_output() {
     let admin = addr_after(&p.wait_line("admin API listening"), "listen=");
     let reloads = |m: &Samples| {
         [
-            m.value("sluice_config_reloads_total", &[("result", "accepted")]),
+            m.value("sluice_config_reloads_total", &[("result", "applied")]),
             m.value("sluice_config_reloads_total", &[("result", "refused")]),
         ]
     };

@@ -193,15 +193,20 @@ async fn five_upgrades_under_load_drop_no_one_and_keep_the_drain_exact() {
         .await;
 
         if round == 0 {
-            let change = format!(
-                "POST /backends/a/stop HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-            );
+            // Kept alive by the client, but closed by the old process
+            // after its reply, so the client's next request reaches the
+            // new one.
+            let change = format!("POST /backends/a/stop HTTP/1.1\r\nHost: {admin}\r\n\r\n");
             stale.write_all(change.as_bytes()).await.unwrap();
             let mut reply = String::new();
-            within("reply", stale.read_to_string(&mut reply))
+            within("reply, then the close", stale.read_to_string(&mut reply))
                 .await
                 .unwrap();
             assert!(reply.starts_with("HTTP/1.1 409"), "{reply}");
+            assert!(
+                reply.to_ascii_lowercase().contains("connection: close"),
+                "{reply}"
+            );
             let (_, v) = http(admin, "GET", "/backends/a", None).await;
             assert_eq!(v["state"], "active", "{v}");
         }

@@ -99,6 +99,19 @@ pub(super) fn admit(
             }
         }
     };
+    // A read from another site gets nothing the browser would show it, but
+    // a page that opens streams by the dozen could hold every admin slot.
+    if let Some(site) = headers.get("sec-fetch-site")
+        && matches!(site.as_bytes(), b"cross-site" | b"same-site")
+    {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "cross-site request refused: Sec-Fetch-Site is `{}`; call the API directly (curl, sluice ctl)",
+                String::from_utf8_lossy(site.as_bytes())
+            ),
+        ));
+    }
     if changes_state(method) {
         if let Some(why) = cross_site(headers, host) {
             return Err(Refusal::new(
@@ -392,10 +405,19 @@ mod tests {
             post(&[("origin", "http://127.0.0.1:9000")]),
             Ok(Who::Anyone)
         );
-        // Reading from another site is left to the browser's same-origin rule.
+        // Reads from another site too: a page could hold every admin slot
+        // with streams it cannot even read.
         let h = headers(&[("host", "127.0.0.1:9000"), ("sec-fetch-site", "cross-site")]);
         assert_eq!(
-            status(admit(&Method::GET, "/backends", &h, &tcp(), None, &a)),
+            status(admit(&Method::GET, "/events", &h, &tcp(), None, &a)),
+            Err(403)
+        );
+        let h = headers(&[
+            ("host", "127.0.0.1:9000"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        assert_eq!(
+            status(admit(&Method::GET, "/events", &h, &tcp(), None, &a)),
             Ok(Who::Anyone)
         );
     }

@@ -331,6 +331,25 @@ async fn handle(
     timeout: Duration,
     link: &Link,
 ) -> Answer {
+    let mut answer = answer(req, plane, peer, local, timeout, link).await;
+    // Once this process hands over, a client's next request (a browser's
+    // pooled connection, the dashboard's stream) must reach the new one.
+    if plane.upgrader.as_ref().is_some_and(|u| u.frozen()) {
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    answer
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    plane: &Plane,
+    peer: &Peer,
+    local: Option<SocketAddr>,
+    timeout: Duration,
+    link: &Link,
+) -> Answer {
     let last_event_id = req.headers().get("last-event-id").cloned();
     let (op, who) = match admit_and_route(req, plane, peer, local, timeout).await {
         Ok(routed) => routed,

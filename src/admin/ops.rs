@@ -70,6 +70,10 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 ),
             );
             h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             r
         }

@@ -128,7 +128,7 @@ pub struct Stats {
 #[derive(Debug, Default)]
 pub struct Reloads {
     /// Applied whole.
-    pub accepted: AtomicU64,
+    pub applied: AtomicU64,
     /// Refused whole: a file that did not load, or a change that needs a
     /// restart.
     pub refused: AtomicU64,

@@ -142,7 +142,7 @@ impl Shared {
     pub fn reload(self: &Arc<Self>, new: Config) -> Result<(), ReloadError> {
         let r = self.apply(new);
         let outcome = match r {
-            Ok(()) => &self.reloads.accepted,
+            Ok(()) => &self.reloads.applied,
             Err(_) => &self.reloads.refused,
         };
         outcome.fetch_add(1, Ordering::Relaxed);
