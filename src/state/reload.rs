@@ -224,12 +224,13 @@ impl Shared {
             tracing::info!(backend = %b.name, live = b.live(), "backend removed from the configuration: draining it");
             removed.push(b.name.clone());
             let state = b.state();
+            // Held across the drain: a state file written meanwhile must
+            // not catch the removal's own drain as an admin's.
+            let mut retired = self.retired.lock().expect("retired lock");
             b.drain(DrainPolicy::default(), &self.tasks);
             let generation = b.generation();
-            self.retired
-                .lock()
-                .expect("retired lock")
-                .insert(b.name.clone(), Retired { state, generation });
+            retired.insert(b.name.clone(), Retired { state, generation });
+            drop(retired);
             let (b, shared) = (b.clone(), Arc::downgrade(self));
             self.tasks.spawn(async move {
                 // Its last connection, not the drain: an admin may start a
