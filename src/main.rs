@@ -161,6 +161,13 @@ enum CtlCommand {
     },
     /// Take this instance back into its pair after `leave`.
     Join,
+    /// Have the running sluice read its configuration file again: prints
+    /// what it applied, or why it refused (exit 1, nothing changed).
+    Reload {
+        /// The API's JSON reply, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Put a backend back in rotation.
     Start {
         name: String,
@@ -359,6 +366,7 @@ async fn run_ctl(
             ctl::leave(c, wait, force_after, progress).await?
         }
         CtlCommand::Join => ctl::join(c).await?,
+        CtlCommand::Reload { json } => ctl::reload(c, json).await?,
         CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
         CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
         CtlCommand::Events { json } => ctl::events(c, json).await?,

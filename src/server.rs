@@ -341,7 +341,7 @@ impl Sluice {
             }
             shared.tasks.spawn(keep_state_file(shared.clone()));
         }
-        if let Some(path) = config_path {
+        if let Some(path) = config_path.clone() {
             // Installed before anything is announced, so a SIGHUP sent right
             // after start-up reloads instead of killing the process.
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -368,6 +368,7 @@ impl Sluice {
             shared: shared.clone(),
             upgrader: Some(upgrader.clone()),
             cluster: cluster.clone(),
+            config_path,
         });
         // Its own token: after a hand-over the admin API stops accepting at
         // once (the new process answers), while its requests finish.
@@ -824,27 +825,9 @@ async fn reload_on_sighup(
     path: PathBuf,
     mut hup: tokio::signal::unix::Signal,
 ) {
-    loop {
-        if hup.recv().await.is_none() {
-            return;
-        }
+    while hup.recv().await.is_some() {
         info!(path = %path.display(), "SIGHUP: reloading the configuration");
-        match Config::load(&path) {
-            Ok(c) => match shared.reload(c) {
-                Ok(()) => info!("configuration reloaded"),
-                Err(e) => error!("reload refused, the running configuration stays: {e}"),
-            },
-            Err(e) => {
-                // Never reached `Shared::reload`, which counts the others.
-                shared.reloads.refused.fetch_add(1, Ordering::Relaxed);
-                error!("reload refused, the running configuration stays: {e}");
-                shared.events.publish(crate::events::Kind::Reload {
-                    result: "refused".into(),
-                    error: Some(e.to_string()),
-                    added: Vec::new(),
-                    removed: Vec::new(),
-                });
-            }
-        }
+        // It logs, counts and tells the outcome itself.
+        let _ = shared.reload_file(&path);
     }
 }

@@ -356,6 +356,18 @@ impl Client {
         self.decode(status, &body)
     }
 
+    /// `POST /reload`: applied, or refused with why (a 422 is an answer
+    /// too, with the fields at fault).
+    pub async fn reload(&self) -> Result<crate::api::ReloadView, CtlError> {
+        let (status, body) = self.call(Method::POST, "/reload").await?;
+        if status == StatusCode::UNPROCESSABLE_ENTITY
+            && let Ok(v) = serde_json::from_slice(&body)
+        {
+            return Ok(v);
+        }
+        self.decode(status, &body)
+    }
+
     /// `POST /leave` or `POST /join`, with optional query.
     pub async fn leave_or_join(
         &self,

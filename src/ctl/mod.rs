@@ -57,6 +57,9 @@ pub enum CtlError {
     },
     #[error("{from}: {problem}")]
     BadToken { from: String, problem: String },
+    /// A reload the running sluice refused, with everything it said.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
@@ -296,6 +299,42 @@ pub async fn leave(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Has the running sluice read its configuration file again, and says
+/// what it applied, or why it refused (exit 1; nothing changed).
+pub async fn reload(c: &Client, json: bool) -> Result<Outcome, CtlError> {
+    let v = c.reload().await?;
+    if json {
+        print_json(&v);
+    }
+    if v.result != "applied" {
+        let mut why = format!(
+            "reload refused, the running configuration stays: {}",
+            v.error.as_deref().unwrap_or("no reason given")
+        );
+        if !v.needs_restart.is_empty() {
+            why.push_str("\nthese fields apply only when sluice restarts (a new `sluice run`):");
+            for f in &v.needs_restart {
+                why.push_str(&format!("\n  {}: {} -> {}", f.field, f.from, f.to));
+            }
+        }
+        return Err(CtlError::Refused(why));
+    }
+    if !json {
+        let mut line = format!("reloaded {}: applied", v.file);
+        if !v.added.is_empty() {
+            line.push_str(&format!("; added {}", v.added.join(", ")));
+        }
+        if !v.removed.is_empty() {
+            line.push_str(&format!(
+                "; removed {} (draining until their last connection ends)",
+                v.removed.join(", ")
+            ));
+        }
+        say(&line);
+    }
+    Ok(Outcome::Done)
 }
 
 /// Takes this instance back into its pair.
