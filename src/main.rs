@@ -26,8 +26,13 @@ struct Cli {
 enum Command {
     /// Run the balancer (what a service manager starts).
     Run {
+        /// The configuration file; `sluice ctl reload` and SIGHUP read it again.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Write the process id here once serving, remove it at exit; an
+        /// upgrade's new process rewrites it.
+        #[arg(long, value_name = "PATH")]
+        pidfile: Option<PathBuf>,
         /// Take over from the running sluice that started this one, through
         /// this descriptor (set by `sluice ctl upgrade`, not by hand).
         #[arg(long, hide = true, value_name = "FD")]
@@ -268,6 +273,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run {
             config,
+            pidfile,
             takeover_fd,
         } => {
             let c = match (Config::load(&config), takeover_fd) {
@@ -287,7 +293,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(fd) => sluice::Sluice::take_over(c, fd).await?,
                     None => sluice::Sluice::bind(c).await?,
                 };
-                server.reload_from(config).run(stop).await
+                let server = server.reload_from(config);
+                match pidfile {
+                    Some(p) => server.pidfile(p).run(stop).await,
+                    None => server.run(stop).await,
+                }
             })?;
             Ok(ExitCode::SUCCESS)
         }

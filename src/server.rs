@@ -33,6 +33,11 @@ pub enum Error {
     StateFile { path: PathBuf, message: String },
     #[error("admin socket {}: {message}", path.display())]
     AdminSocket { path: PathBuf, message: String },
+    #[error("pid file {}: {source}", path.display())]
+    PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot take over from the running sluice: {0}")]
     TakeOver(String),
     #[error("cluster: {0}")]
@@ -50,6 +55,8 @@ pub struct Sluice {
     /// The admin API's unix socket, when configured.
     admin_socket: Option<tokio::net::UnixListener>,
     config_path: Option<PathBuf>,
+    /// Where this process writes its pid once it serves (`--pidfile`).
+    pidfile: Option<PathBuf>,
     /// Set when this process takes over from a running one.
     takeover: Option<TakeOver>,
 }
@@ -283,6 +290,7 @@ impl Sluice {
             admin,
             admin_socket,
             config_path: None,
+            pidfile: None,
             takeover: None,
         }
     }
@@ -290,6 +298,13 @@ impl Sluice {
     /// Reloads the configuration from `path` on SIGHUP.
     pub fn reload_from(mut self, path: PathBuf) -> Sluice {
         self.config_path = Some(path);
+        self
+    }
+
+    /// Writes this process's pid to `path` once it serves, and removes the
+    /// file at exit unless a new process (an upgrade) has rewritten it.
+    pub fn pidfile(mut self, path: PathBuf) -> Sluice {
+        self.pidfile = Some(path);
         self
     }
 
@@ -321,12 +336,14 @@ impl Sluice {
             admin,
             admin_socket,
             config_path,
+            pidfile,
             takeover,
         } = self;
         let upgrader = Arc::new(
             Upgrader::new(
                 shared.clone(),
                 config_path.clone(),
+                pidfile.clone(),
                 handover_sockets(&listeners, &admin, admin_socket.as_ref()),
             )
             .map_err(Error::Io)?,
@@ -360,6 +377,16 @@ impl Sluice {
         let cluster = crate::cluster::Cluster::start(&shared)
             .await
             .map_err(Error::Cluster)?;
+        // Before the first client and READY, so that a supervisor told so
+        // finds the file, and a failure to write it stops the start
+        // cleanly; an upgrade's new process rewrites it before the old one
+        // stops accepting.
+        if let Some(path) = &pidfile {
+            write_pidfile(path).map_err(|e| Error::PidFile {
+                path: path.clone(),
+                source: e,
+            })?;
+        }
         // Accepting ends the moment a new process has taken over.
         let workers = Workers::start(&shared, listeners, upgrader.handed_over.child_token())?;
         let admin_stop = CancellationToken::new();
@@ -446,8 +473,35 @@ impl Sluice {
             c.stop().await;
         }
         shared.save_states();
+        if let Some(path) = &pidfile {
+            remove_pidfile(path);
+        }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Writes this process's pid to `path` atomically (a reader never sees a
+/// half-written file): written beside it, then renamed over it.
+fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
+    let pid = std::process::id();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{pid}.tmp"));
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    info!(pidfile = %path.display(), pid, "pid file written");
+    Ok(())
+}
+
+/// Removes the pid file if it still names this process: after an upgrade
+/// it names the new one, which keeps it.
+fn remove_pidfile(path: &std::path::Path) {
+    let ours =
+        std::fs::read_to_string(path).is_ok_and(|t| t.trim() == std::process::id().to_string());
+    if ours && let Err(e) = std::fs::remove_file(path) {
+        warn!(pidfile = %path.display(), error = %e, "cannot remove the pid file");
     }
 }
 

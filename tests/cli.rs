@@ -428,3 +428,24 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }
+
+#[test]
+fn a_pid_file_that_cannot_be_written_stops_the_start_with_its_path() {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = config("", "", &[("a", a.local_addr().unwrap())]);
+    let (dir, path) = write_config(&text);
+    let pidfile = dir.path().join("no-such-dir").join("sluice.pid");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("pid file {}", pidfile.display())),
+        "{err}"
+    );
+}
