@@ -288,12 +288,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 (Err(e), None) => return Err(e.into()),
             };
             runtime(&c)?.block_on(async {
-                let stop = sluice::shutdown::signal_received().map_err(sluice::Error::Io)?;
+                let (stop, now) = sluice::shutdown::stop_signals().map_err(sluice::Error::Io)?;
                 let server = match takeover_fd {
                     Some(fd) => sluice::Sluice::take_over(c, fd).await?,
                     None => sluice::Sluice::bind(c).await?,
                 };
-                let server = server.reload_from(config);
+                let server = server.reload_from(config).hurry_on(now);
                 match pidfile {
                     Some(p) => server.pidfile(p).run(stop).await,
                     None => server.run(stop).await,
@@ -303,6 +303,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Web { listen, name } => {
             small_runtime()?.block_on(async {
+                sluice::shutdown::ignore_hangup("sluice web")
+                    .context("cannot install signal handlers")?;
                 let l = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
@@ -431,7 +433,8 @@ fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn demo(listen: SocketAddr, admin: SocketAddr, web: [SocketAddr; 2]) -> anyhow::Result<()> {
-    let stop = sluice::shutdown::signal_received().context("cannot install signal handlers")?;
+    let (stop, now) = sluice::shutdown::stop_signals().context("cannot install signal handlers")?;
+    sluice::shutdown::ignore_hangup("sluice demo").context("cannot install signal handlers")?;
     let mut bound = [web[0]; 2];
     for (i, addr) in web.iter().enumerate() {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -452,7 +455,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, web: [SocketAddr; 2]) -> an
         "{}",
         sluice::demo::instructions(listen, server.admin_addr())
     );
-    server.run(stop).await?;
+    server.hurry_on(now).run(stop).await?;
     Ok(())
 }
 

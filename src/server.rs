@@ -57,6 +57,8 @@ pub struct Sluice {
     config_path: Option<PathBuf>,
     /// Where this process writes its pid once it serves (`--pidfile`).
     pidfile: Option<PathBuf>,
+    /// Resolves when the rest must close at once (a second signal).
+    hurry: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// Set when this process takes over from a running one.
     takeover: Option<TakeOver>,
 }
@@ -291,6 +293,7 @@ impl Sluice {
             admin_socket,
             config_path: None,
             pidfile: None,
+            hurry: None,
             takeover: None,
         }
     }
@@ -305,6 +308,13 @@ impl Sluice {
     /// file at exit unless a new process (an upgrade) has rewritten it.
     pub fn pidfile(mut self, path: PathBuf) -> Sluice {
         self.pidfile = Some(path);
+        self
+    }
+
+    /// Once shutdown has begun, `now` resolving (a second SIGTERM or
+    /// SIGINT) ends the grace period: what is left is closed at once.
+    pub fn hurry_on(mut self, now: impl Future<Output = ()> + Send + 'static) -> Sluice {
+        self.hurry = Some(Box::pin(now));
         self
     }
 
@@ -337,8 +347,19 @@ impl Sluice {
             admin_socket,
             config_path,
             pidfile,
+            hurry,
             takeover,
         } = self;
+        // A token, since both the grace period and the wait for a previous
+        // process end on it.
+        let now = CancellationToken::new();
+        let hurried = hurry.map(|h| {
+            let now = now.clone();
+            tokio::spawn(async move {
+                h.await;
+                now.cancel();
+            })
+        });
         let upgrader = Arc::new(
             Upgrader::new(
                 shared.clone(),
@@ -448,10 +469,14 @@ impl Sluice {
         shared.shutting_down.store(true, Ordering::SeqCst);
         let mut workers = workers;
         workers.stop_accepting().await;
-        finish_connections(&shared, &workers.conns).await;
+        finish_connections(&shared, &workers.conns, &now).await;
         // A process that took over from another relays that one's count to
-        // its own successor: it stays until the one before it has gone.
-        shared.previous_gone().await;
+        // its own successor: it stays until the one before it has gone,
+        // unless told to stop now.
+        tokio::select! {
+            _ = shared.previous_gone() => {}
+            _ = now.cancelled() => {}
+        }
         workers.join().await;
         admin_accepting.cancel();
         // The event streams end as the admin API stops answering.
@@ -475,6 +500,9 @@ impl Sluice {
         shared.save_states();
         if let Some(path) = &pidfile {
             remove_pidfile(path);
+        }
+        if let Some(h) = hurried {
+            h.abort();
         }
         info!("stopped");
         Ok(())
@@ -646,21 +674,33 @@ impl Workers {
 }
 
 /// Lets live connections finish within the grace period, then closes the
-/// rest. The grace period is read now, so the one a reload set applies.
-async fn finish_connections(shared: &Shared, conns: &TaskTracker) {
+/// rest; `now` cancelled (a second signal) closes them at once. The grace
+/// period is read now, so the one a reload set applies.
+async fn finish_connections(shared: &Shared, conns: &TaskTracker, now: &CancellationToken) {
     let grace = shared.runtime().config.shutdown_grace;
-    info!(live = conns.len(), grace = %format_duration(grace), "shutting down: no new connections; waiting for live ones");
-    if tokio::time::timeout(grace, conns.wait()).await.is_err() {
-        info!(
-            live = conns.len(),
-            "grace period over: closing remaining connections"
-        );
-        shared.closing_all.store(true, Ordering::SeqCst);
-        for b in shared.backends().iter() {
-            b.close_all();
+    info!(live = conns.len(), grace = %format_duration(grace), "shutting down: no new connections; waiting for live ones (a second SIGTERM or Ctrl-C closes them now)");
+    tokio::select! {
+        r = tokio::time::timeout(grace, conns.wait()) => {
+            if r.is_ok() {
+                return;
+            }
+            info!(
+                live = conns.len(),
+                "grace period over: closing remaining connections"
+            );
         }
-        conns.wait().await;
+        _ = now.cancelled() => {
+            warn!(
+                live = conns.len(),
+                "told to stop now: closing remaining connections before the grace period ends"
+            );
+        }
     }
+    shared.closing_all.store(true, Ordering::SeqCst);
+    for b in shared.backends().iter() {
+        b.close_all();
+    }
+    conns.wait().await;
 }
 
 /// What `sluice check` finds on this machine beyond the file itself.

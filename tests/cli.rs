@@ -274,8 +274,53 @@ async fn demo_serves_round_robin_and_drains() {
         assert_eq!(get(listen).await, "hello from web2\n");
     }
     http(admin, "POST", "/backends/web1/start", None).await;
+    // SIGHUP no longer kills it: there is no file to reload, and it says so.
+    p.signal("HUP");
+    p.wait_line("SIGHUP ignored: sluice demo has no configuration file to reload");
+    assert!(get(listen).await.starts_with("hello from web"));
+    let (status, v) = http(admin, "POST", "/reload", None).await;
+    assert_eq!(status, 409, "{v}");
     p.signal("INT");
     assert_eq!(p.wait_exit().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_logs_and_ignores_sighup() {
+    let mut p = Proc::spawn(&["web", "--listen", "127.0.0.1:0", "--name", "w"]);
+    let addr = addr_after(&p.wait_line("listening on"), "listening on ");
+    p.signal("HUP");
+    p.wait_line("SIGHUP ignored: sluice web has no configuration file to reload");
+    let (_, _, body) = http_raw(addr, "GET", "/", "").await;
+    assert_eq!(body, "hello from w\n");
+}
+
+/// A second SIGTERM or SIGINT during the grace period means now: what is
+/// left is closed at once, and the process exits 0 long before the grace
+/// period would have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_closes_what_is_left_now() {
+    let a = Echo::start("a").await;
+    for (first, second) in [("TERM", "TERM"), ("INT", "TERM"), ("TERM", "INT")] {
+        let text = config("shutdown_grace = \"10m\"", "", &[("a", a.addr)]);
+        let (_dir, path) = write_config(&text);
+        let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+        let addr = addr_after(&p.wait_line("service listening"), "listen=");
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_line(&mut s).await, "a");
+        p.signal(first);
+        p.wait_line("shutting down: no new connections");
+        echo(&mut s, b"the first signal cut nothing").await;
+        p.signal(second);
+        p.wait_line("closing remaining connections before the grace period ends");
+        assert!(closed_by_peer(&mut s).await, "{first} then {second}");
+        let code = tokio::task::block_in_place(|| p.wait_exit()).code();
+        assert_eq!(code, Some(0), "{}", p.log.join("\n"));
+        assert!(
+            p.log.iter().any(|l| l.contains("second stop signal")),
+            "{}",
+            p.log.join("\n")
+        );
+    }
 }
 
 #[test]
