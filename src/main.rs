@@ -77,7 +77,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CtlArgs {
-    /// The admin API: http://HOST:PORT, or unix:PATH for its unix socket.
+    /// The admin API: HOST:PORT (http:// may be written), or unix:PATH for
+    /// its unix socket.
     #[arg(
         long,
         env = "SLUICE_ADMIN",

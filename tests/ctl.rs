@@ -602,3 +602,43 @@ fn ctl_help_warns_that_token_shows_in_ps() {
         "{help}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_address_may_be_given_without_a_scheme() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let bare = lb.admin.to_string();
+    let by_flag = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", &bare, "status"])
+        .env_remove("SLUICE_TOKEN")
+        .output();
+    let by_env = tokio::process::Command::new(BIN)
+        .args(["ctl", "status"])
+        .env("SLUICE_ADMIN", &bare)
+        .env_remove("SLUICE_TOKEN")
+        .output();
+    for out in [
+        within("ctl", by_flag).await.unwrap(),
+        within("ctl", by_env).await.unwrap(),
+    ] {
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("a "),
+            "{}",
+            text(&out)
+        );
+    }
+    // What is still no address says what one looks like.
+    let out = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", "https://x:1", "status"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("such as 127.0.0.1:9000"),
+        "{}",
+        text(&out)
+    );
+    lb.shutdown().await;
+}

@@ -98,20 +98,26 @@ pub struct Client {
 
 impl Client {
     /// A client of the admin API at `url` (`http://host:port`, or
-    /// `unix:/path/of/admin.sock`); an empty token is no token.
-    pub fn new(url: &str, token: Option<String>) -> Result<Client, CtlError> {
+    /// `unix:/path/of/admin.sock`); `host:port` without a scheme is
+    /// taken as `http://`, as curl does. An empty token is no token.
+    pub fn new(given: &str, token: Option<String>) -> Result<Client, CtlError> {
+        let bad = || CtlError::BadUrl(given.to_string());
+        // Written as the README's curl lines are, without a scheme.
+        let url = if !given.contains("://") && !given.starts_with("unix:") {
+            format!("http://{given}")
+        } else {
+            given.to_string()
+        };
         let endpoint = if let Some(path) = url.strip_prefix("unix:") {
             if !path.starts_with('/') {
-                return Err(CtlError::BadUrl(url.to_string()));
+                return Err(bad());
             }
             Endpoint::Unix(path.into())
         } else {
-            let rest = url
-                .strip_prefix("http://")
-                .ok_or_else(|| CtlError::BadUrl(url.to_string()))?;
+            let rest = url.strip_prefix("http://").ok_or_else(bad)?;
             let authority = rest.trim_end_matches('/');
             if authority.is_empty() || authority.contains('/') {
-                return Err(CtlError::BadUrl(url.to_string()));
+                return Err(bad());
             }
             Endpoint::Tcp(authority.to_string())
         };
@@ -450,8 +456,17 @@ mod tests {
         assert!(Client::new("http://127.0.0.1:9000", None).is_ok());
         assert!(Client::new("http://127.0.0.1:9000/", None).is_ok());
         assert!(Client::new("unix:/run/sluice/admin.sock", None).is_ok());
+        for bare in ["127.0.0.1:9000", "localhost:9000", "[::1]:9000/"] {
+            let c = Client::new(bare, None).unwrap();
+            assert_eq!(
+                c.url(),
+                format!("http://{}", bare.trim_end_matches('/')),
+                "{bare}"
+            );
+        }
         for bad in [
-            "127.0.0.1:9000",
+            "",
+            "/run/sluice/admin.sock",
             "https://x:1",
             "http://",
             "http://a/b",

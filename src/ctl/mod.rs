@@ -40,7 +40,9 @@ pub enum Outcome {
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("{0} is not an admin URL such as http://127.0.0.1:9000 or unix:/run/sluice/admin.sock")]
+    #[error(
+        "{0} is not an admin address such as 127.0.0.1:9000, http://127.0.0.1:9000 or unix:/run/sluice/admin.sock"
+    )]
     BadUrl(String),
     #[error("cannot reach the admin API at {url}: {error}")]
     Unreachable { url: String, error: std::io::Error },
