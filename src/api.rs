@@ -38,6 +38,12 @@ pub struct BackendView {
     /// The services that send clients to this backend.
     #[serde(default)]
     pub services: Vec<String>,
+    /// While it is down: why (such as the last health check's error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_reason: Option<String>,
+    /// In the reply to a stop: the live connections it closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<usize>,
     /// In cluster mode: each live instance's count and state, this
     /// instance first; `active_connections` is their sum.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

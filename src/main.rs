@@ -129,8 +129,17 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Subcommand)]
 enum CtlCommand {
-    /// Every backend: state, health, live and total connections.
+    /// Every backend: state, health (and why it is down), live and total
+    /// connections, its services.
     Status {
+        /// The API's JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What became of the clients (`GET /stats`): accepted, established,
+    /// each kind of refusal, the live total.
+    Stats {
+        /// The API's JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -363,6 +372,7 @@ async fn run_ctl(
     use sluice::ctl;
     let outcome = match command {
         CtlCommand::Status { json } => ctl::status(c, json).await?,
+        CtlCommand::Stats { json } => ctl::stats(c, json).await?,
         CtlCommand::Drain { name, drain } => ctl::drain(c, &name, drain.into(), progress).await?,
         CtlCommand::Stop { name } => ctl::stop(c, &name).await?,
         CtlCommand::Upgrade { binary, wait } => {

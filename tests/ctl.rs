@@ -642,3 +642,65 @@ async fn the_admin_address_may_be_given_without_a_scheme() {
     );
     lb.shutdown().await;
 }
+
+/// `ctl status` says why a backend is down and which services use each;
+/// `ctl stats` shows `/stats`; `ctl stop` says how many it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_why_a_backend_is_down_stats_counts_and_stop_says_what_it_closed() {
+    let a = Echo::start("a").await;
+    let (_guard, dead) = dead_addr();
+    let text_cfg = format!(
+        "[health]\ninterval = \"50ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n\
+         [[backend]]\nname = \"b\"\naddress = \"{dead}\"\n",
+        a.addr
+    );
+    let lb = Sluice::from_toml(&text_cfg).await;
+    wait_for("b is down", || async {
+        lb.backend("b").await["healthy"] == false
+    })
+    .await;
+    let out = ctl(&lb, &["status"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert!(lines[0].ends_with("SERVICES"), "{shown}");
+    let b = lines.iter().position(|l| l.starts_with("b ")).unwrap();
+    assert!(lines[b].ends_with(" web"), "{shown}");
+    assert!(
+        lines[b + 1].starts_with("  b down since ")
+            && lines[b + 1].contains("health check")
+            && lines[b + 1].contains("refused"),
+        "{shown}"
+    );
+    assert!(!shown.contains("a down"), "{shown}");
+
+    // Two clients on a, then a stop that closes both.
+    let (mut one, _) = lb.connect().await;
+    let (mut two, _) = lb.connect().await;
+    echo(&mut one, b"1").await;
+    echo(&mut two, b"2").await;
+    let out = ctl(&lb, &["stats"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let stats = String::from_utf8_lossy(&out.stdout).into_owned();
+    let count = |name: &str| -> u64 {
+        let line = stats
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {stats}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(count("active_connections"), 2, "{stats}");
+    assert_eq!(count("established"), 2, "{stats}");
+    let out = ctl(&lb, &["stop", "a"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("a: stopped, out of rotation; closed 2 connection(s)"),
+        "{}",
+        text(&out)
+    );
+    assert!(closed_by_peer(&mut one).await && closed_by_peer(&mut two).await);
+    lb.shutdown().await;
+}

@@ -462,7 +462,7 @@ fn wire_types_match_their_schemas() {
     use sluice::backend::State;
     let doc = doc();
     let schema = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
-    let backend = |state, saved, instances| BackendView {
+    let backend = |state, saved: Option<bool>, instances| BackendView {
         name: "web1".into(),
         address: "127.0.0.1:8081".into(),
         state,
@@ -480,6 +480,8 @@ fn wire_types_match_their_schemas() {
         health_since_ms: 1_795_876_660_150,
         last_ok_check_ms: 0,
         services: vec!["web".into()],
+        down_reason: saved.map(|_| "3 health checks failed in a row, last: refused".into()),
+        closed: saved.map(|_| 2),
         saved,
         instances,
     };

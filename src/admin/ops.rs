@@ -187,6 +187,8 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 return gone(&name);
             };
             caller.audit("stop", &name);
+            // This process's and a previous one's, which a stop closes too.
+            let before = b.live() + b.elsewhere();
             if !agreed {
                 b.stop();
             }
@@ -194,7 +196,11 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             // the reply shows the count they leave behind.
             b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
                 .await;
-            changed(&b, shared, StatusCode::OK).await
+            let saved = save_in_background(shared).await.ok().flatten();
+            let mut view = backend_view(&b, shared);
+            view.saved = saved;
+            view.closed = Some(before.saturating_sub(b.live() + b.elsewhere()));
+            json(StatusCode::OK, &view)
         }
         Op::Start(name) => {
             let Some(b) = backend(&name) else {
@@ -369,6 +375,12 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         state: b.state(),
         healthy: health.up,
         health_checked: health.checked,
+        down_reason: if health.up {
+            None
+        } else {
+            health.why_down.clone()
+        },
+        closed: None,
         weight: b.weight(),
         // After an upgrade, the previous process's too, until it has gone;
         // in cluster mode, every live instance's.

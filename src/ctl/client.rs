@@ -315,6 +315,11 @@ impl Client {
         Ok(self.healthz().await?.problems)
     }
 
+    /// `GET /stats`: what became of the clients.
+    pub async fn stats(&self) -> Result<crate::api::StatsView, CtlError> {
+        Ok(self.json(Method::GET, "/stats").await?.1)
+    }
+
     pub async fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
         Ok(self.json(Method::GET, "/backends").await?.1)
     }

@@ -24,7 +24,7 @@ use output::{colour, err, out, print_json, say};
 pub use client::{Client, EventStream, read_token};
 pub use events::{describe, events};
 pub use interrupt::{Ended, Progress, Signal, Signals, until_interrupted};
-pub use output::{conns_table, status_table};
+pub use output::{conns_table, stats_table, status_table};
 pub use rollout::{RolloutOpts, rollout};
 
 /// The admin API when neither `--admin` nor `SLUICE_ADMIN` says otherwise.
@@ -116,6 +116,17 @@ fn process_line(h: &crate::api::HealthzView) -> String {
         ));
     }
     line
+}
+
+/// What became of the clients (`GET /stats`), one counter a line.
+pub async fn stats(c: &Client, json: bool) -> Result<Outcome, CtlError> {
+    let s = c.stats().await?;
+    if json {
+        print_json(&s);
+    } else {
+        out(&output::stats_table(&s));
+    }
+    Ok(Outcome::Done)
 }
 
 pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlError> {
@@ -348,10 +359,14 @@ pub async fn join(c: &Client) -> Result<Outcome, CtlError> {
 
 pub async fn stop(c: &Client, name: &str) -> Result<Outcome, CtlError> {
     let b = c.act(name, "stop", &[]).await?;
-    say(&format!(
-        "{name}: stopped, {} live connection(s) left",
-        b.active_connections
-    ));
+    let mut line = format!(
+        "{name}: stopped, out of rotation; closed {} connection(s)",
+        b.closed.unwrap_or(0)
+    );
+    if b.active_connections > 0 {
+        line.push_str(&format!(", {} still closing", b.active_connections));
+    }
+    say(&line);
     Ok(Outcome::Done)
 }
 
