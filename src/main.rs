@@ -73,6 +73,20 @@ enum Command {
         )]
         web: Vec<SocketAddr>,
     },
+    /// Print the shell completion script for SHELL, such as
+    /// `sluice completions bash > /etc/bash_completion.d/sluice`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page sluice(1), or with --dir write a page for every
+    /// command (sluice.1, sluice-ctl-drain.1, ...) into DIR.
+    Man {
+        /// Directory to write every page into, such as
+        /// /usr/local/share/man/man1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -261,6 +275,30 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        // Both from the same clap definition that parses the command line,
+        // so they cannot drift from it.
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "sluice", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match dir {
+                Some(dir) => {
+                    clap_mangen::generate_to(cmd, &dir).with_context(|| {
+                        format!("cannot write the man pages into {}", dir.display())
+                    })?;
+                    println!("man pages written to {}", dir.display());
+                }
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(cmd).render(&mut page)?;
+                    std::io::stdout().write_all(&page)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config, file_only } => {
             let c = Config::load(&config)?;
             print!("{}", summary(&c));

@@ -494,3 +494,48 @@ fn a_pid_file_that_cannot_be_written_stops_the_start_with_its_path() {
         "{err}"
     );
 }
+
+/// Completions and man pages come from the clap definition that parses
+/// the command line, so every command is in them.
+#[test]
+fn completions_and_man_pages_cover_every_command() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        for word in ["reload", "drain", "rollout", "pidfile", "token-file"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    // The bash script parses as bash.
+    let dir = tempfile::tempdir().unwrap();
+    let bash = dir.path().join("sluice.bash");
+    std::fs::write(&bash, run(&["completions", "bash"])).unwrap();
+    let parsed = Command::new("bash").arg("-n").arg(&bash).status().unwrap();
+    assert!(parsed.success());
+
+    let page = run(&["man"]);
+    assert!(page.contains(".TH sluice 1"), "{page}");
+    assert!(page.contains("sluice\\-ctl(1)"), "{page}");
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).unwrap();
+    run(&["man", "--dir", pages.to_str().unwrap()]);
+    for name in [
+        "sluice.1",
+        "sluice-run.1",
+        "sluice-ctl-reload.1",
+        "sluice-ctl-drain.1",
+    ] {
+        let text = std::fs::read_to_string(pages.join(name)).unwrap();
+        assert!(text.contains(".TH"), "{name}");
+    }
+    let run_page = std::fs::read_to_string(pages.join("sluice-run.1")).unwrap();
+    assert!(run_page.contains("pidfile"), "{run_page}");
+}
