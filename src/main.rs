@@ -14,13 +14,24 @@ use sluice::Config;
 #[derive(Parser)]
 #[command(
     name = "sluice",
-    version,
-    about = "A TCP load balancer whose backends drain, stop and start over HTTP"
+    version = VERSION,
+    about = "A TCP load balancer whose backends drain, stop and start over HTTP",
+    after_help = "Try it: `sluice demo`, then in another terminal `sluice ctl status`.\n\
+                  For real: `sluice check --config FILE`, then `sluice run --config FILE`.\n\
+                  `sluice help COMMAND` (or `sluice COMMAND --help`) tells more of each command."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The version and the commit it was built from (`build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SLUICE_GIT_COMMIT"),
+    ")"
+);
 
 #[derive(Subcommand)]
 enum Command {
@@ -40,6 +51,7 @@ enum Command {
     },
     /// Validate a configuration file and print a summary (exit 1 on error).
     Check {
+        /// The configuration file to check.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// Check the file alone, not this machine (state file directory,
@@ -50,8 +62,10 @@ enum Command {
     },
     /// A small web server that answers with its name (for trying sluice).
     Web {
+        /// Address to listen on (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
+        /// The name it answers with: `hello from NAME`.
         #[arg(long, default_value = "web")]
         name: String,
     },
@@ -73,14 +87,17 @@ enum Command {
         )]
         web: Vec<SocketAddr>,
     },
-    /// Print the shell completion script for SHELL, such as
-    /// `sluice completions bash > /etc/bash_completion.d/sluice`.
+    /// Print the shell completion script for SHELL.
+    ///
+    /// Such as `sluice completions bash > /etc/bash_completion.d/sluice`.
     Completions {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
-    /// Print the man page sluice(1), or with --dir write a page for every
-    /// command (sluice.1, sluice-ctl-drain.1, ...) into DIR.
+    /// Print the man page sluice(1), or write every command's page.
+    ///
+    /// With --dir DIR, writes sluice.1, sluice-run.1, sluice-ctl-drain.1,
+    /// ... into DIR.
     Man {
         /// Directory to write every page into, such as
         /// /usr/local/share/man/man1.
@@ -96,6 +113,7 @@ struct CtlArgs {
     #[arg(
         long,
         env = "SLUICE_ADMIN",
+        hide_env_values = true,
         default_value = sluice::ctl::DEFAULT_ADMIN,
         global = true
     )]
@@ -159,12 +177,16 @@ enum CtlCommand {
     },
     /// Take a backend out of rotation and show its connections falling to 0.
     Drain {
+        /// The backend, by its name in the configuration.
         name: String,
         #[command(flatten)]
         drain: DrainArgs,
     },
     /// Take a backend out of rotation and close its connections now.
-    Stop { name: String },
+    Stop {
+        /// The backend, by its name in the configuration.
+        name: String,
+    },
     /// Replace the running sluice with a new process of its binary (or
     /// --binary), dropping no one: the new one takes the listening
     /// sockets, the old one lets its connections finish and exits.
@@ -199,6 +221,7 @@ enum CtlCommand {
     },
     /// Put a backend back in rotation.
     Start {
+        /// The backend, by its name in the configuration.
         name: String,
         /// Wait until a health check passes (exit 2 if none does in time).
         #[arg(long, value_parser = duration)]
@@ -206,7 +229,9 @@ enum CtlCommand {
     },
     /// A backend's live connections (the netstat step).
     Conns {
+        /// The backend, by its name in the configuration.
         name: String,
+        /// The API's JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -218,6 +243,9 @@ enum CtlCommand {
         json: bool,
     },
     /// Update every backend in turn: drain, run a command, check, start.
+    ///
+    /// A failure stops the round and leaves the failing backend out of
+    /// rotation, the others in.
     Rollout {
         /// Command run for each backend, with SLUICE_BACKEND and SLUICE_ADDRESS set.
         #[arg(long)]
@@ -565,4 +593,43 @@ fn summary(c: &Config) -> String {
         fmt(c.shutdown_grace)
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command, option and argument has a one-line description, so
+    /// `--help`, the man pages and the completions say what each is for.
+    #[test]
+    fn every_command_and_argument_says_what_it_is_for() {
+        let cli = super::Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        let mut stack = vec![(String::from("sluice"), cli)];
+        while let Some((path, cmd)) = stack.pop() {
+            if cmd.get_about().is_none() && path != "sluice help" {
+                missing.push(path.clone());
+            }
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && a.get_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                stack.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+        }
+        assert!(missing.is_empty(), "without a description: {missing:?}");
+    }
+
+    #[test]
+    fn the_version_names_the_commit() {
+        let v = super::Cli::command().render_version();
+        assert!(
+            v.starts_with(&format!("sluice {} (commit ", env!("CARGO_PKG_VERSION"))),
+            "{v}"
+        );
+    }
 }
