@@ -829,7 +829,7 @@ async fn every_operation_answers_as_documented() {
     let v: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(
         (v["line"].as_u64(), v["field"].as_str()),
-        (Some(4), Some("bogus")),
+        (Some(4), Some("admin.bogus")),
         "{v}"
     );
     std::fs::write(
