@@ -592,7 +592,107 @@ fn summary(c: &Config) -> String {
         c.idle_timeout.map_or("none".into(), fmt),
         fmt(c.shutdown_grace)
     );
+    for (name, value) in changed_settings(c) {
+        let _ = writeln!(s, "{name:<14} {value}");
+    }
     s
+}
+
+/// Every setting of `c` beyond those above that differs from its default,
+/// as (name, what it is set to): what a reader of the file should not
+/// miss, such as a state file or slower health checks.
+fn changed_settings(c: &Config) -> Vec<(&'static str, String)> {
+    // The defaults are what a file that sets nothing gets.
+    let d = Config::parse(
+        "defaults",
+        "[[service]]\nname = \"d\"\nlisten = \"127.0.0.1:1\"\n\
+         [[backend]]\nname = \"d\"\naddress = \"127.0.0.1:2\"\n",
+    )
+    .expect("the defaults parse");
+    let fmt = sluice::config::format_duration;
+    let mut out = Vec::new();
+    if let Some(p) = &c.state_file {
+        out.push((
+            "state file",
+            format!("{} (admin states survive restarts)", p.display()),
+        ));
+    }
+    let h = &c.health;
+    if *h != d.health {
+        out.push((
+            "health",
+            format!(
+                "every {}, timeout {}, up after {} pass(es), down after {} failure(s) (default: every {}, timeout {}, {} and {})",
+                fmt(h.interval),
+                fmt(h.timeout),
+                h.rise,
+                h.fall,
+                fmt(d.health.interval),
+                fmt(d.health.timeout),
+                d.health.rise,
+                d.health.fall
+            ),
+        ));
+    }
+    if c.zero_copy != d.zero_copy {
+        out.push(("zero copy", "off: every byte is copied".into()));
+    }
+    if c.workers != d.workers || c.runtime != d.runtime {
+        let layout = match c.runtime {
+            sluice::config::RuntimeLayout::PerCore => "per-core",
+            sluice::config::RuntimeLayout::MultiThread => "multi-thread",
+        };
+        out.push((
+            "workers",
+            format!("{} ({layout}; default {})", c.workers, d.workers),
+        ));
+    }
+    let (a, da) = (&c.admin, &d.admin);
+    let mut admin = Vec::new();
+    if a.read_token.is_some() {
+        admin.push("a read-only token".to_string());
+    }
+    if a.request_timeout != da.request_timeout {
+        admin.push(format!("request timeout {}", fmt(a.request_timeout)));
+    }
+    if a.max_connections != da.max_connections {
+        admin.push(format!("max {} connections", a.max_connections));
+    }
+    if !a.allowed_hosts.is_empty() {
+        admin.push(format!("allowed hosts {}", a.allowed_hosts.join(", ")));
+    }
+    if let Some(sock) = &a.socket {
+        admin.push(format!(
+            "unix socket {} (mode {:o}{})",
+            sock.path.display(),
+            sock.mode,
+            sock.group
+                .as_ref()
+                .map_or(String::new(), |g| format!(", group {g}"))
+        ));
+    }
+    if a.open_metrics {
+        admin.push("/metrics without the token".into());
+    }
+    if a.open_healthz {
+        admin.push("/healthz without the token".into());
+    }
+    if !admin.is_empty() {
+        out.push(("admin", admin.join(", ")));
+    }
+    if let Some(cl) = &c.cluster {
+        out.push((
+            "cluster",
+            format!(
+                "{}, this instance {}, etcd {}, lease {}",
+                cl.name,
+                cl.instance,
+                cl.etcd.join(", "),
+                fmt(cl.lease)
+            ),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

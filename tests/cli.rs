@@ -539,3 +539,30 @@ fn completions_and_man_pages_cover_every_command() {
     let run_page = std::fs::read_to_string(pages.join("sluice-run.1")).unwrap();
     assert!(run_page.contains("pidfile"), "{run_page}");
 }
+
+#[test]
+fn check_prints_every_setting_that_differs_from_its_default() {
+    let (ok, plain, err) = check(GOOD);
+    assert!(ok, "{err}");
+    for name in ["state file", "health ", "zero copy", "workers", "admin  "] {
+        assert!(!plain.contains(name), "{name} is at its default: {plain}");
+    }
+    let text = format!(
+        "state_file = \"/var/lib/sluice/state.json\"\nzero_copy = false\n\
+         [health]\ninterval = \"5s\"\nrise = 4\n{}",
+        GOOD.replace(
+            "listen = \"127.0.0.1:9000\"",
+            "listen = \"127.0.0.1:9000\"\ntoken = \"t0ken\"\nread_token = \"r3ad\"\nopen_healthz = true"
+        )
+    );
+    let (ok, out, err) = check(&text);
+    assert!(ok, "{err}");
+    for want in [
+        "state file     /var/lib/sluice/state.json",
+        "health         every 5s, timeout 1s, up after 4 pass(es)",
+        "zero copy      off",
+        "admin          a read-only token, /healthz without the token",
+    ] {
+        assert!(out.contains(want), "no `{want}` in:\n{out}");
+    }
+}
