@@ -918,7 +918,7 @@ fn admin(
         return Err(ctx.err(
             t.span(),
             "admin.read_token",
-            "goes with admin.token: without an admin token anyone may change state anyway".into(),
+            "goes with admin.token (in the file, or SLUICE_TOKEN in the environment): without an admin token anyone may change state anyway".into(),
         ));
     }
     if !admin.listen.ip().is_loopback() && admin.token.is_none() {

@@ -566,3 +566,60 @@ fn check_prints_every_setting_that_differs_from_its_default() {
         assert!(out.contains(want), "no `{want}` in:\n{out}");
     }
 }
+
+/// Every example under config/examples/ is a file `sluice check` accepts,
+/// and the summary shows what the example is about.
+#[test]
+fn every_example_config_passes_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let out = Command::new(BIN)
+            .args(["check", "--file-only", "--config"])
+            .arg(&path)
+            .env("SLUICE_TOKEN", "t0ken")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.push((
+            path.file_name().unwrap().to_string_lossy().into_owned(),
+            text,
+        ));
+    }
+    seen.sort();
+    let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "admin-with-token.toml",
+            "health-checked-pool.toml",
+            "web-80-443.toml",
+            "weights.toml"
+        ]
+    );
+    let summary = |name: &str| &seen.iter().find(|(n, _)| n == name).unwrap().1;
+    assert!(summary("admin-with-token.toml").contains("10.0.9.5:9000 (token required)"));
+    assert!(summary("health-checked-pool.toml").contains("http check GET /healthz -> 200"));
+    assert!(summary("web-80-443.toml").contains("service https"));
+    assert!(summary("weights.toml").contains("weight 0"));
+
+    // The token example says where its token comes from when it is missing.
+    let out = Command::new(BIN)
+        .args(["check", "--file-only", "--config"])
+        .arg(format!("{dir}/admin-with-token.toml"))
+        .env_remove("SLUICE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SLUICE_TOKEN"));
+}
