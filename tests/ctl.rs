@@ -210,6 +210,10 @@ async fn rollout_stops_at_the_first_failure_and_leaves_that_backend_out() {
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains(&format!("updating a at {}", a.addr)), "{t}");
     assert!(t.contains("b: FAILED"), "{t}");
+    assert!(
+        t.contains("it stays out of rotation (drained); `sluice ctl start b` puts it back"),
+        "{t}"
+    );
     assert!(t.contains("updated:     a"), "{t}");
     assert!(t.contains("not touched: c"), "{t}");
     assert_eq!(lb.state("a").await, "active");
@@ -231,6 +235,10 @@ async fn rollout_refuses_to_leave_too_few_backends() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("refusing to take it out"), "{t}");
+    assert!(
+        t.contains("it is still in rotation (it was never taken out)") && !t.contains("stays out"),
+        "the report says what is true: {t}"
+    );
     assert_eq!(lb.state("a").await, "active", "nothing was drained");
 
     let out = ctl(&lb, &["rollout", "--exec", "true", "--backends", "a,zz"]).await;
