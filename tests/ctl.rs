@@ -712,3 +712,47 @@ async fn status_says_why_a_backend_is_down_stats_counts_and_stop_says_what_it_cl
     assert!(closed_by_peer(&mut one).await && closed_by_peer(&mut two).await);
     lb.shutdown().await;
 }
+
+/// A drain that waits on a quiet connection still says, every few seconds,
+/// that it is alive and who holds it open; then it ends when that one goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_drain_prints_a_heartbeat_with_the_oldest_connection() {
+    use tokio::io::AsyncBufReadExt;
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let (mut held, _) = lb.connect().await;
+    echo(&mut held, b"hi").await;
+    let mut child = command(&lb, &["drain", "a"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let heartbeat = within("a heartbeat line", async {
+        loop {
+            let l = lines.next_line().await.unwrap().expect("ctl ended early");
+            if l.contains("still draining after") {
+                return l;
+            }
+        }
+    })
+    .await;
+    assert!(
+        heartbeat.contains("a: still draining after")
+            && heartbeat.contains("1 live connection(s), ")
+            && heartbeat.contains("the oldest open for"),
+        "{heartbeat}"
+    );
+    drop(held);
+    within("drained", async {
+        loop {
+            let l = lines.next_line().await.unwrap().expect("ctl ended early");
+            if l.contains("a: drained after") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(within("ctl exit", child.wait()).await.unwrap().success());
+    lb.shutdown().await;
+}

@@ -174,9 +174,12 @@ pub async fn drain(
         ));
     }
     let mut last = b.active_connections;
+    let mut heard = Instant::now();
+    let mut status = StatusLine::new();
     loop {
         let b = c.backend(name).await?;
         if matches!(b.state, State::Drained | State::Stopped) && b.active_connections == 0 {
+            status.clear();
             say(&format!(
                 "{name}: {} after {:.1}s, 0 live connections",
                 b.state.as_str(),
@@ -185,20 +188,54 @@ pub async fn drain(
             return Ok(Outcome::Done);
         }
         if b.state == State::Active {
+            status.clear();
             return Err(CtlError::Rollout(format!(
                 "{name} was started again while draining"
             )));
         }
         if b.active_connections != last {
+            status.clear();
             say(&format!(
                 "{name}: {} live connection(s), {} idle",
                 b.active_connections, b.idle_connections
             ));
             last = b.active_connections;
+            heard = Instant::now();
+        } else if status.on_terminal() {
+            // One line that updates in place, so a long drain shows it
+            // is alive without scrolling.
+            status.show(&format!(
+                "{name}: {} live connection(s), {} idle, draining for {:.0}s",
+                b.active_connections,
+                b.idle_connections,
+                started.elapsed().as_secs_f64()
+            ));
+        } else if heard.elapsed() >= HEARTBEAT {
+            // In a log, a line every few seconds that says who holds the
+            // drain open.
+            let oldest = c
+                .connections(name)
+                .await
+                .ok()
+                .and_then(|l| l.iter().map(|x| x.age_ms).max())
+                .map_or(String::new(), |ms| {
+                    format!(
+                        ", the oldest open for {}",
+                        format_duration(Duration::from_secs(ms / 1000))
+                    )
+                });
+            say(&format!(
+                "{name}: still draining after {:.0}s: {} live connection(s), {} idle{oldest}",
+                started.elapsed().as_secs_f64(),
+                b.active_connections,
+                b.idle_connections
+            ));
+            heard = Instant::now();
         }
         if let Some(w) = opts.wait
             && started.elapsed() >= w
         {
+            status.clear();
             say(&format!(
                 "{name}: still draining after {} with {} live connection(s)",
                 format_duration(w),
@@ -207,6 +244,44 @@ pub async fn drain(
             return Ok(Outcome::TimedOut);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How long a drain may go without a line when nothing changes.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A line rewritten in place on a terminal (nothing elsewhere).
+struct StatusLine {
+    terminal: bool,
+    /// What the line shows now, if anything.
+    shown: Option<String>,
+}
+
+impl StatusLine {
+    fn new() -> StatusLine {
+        use std::io::IsTerminal;
+        StatusLine {
+            terminal: std::io::stdout().is_terminal(),
+            shown: None,
+        }
+    }
+
+    fn on_terminal(&self) -> bool {
+        self.terminal
+    }
+
+    fn show(&mut self, text: &str) {
+        if self.shown.as_deref() != Some(text) {
+            out(&format!("\r\x1b[K{text}"));
+            self.shown = Some(text.to_string());
+        }
+    }
+
+    /// Wipes the line, so that the next one starts at the margin.
+    fn clear(&mut self) {
+        if self.shown.take().is_some() {
+            out("\r\x1b[K");
+        }
     }
 }
 
