@@ -23,20 +23,22 @@ use crate::upgrade::{TakeOver, Upgrader};
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot listen on {addr} for the {what}: {source}")]
+    // The cause is in the message and deliberately not a `source`: the
+    // error chain would print it a second time.
+    #[error("cannot listen on {addr} for the {what}: {error}")]
     Bind {
         what: String,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("state file {}: {message}", path.display())]
     StateFile { path: PathBuf, message: String },
     #[error("admin socket {}: {message}", path.display())]
     AdminSocket { path: PathBuf, message: String },
-    #[error("pid file {}: {source}", path.display())]
+    #[error("pid file {}: {error}", path.display())]
     PidFile {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot take over from the running sluice: {0}")]
     TakeOver(String),
@@ -101,7 +103,7 @@ impl Sluice {
             let bind_err = |e| Error::Bind {
                 what: format!("service `{}`", s.name),
                 addr: s.listen,
-                source: e,
+                error: e,
             };
             let first = crate::net::listen(s.listen, per_core).map_err(bind_err)?;
             // Port 0 picks a port once; the other workers share it.
@@ -118,7 +120,7 @@ impl Sluice {
             .map_err(|e| Error::Bind {
                 what: "admin API".into(),
                 addr: config.admin.listen,
-                source: e,
+                error: e,
             })?;
         let admin_socket = config
             .admin
@@ -405,7 +407,7 @@ impl Sluice {
         if let Some(path) = &pidfile {
             write_pidfile(path).map_err(|e| Error::PidFile {
                 path: path.clone(),
-                source: e,
+                error: e,
             })?;
         }
         // Accepting ends the moment a new process has taken over.
@@ -582,7 +584,10 @@ impl Workers {
         // Per worker, its listener of each service.
         let mut per_worker: Vec<Vec<(Arc<Service>, std::net::TcpListener)>> = Vec::new();
         for (service, set) in listeners {
-            info!(service = %service.name, listen = %service.listen, workers = set.len(), layout = ?layout, "service listening");
+            // The threads that serve, not the listeners: multi-thread has
+            // one listener for all of its threads.
+            let threads = shared.runtime().config.workers;
+            info!(service = %service.name, listen = %service.listen, threads, listeners = set.len(), layout = ?layout, "service listening");
             for (k, l) in set.into_iter().enumerate() {
                 if per_worker.len() <= k {
                     per_worker.push(Vec::new());

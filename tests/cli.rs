@@ -245,6 +245,11 @@ async fn run_refuses_a_taken_port_with_a_clear_error() {
         err.contains("cannot listen on") && err.contains("service `web`"),
         "{err}"
     );
+    assert_eq!(
+        err.matches("Address already in use").count(),
+        1,
+        "the cause, once: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,20 +357,42 @@ fn docker_config_needs_a_token_and_takes_it_from_the_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_with_either_runtime_layout() {
-    for layout in [
-        "runtime = \"multi-thread\"\nworkers = 2",
-        "runtime = \"per-core\"\nworkers = 3",
+    // (layout, threads that serve, the name of the serving threads besides
+    // the main one, and at least how many there are: tokio's blocking pool
+    // shares its name)
+    for (layout, threads, name, named) in [
+        (
+            "runtime = \"multi-thread\"\nworkers = 2",
+            2,
+            "tokio-rt-worker",
+            2,
+        ),
+        (
+            "runtime = \"per-core\"\nworkers = 3",
+            3,
+            "sluice-worker-",
+            2,
+        ),
     ] {
         let a = Echo::start("a").await;
         let text = config(layout, "", &[("a", a.addr)]);
         let (_dir, path) = write_config(&text);
         let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
-        let addr = addr_after(&p.wait_line("service listening"), "listen=");
+        let line = p.wait_line("service listening");
+        let addr = addr_after(&line, "listen=");
         for _ in 0..10 {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             assert_eq!(read_line(&mut s).await, "a");
             echo(&mut s, layout.as_bytes()).await;
         }
+        // The log's count is the threads that really serve.
+        assert!(line.contains(&format!(" threads={threads} ")), "{line}");
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", p.child.id())).unwrap();
+        let serving = tasks
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.starts_with(name))
+            .count();
+        assert!(serving >= named, "{layout}: {serving} threads named {name}");
         p.signal("TERM");
         assert_eq!(p.wait_exit().code(), Some(0), "{}", p.log.join("\n"));
     }
@@ -622,4 +649,32 @@ fn every_example_config_passes_check() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SLUICE_TOKEN"));
+}
+
+/// A connection retried on the next backend names, in its span, only the
+/// backend it ended on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_connection_names_the_backend_it_ended_on_once() {
+    let (_guard, dead) = dead_addr();
+    let b = Echo::start("b").await;
+    let text = config("", "", &[("dead", dead), ("b", b.addr)]);
+    let (_dir, path) = write_config(&text);
+    let mut p = Proc::spawn_command(
+        Command::new("env")
+            .args(["RUST_LOG=sluice=debug", BIN, "run", "--config"])
+            .arg(&path),
+    );
+    let addr = addr_after(&p.wait_line("service listening"), "listen=");
+    // Round-robin: one of the first two clients is sent to `dead` first.
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_line(&mut s).await, "b");
+    }
+    p.wait_line("backend connect failed; trying the next");
+    let connected = p.wait_line("connected");
+    assert_eq!(connected.matches("backend=").count(), 1, "{connected}");
+    assert!(
+        connected.contains("backend=b") || connected.contains("backend=\"b\""),
+        "{connected}"
+    );
 }
