@@ -15,6 +15,7 @@
 #   FUZZ_SECONDS=10 bash scripts/test.sh          a shorter fuzz run
 #   SKIP_FUZZ=1 bash scripts/test.sh              no fuzz run
 #   SKIP_SCHEMATHESIS=1 bash scripts/test.sh      no schemathesis run
+#   SKIP_DEB=1 bash scripts/test.sh               no Debian package build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +66,12 @@ cargo test --locked --features cluster
 # (scripts/schemathesis.sh).
 if [ "${SKIP_SCHEMATHESIS:-0}" != 1 ]; then
   bash scripts/schemathesis.sh
+fi
+
+# The Debian package, built and checked: its contents, and its binary run
+# from a throwaway root on its own config (scripts/deb.sh).
+if [ "${SKIP_DEB:-0}" != 1 ]; then
+  bash scripts/deb.sh
 fi
 
 # Fuzz the config parser and the admin API's request path, so a panic or

@@ -38,6 +38,12 @@ pub struct BackendView {
     /// The services that send clients to this backend.
     #[serde(default)]
     pub services: Vec<String>,
+    /// While it is down: why (such as the last health check's error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_reason: Option<String>,
+    /// In the reply to a stop: the live connections it closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<usize>,
     /// In cluster mode: each live instance's count and state, this
     /// instance first; `active_connections` is their sum.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -221,6 +227,42 @@ pub struct LeaveView {
     /// Whether it has left: leaving, no connection open, and no new client
     /// for a few seconds (so the floating address has moved).
     pub left: bool,
+}
+
+/// The answer to `POST /reload`: the configuration file read again and
+/// applied whole, or refused whole with why.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct ReloadView {
+    /// `applied`, or `refused` (the running configuration stays).
+    pub result: String,
+    /// The file read: the one the process was started with.
+    pub file: String,
+    /// Backends the reload added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<String>,
+    /// Backends the reload removed, which now drain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    /// Why it was refused, as `file:line: field: message`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where the file is wrong, when it does not load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Fields it changes that only a restart can apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs_restart: Vec<RestartView>,
+}
+
+/// A field whose change needs a restart, with its value in force and its
+/// value in the file.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct RestartView {
+    pub field: String,
+    pub from: String,
+    pub to: String,
 }
 
 /// Every error reply: `{"error": "..."}`.

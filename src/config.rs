@@ -484,6 +484,125 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// The keys of the file's top level, which a `[table]` above them would
+/// swallow.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "max_connections",
+    "connect_timeout",
+    "idle_timeout",
+    "shutdown_grace",
+    "state_file",
+    "zero_copy",
+    "workers",
+    "runtime",
+];
+
+/// The keys whose value is a duration.
+const DURATION_KEYS: &[&str] = &[
+    "connect_timeout",
+    "idle_timeout",
+    "shutdown_grace",
+    "request_timeout",
+    "interval",
+    "timeout",
+    "lease",
+];
+
+/// The table a line of the file belongs to: `[name]`, or the `index`th
+/// `[[name]]`.
+#[derive(Debug, PartialEq)]
+struct Table {
+    name: String,
+    index: Option<usize>,
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.index {
+            Some(_) => write!(f, "[[{}]]", self.name),
+            None => write!(f, "[{}]", self.name),
+        }
+    }
+}
+
+/// The table that holds `offset`: the last header above it, if any.
+fn table_at(text: &str, offset: usize) -> Option<Table> {
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    let mut last = None;
+    for line in text[..offset.min(text.len())].lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let n = counts.entry(name.trim().to_string()).or_default();
+            last = Some(Table {
+                name: name.trim().to_string(),
+                index: Some(*n),
+            });
+            *n += 1;
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            last = Some(Table {
+                name: name.trim().to_string(),
+                index: None,
+            });
+        }
+    }
+    last
+}
+
+/// The TOML parser's error turned into one that says what to do: the
+/// field's full path, a top-level key caught under a table, and types
+/// named as a person writes them (not `i64`).
+fn teach(key: Option<String>, table: Option<Table>, message: &str) -> (Option<String>, String) {
+    let path = |k: &str| match &table {
+        None => k.to_string(),
+        Some(Table {
+            name,
+            index: Some(i),
+        }) => format!("{name}[{i}].{k}"),
+        Some(Table { name, index: None }) => format!("{name}.{k}"),
+    };
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((name, _)) = rest.split_once('`')
+        && TOP_LEVEL_KEYS.contains(&name)
+        && let Some(t) = &table
+    {
+        return (
+            Some(name.to_string()),
+            format!(
+                "`{name}` is a top-level key, but here it belongs to {t} above it: move it above the first [table] of the file"
+            ),
+        );
+    }
+    let field = key.as_deref().map(path);
+    let Some((got, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|m| m.split_once(", expected "))
+    else {
+        return (field, message.to_string());
+    };
+    let duration = key.as_deref().is_some_and(|k| DURATION_KEYS.contains(&k));
+    let expected = match expected {
+        "i64" => "a whole number, such as 3".to_string(),
+        "a string" if duration => "a duration in quotes, such as \"3s\" or \"1500ms\"".to_string(),
+        "a string" => "text in quotes".to_string(),
+        "a boolean" => "true or false".to_string(),
+        "a sequence" => "a list, such as [\"web1\", \"web2\"]".to_string(),
+        other => other.to_string(),
+    };
+    let got = if let Some(v) = got.strip_prefix("string ") {
+        format!("the text {v}")
+    } else if let Some(v) = got
+        .strip_prefix("integer ")
+        .or_else(|| got.strip_prefix("floating point "))
+    {
+        format!("the number {}", v.trim_matches('`'))
+    } else if let Some(v) = got.strip_prefix("boolean ") {
+        v.trim_matches('`').to_string()
+    } else {
+        got.to_string()
+    };
+    (field, format!("expected {expected}, not {got}"))
+}
+
 /// The key of the `key = value` line holding `offset`, if there is one.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let offset = offset.min(text.len());
@@ -555,11 +674,19 @@ impl Config {
         fallback_token: Option<String>,
     ) -> Result<Config, ConfigError> {
         let ctx = Ctx { file, text };
-        let raw: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: file.to_string(),
-            line: e.span().map(|s| line_of(text, s.start)),
-            field: e.span().and_then(|s| key_at(text, s.start)),
-            message: e.message().trim().to_string(),
+        let raw: FileConfig = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| s.start);
+            let (field, message) = teach(
+                at.and_then(|o| key_at(text, o)),
+                at.and_then(|o| table_at(text, o)),
+                e.message().trim(),
+            );
+            ConfigError {
+                file: file.to_string(),
+                line: at.map(|o| line_of(text, o)),
+                field,
+                message,
+            }
         })?;
 
         // Sections are checked in this order so that a file with several
@@ -791,7 +918,7 @@ fn admin(
         return Err(ctx.err(
             t.span(),
             "admin.read_token",
-            "goes with admin.token: without an admin token anyone may change state anyway".into(),
+            "goes with admin.token (in the file, or SLUICE_TOKEN in the environment): without an admin token anyone may change state anyway".into(),
         ));
     }
     if !admin.listen.ip().is_loopback() && admin.token.is_none() {
@@ -1300,9 +1427,75 @@ mod tests {
         let text = format!("{BASE}wieght = 2\n");
         assert_eq!(
             refused(&text),
-            "sluice.toml:10: wieght: unknown field `wieght`, expected one of `name`, `address`, \
-             `weight`, `health_check`, `health_path`, `health_status`, `health_port`"
+            "sluice.toml:10: backend[1].wieght: unknown field `wieght`, expected one of `name`, \
+             `address`, `weight`, `health_check`, `health_path`, `health_status`, `health_port`"
         );
+    }
+
+    #[test]
+    fn a_top_level_key_under_a_table_is_told_to_move_up() {
+        for key in [
+            "state_file = \"/var/lib/sluice/state.json\"",
+            "shutdown_grace = \"5s\"",
+        ] {
+            let name = key.split(' ').next().unwrap();
+            let text = format!("{BASE}{key}\n");
+            assert_eq!(
+                refused(&text),
+                format!(
+                    "sluice.toml:10: {name}: `{name}` is a top-level key, but here it belongs to \
+                     [[backend]] above it: move it above the first [table] of the file"
+                )
+            );
+        }
+        let text = format!("{BASE}[health]\nworkers = 2\n");
+        assert!(refused(&text).contains("belongs to [health] above it"));
+    }
+
+    #[test]
+    fn type_errors_name_types_as_a_person_writes_them() {
+        for (added, want) in [
+            (
+                "weight = \"3\"",
+                "sluice.toml:10: backend[1].weight: expected a whole number, such as 3, not the text \"3\"",
+            ),
+            (
+                "weight = 1.5",
+                "sluice.toml:10: backend[1].weight: expected a whole number, such as 3, not the number 1.5",
+            ),
+            (
+                "[health]\ninterval = 3",
+                "sluice.toml:11: health.interval: expected a duration in quotes, such as \"3s\" or \"1500ms\", not the number 3",
+            ),
+            (
+                "[health]\nrise = \"2\"",
+                "sluice.toml:11: health.rise: expected a whole number, such as 3, not the text \"2\"",
+            ),
+        ] {
+            assert_eq!(refused(&format!("{BASE}{added}\n")), want);
+        }
+        for (added, want) in [
+            (
+                "shutdown_grace = 30",
+                "sluice.toml:1: shutdown_grace: expected a duration in quotes, such as \"3s\" or \"1500ms\", not the number 30",
+            ),
+            (
+                "zero_copy = 1",
+                "sluice.toml:1: zero_copy: expected true or false, not the number 1",
+            ),
+            (
+                "state_file = 1",
+                "sluice.toml:1: state_file: expected text in quotes, not the number 1",
+            ),
+        ] {
+            assert_eq!(refused(&format!("{added}\n{BASE}")), want);
+        }
+        let e = refused(&BASE.replace("[[service]]", "[[service]]\nbackends = \"web1\""));
+        assert!(
+            e.contains("expected a list, such as [\"web1\", \"web2\"]"),
+            "{e}"
+        );
+        assert!(!e.contains("i64") && !e.contains("sequence"), "{e}");
     }
 
     #[test]

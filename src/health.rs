@@ -72,6 +72,9 @@ pub struct Health {
     pub since_ms: u64,
     /// Unix time (ms) at which the last passing check began; 0 if none.
     pub last_ok_check_ms: u64,
+    /// While down: what took it down (the last check's error, or the
+    /// failed connects), for `ctl status`.
+    pub why_down: Option<String>,
 }
 
 impl Health {
@@ -85,6 +88,7 @@ impl Health {
             connects_failed_in_row: 0,
             since_ms: now_ms,
             last_ok_check_ms: 0,
+            why_down: None,
         }
     }
 
@@ -161,6 +165,7 @@ impl Health {
             return None;
         }
         self.up = up;
+        self.why_down = (!up).then(|| why.to_string());
         Some(Flip {
             up,
             why: why.to_string(),

@@ -14,20 +14,36 @@ use sluice::Config;
 #[derive(Parser)]
 #[command(
     name = "sluice",
-    version,
-    about = "A TCP load balancer whose backends drain, stop and start over HTTP"
+    version = VERSION,
+    about = "A TCP load balancer whose backends drain, stop and start over HTTP",
+    after_help = "Try it: `sluice demo`, then in another terminal `sluice ctl status`.\n\
+                  For real: `sluice check --config FILE`, then `sluice run --config FILE`.\n\
+                  `sluice help COMMAND` (or `sluice COMMAND --help`) tells more of each command."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// The version and the commit it was built from (`build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SLUICE_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the balancer (what a service manager starts).
     Run {
+        /// The configuration file; `sluice ctl reload` and SIGHUP read it again.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Write the process id here once serving, remove it at exit; an
+        /// upgrade's new process rewrites it.
+        #[arg(long, value_name = "PATH")]
+        pidfile: Option<PathBuf>,
         /// Take over from the running sluice that started this one, through
         /// this descriptor (set by `sluice ctl upgrade`, not by hand).
         #[arg(long, hide = true, value_name = "FD")]
@@ -35,6 +51,7 @@ enum Command {
     },
     /// Validate a configuration file and print a summary (exit 1 on error).
     Check {
+        /// The configuration file to check.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// Check the file alone, not this machine (state file directory,
@@ -45,8 +62,10 @@ enum Command {
     },
     /// A small web server that answers with its name (for trying sluice).
     Web {
+        /// Address to listen on (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
+        /// The name it answers with: `hello from NAME`.
         #[arg(long, default_value = "web")]
         name: String,
     },
@@ -68,14 +87,33 @@ enum Command {
         )]
         web: Vec<SocketAddr>,
     },
+    /// Print the shell completion script for SHELL.
+    ///
+    /// Such as `sluice completions bash > /etc/bash_completion.d/sluice`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page sluice(1), or write every command's page.
+    ///
+    /// With --dir DIR, writes sluice.1, sluice-run.1, sluice-ctl-drain.1,
+    /// ... into DIR.
+    Man {
+        /// Directory to write every page into, such as
+        /// /usr/local/share/man/man1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
 struct CtlArgs {
-    /// The admin API: http://HOST:PORT, or unix:PATH for its unix socket.
+    /// The admin API: HOST:PORT (http:// may be written), or unix:PATH for
+    /// its unix socket.
     #[arg(
         long,
         env = "SLUICE_ADMIN",
+        hide_env_values = true,
         default_value = sluice::ctl::DEFAULT_ADMIN,
         global = true
     )]
@@ -123,19 +161,32 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Subcommand)]
 enum CtlCommand {
-    /// Every backend: state, health, live and total connections.
+    /// Every backend: state, health (and why it is down), live and total
+    /// connections, its services.
     Status {
+        /// The API's JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What became of the clients (`GET /stats`): accepted, established,
+    /// each kind of refusal, the live total.
+    Stats {
+        /// The API's JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Take a backend out of rotation and show its connections falling to 0.
     Drain {
+        /// The backend, by its name in the configuration.
         name: String,
         #[command(flatten)]
         drain: DrainArgs,
     },
     /// Take a backend out of rotation and close its connections now.
-    Stop { name: String },
+    Stop {
+        /// The backend, by its name in the configuration.
+        name: String,
+    },
     /// Replace the running sluice with a new process of its binary (or
     /// --binary), dropping no one: the new one takes the listening
     /// sockets, the old one lets its connections finish and exits.
@@ -161,8 +212,16 @@ enum CtlCommand {
     },
     /// Take this instance back into its pair after `leave`.
     Join,
+    /// Have the running sluice read its configuration file again: prints
+    /// what it applied, or why it refused (exit 1, nothing changed).
+    Reload {
+        /// The API's JSON reply, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Put a backend back in rotation.
     Start {
+        /// The backend, by its name in the configuration.
         name: String,
         /// Wait until a health check passes (exit 2 if none does in time).
         #[arg(long, value_parser = duration)]
@@ -170,7 +229,9 @@ enum CtlCommand {
     },
     /// A backend's live connections (the netstat step).
     Conns {
+        /// The backend, by its name in the configuration.
         name: String,
+        /// The API's JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -182,6 +243,9 @@ enum CtlCommand {
         json: bool,
     },
     /// Update every backend in turn: drain, run a command, check, start.
+    ///
+    /// A failure stops the round and leaves the failing backend out of
+    /// rotation, the others in.
     Rollout {
         /// Command run for each backend, with SLUICE_BACKEND and SLUICE_ADDRESS set.
         #[arg(long)]
@@ -239,6 +303,30 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        // Both from the same clap definition that parses the command line,
+        // so they cannot drift from it.
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "sluice", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match dir {
+                Some(dir) => {
+                    clap_mangen::generate_to(cmd, &dir).with_context(|| {
+                        format!("cannot write the man pages into {}", dir.display())
+                    })?;
+                    println!("man pages written to {}", dir.display());
+                }
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(cmd).render(&mut page)?;
+                    std::io::stdout().write_all(&page)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config, file_only } => {
             let c = Config::load(&config)?;
             print!("{}", summary(&c));
@@ -261,6 +349,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run {
             config,
+            pidfile,
             takeover_fd,
         } => {
             let c = match (Config::load(&config), takeover_fd) {
@@ -275,17 +364,23 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 (Err(e), None) => return Err(e.into()),
             };
             runtime(&c)?.block_on(async {
-                let stop = sluice::shutdown::signal_received().map_err(sluice::Error::Io)?;
+                let (stop, now) = sluice::shutdown::stop_signals().map_err(sluice::Error::Io)?;
                 let server = match takeover_fd {
                     Some(fd) => sluice::Sluice::take_over(c, fd).await?,
                     None => sluice::Sluice::bind(c).await?,
                 };
-                server.reload_from(config).run(stop).await
+                let server = server.reload_from(config).hurry_on(now);
+                match pidfile {
+                    Some(p) => server.pidfile(p).run(stop).await,
+                    None => server.run(stop).await,
+                }
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Web { listen, name } => {
             small_runtime()?.block_on(async {
+                sluice::shutdown::ignore_hangup("sluice web")
+                    .context("cannot install signal handlers")?;
                 let l = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
@@ -343,6 +438,7 @@ async fn run_ctl(
     use sluice::ctl;
     let outcome = match command {
         CtlCommand::Status { json } => ctl::status(c, json).await?,
+        CtlCommand::Stats { json } => ctl::stats(c, json).await?,
         CtlCommand::Drain { name, drain } => ctl::drain(c, &name, drain.into(), progress).await?,
         CtlCommand::Stop { name } => ctl::stop(c, &name).await?,
         CtlCommand::Upgrade { binary, wait } => {
@@ -359,6 +455,7 @@ async fn run_ctl(
             ctl::leave(c, wait, force_after, progress).await?
         }
         CtlCommand::Join => ctl::join(c).await?,
+        CtlCommand::Reload { json } => ctl::reload(c, json).await?,
         CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
         CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
         CtlCommand::Events { json } => ctl::events(c, json).await?,
@@ -413,7 +510,8 @@ fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn demo(listen: SocketAddr, admin: SocketAddr, web: [SocketAddr; 2]) -> anyhow::Result<()> {
-    let stop = sluice::shutdown::signal_received().context("cannot install signal handlers")?;
+    let (stop, now) = sluice::shutdown::stop_signals().context("cannot install signal handlers")?;
+    sluice::shutdown::ignore_hangup("sluice demo").context("cannot install signal handlers")?;
     let mut bound = [web[0]; 2];
     for (i, addr) in web.iter().enumerate() {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -434,7 +532,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, web: [SocketAddr; 2]) -> an
         "{}",
         sluice::demo::instructions(listen, server.admin_addr())
     );
-    server.run(stop).await?;
+    server.hurry_on(now).run(stop).await?;
     Ok(())
 }
 
@@ -494,5 +592,144 @@ fn summary(c: &Config) -> String {
         c.idle_timeout.map_or("none".into(), fmt),
         fmt(c.shutdown_grace)
     );
+    for (name, value) in changed_settings(c) {
+        let _ = writeln!(s, "{name:<14} {value}");
+    }
     s
+}
+
+/// Every setting of `c` beyond those above that differs from its default,
+/// as (name, what it is set to): what a reader of the file should not
+/// miss, such as a state file or slower health checks.
+fn changed_settings(c: &Config) -> Vec<(&'static str, String)> {
+    // The defaults are what a file that sets nothing gets.
+    let d = Config::parse(
+        "defaults",
+        "[[service]]\nname = \"d\"\nlisten = \"127.0.0.1:1\"\n\
+         [[backend]]\nname = \"d\"\naddress = \"127.0.0.1:2\"\n",
+    )
+    .expect("the defaults parse");
+    let fmt = sluice::config::format_duration;
+    let mut out = Vec::new();
+    if let Some(p) = &c.state_file {
+        out.push((
+            "state file",
+            format!("{} (admin states survive restarts)", p.display()),
+        ));
+    }
+    let h = &c.health;
+    if *h != d.health {
+        out.push((
+            "health",
+            format!(
+                "every {}, timeout {}, up after {} pass(es), down after {} failure(s) (default: every {}, timeout {}, {} and {})",
+                fmt(h.interval),
+                fmt(h.timeout),
+                h.rise,
+                h.fall,
+                fmt(d.health.interval),
+                fmt(d.health.timeout),
+                d.health.rise,
+                d.health.fall
+            ),
+        ));
+    }
+    if c.zero_copy != d.zero_copy {
+        out.push(("zero copy", "off: every byte is copied".into()));
+    }
+    if c.workers != d.workers || c.runtime != d.runtime {
+        let layout = match c.runtime {
+            sluice::config::RuntimeLayout::PerCore => "per-core",
+            sluice::config::RuntimeLayout::MultiThread => "multi-thread",
+        };
+        out.push((
+            "workers",
+            format!("{} ({layout}; default {})", c.workers, d.workers),
+        ));
+    }
+    let (a, da) = (&c.admin, &d.admin);
+    let mut admin = Vec::new();
+    if a.read_token.is_some() {
+        admin.push("a read-only token".to_string());
+    }
+    if a.request_timeout != da.request_timeout {
+        admin.push(format!("request timeout {}", fmt(a.request_timeout)));
+    }
+    if a.max_connections != da.max_connections {
+        admin.push(format!("max {} connections", a.max_connections));
+    }
+    if !a.allowed_hosts.is_empty() {
+        admin.push(format!("allowed hosts {}", a.allowed_hosts.join(", ")));
+    }
+    if let Some(sock) = &a.socket {
+        admin.push(format!(
+            "unix socket {} (mode {:o}{})",
+            sock.path.display(),
+            sock.mode,
+            sock.group
+                .as_ref()
+                .map_or(String::new(), |g| format!(", group {g}"))
+        ));
+    }
+    if a.open_metrics {
+        admin.push("/metrics without the token".into());
+    }
+    if a.open_healthz {
+        admin.push("/healthz without the token".into());
+    }
+    if !admin.is_empty() {
+        out.push(("admin", admin.join(", ")));
+    }
+    if let Some(cl) = &c.cluster {
+        out.push((
+            "cluster",
+            format!(
+                "{}, this instance {}, etcd {}, lease {}",
+                cl.name,
+                cl.instance,
+                cl.etcd.join(", "),
+                fmt(cl.lease)
+            ),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command, option and argument has a one-line description, so
+    /// `--help`, the man pages and the completions say what each is for.
+    #[test]
+    fn every_command_and_argument_says_what_it_is_for() {
+        let cli = super::Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        let mut stack = vec![(String::from("sluice"), cli)];
+        while let Some((path, cmd)) = stack.pop() {
+            if cmd.get_about().is_none() && path != "sluice help" {
+                missing.push(path.clone());
+            }
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && a.get_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                stack.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+        }
+        assert!(missing.is_empty(), "without a description: {missing:?}");
+    }
+
+    #[test]
+    fn the_version_names_the_commit() {
+        let v = super::Cli::command().render_version();
+        assert!(
+            v.starts_with(&format!("sluice {} (commit ", env!("CARGO_PKG_VERSION"))),
+            "{v}"
+        );
+    }
 }

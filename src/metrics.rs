@@ -267,7 +267,7 @@ fn process(e: &mut DescriptorEncoder, shared: &Shared) -> fmt::Result {
     let reloads = &shared.reloads;
     let mut m = e.encode_descriptor(
         "sluice_config_reloads",
-        "Configuration reloads (SIGHUP), by result: applied (whole), refused (nothing applied).",
+        "Configuration reloads (SIGHUP or POST /reload), by result: applied (whole), refused (nothing applied).",
         None,
         MetricType::Counter,
     )?;

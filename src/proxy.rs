@@ -149,11 +149,10 @@ async fn connect(
         if shared.closing_all.load(Ordering::SeqCst) {
             return Err(Refused::Abandoned);
         }
-        tracing::Span::current().record("backend", backend.name.as_str());
         let connected = tokio::select! {
             r = net::connect(target, settings.connect_timeout) => r,
             _ = client_gone(client) => {
-                debug!("client left while the backend connect was pending");
+                debug!(backend = %backend.name, "client left while the backend connect was pending");
                 return Err(Refused::Abandoned);
             }
             _ = guard.info().cancel.cancelled() => {
@@ -166,6 +165,9 @@ async fn connect(
         };
         match connected {
             Ok(server) => {
+                // Recorded once, for the backend it ended on: a span keeps
+                // every value recorded, so one per attempt would list them all.
+                tracing::Span::current().record("backend", backend.name.as_str());
                 guard.established();
                 debug!("connected");
                 return Ok((server, guard));

@@ -23,16 +23,23 @@ use crate::upgrade::{TakeOver, Upgrader};
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot listen on {addr} for the {what}: {source}")]
+    // The cause is in the message and deliberately not a `source`: the
+    // error chain would print it a second time.
+    #[error("cannot listen on {addr} for the {what}: {error}")]
     Bind {
         what: String,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("state file {}: {message}", path.display())]
     StateFile { path: PathBuf, message: String },
     #[error("admin socket {}: {message}", path.display())]
     AdminSocket { path: PathBuf, message: String },
+    #[error("pid file {}: {error}", path.display())]
+    PidFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("cannot take over from the running sluice: {0}")]
     TakeOver(String),
     #[error("cluster: {0}")]
@@ -50,6 +57,10 @@ pub struct Sluice {
     /// The admin API's unix socket, when configured.
     admin_socket: Option<tokio::net::UnixListener>,
     config_path: Option<PathBuf>,
+    /// Where this process writes its pid once it serves (`--pidfile`).
+    pidfile: Option<PathBuf>,
+    /// Resolves when the rest must close at once (a second signal).
+    hurry: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// Set when this process takes over from a running one.
     takeover: Option<TakeOver>,
 }
@@ -92,7 +103,7 @@ impl Sluice {
             let bind_err = |e| Error::Bind {
                 what: format!("service `{}`", s.name),
                 addr: s.listen,
-                source: e,
+                error: e,
             };
             let first = crate::net::listen(s.listen, per_core).map_err(bind_err)?;
             // Port 0 picks a port once; the other workers share it.
@@ -109,7 +120,7 @@ impl Sluice {
             .map_err(|e| Error::Bind {
                 what: "admin API".into(),
                 addr: config.admin.listen,
-                source: e,
+                error: e,
             })?;
         let admin_socket = config
             .admin
@@ -283,6 +294,8 @@ impl Sluice {
             admin,
             admin_socket,
             config_path: None,
+            pidfile: None,
+            hurry: None,
             takeover: None,
         }
     }
@@ -290,6 +303,20 @@ impl Sluice {
     /// Reloads the configuration from `path` on SIGHUP.
     pub fn reload_from(mut self, path: PathBuf) -> Sluice {
         self.config_path = Some(path);
+        self
+    }
+
+    /// Writes this process's pid to `path` once it serves, and removes the
+    /// file at exit unless a new process (an upgrade) has rewritten it.
+    pub fn pidfile(mut self, path: PathBuf) -> Sluice {
+        self.pidfile = Some(path);
+        self
+    }
+
+    /// Once shutdown has begun, `now` resolving (a second SIGTERM or
+    /// SIGINT) ends the grace period: what is left is closed at once.
+    pub fn hurry_on(mut self, now: impl Future<Output = ()> + Send + 'static) -> Sluice {
+        self.hurry = Some(Box::pin(now));
         self
     }
 
@@ -321,12 +348,25 @@ impl Sluice {
             admin,
             admin_socket,
             config_path,
+            pidfile,
+            hurry,
             takeover,
         } = self;
+        // A token, since both the grace period and the wait for a previous
+        // process end on it.
+        let now = CancellationToken::new();
+        let hurried = hurry.map(|h| {
+            let now = now.clone();
+            tokio::spawn(async move {
+                h.await;
+                now.cancel();
+            })
+        });
         let upgrader = Arc::new(
             Upgrader::new(
                 shared.clone(),
                 config_path.clone(),
+                pidfile.clone(),
                 handover_sockets(&listeners, &admin, admin_socket.as_ref()),
             )
             .map_err(Error::Io)?,
@@ -341,7 +381,7 @@ impl Sluice {
             }
             shared.tasks.spawn(keep_state_file(shared.clone()));
         }
-        if let Some(path) = config_path {
+        if let Some(path) = config_path.clone() {
             // Installed before anything is announced, so a SIGHUP sent right
             // after start-up reloads instead of killing the process.
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -360,6 +400,16 @@ impl Sluice {
         let cluster = crate::cluster::Cluster::start(&shared)
             .await
             .map_err(Error::Cluster)?;
+        // Before the first client and READY, so that a supervisor told so
+        // finds the file, and a failure to write it stops the start
+        // cleanly; an upgrade's new process rewrites it before the old one
+        // stops accepting.
+        if let Some(path) = &pidfile {
+            write_pidfile(path).map_err(|e| Error::PidFile {
+                path: path.clone(),
+                error: e,
+            })?;
+        }
         // Accepting ends the moment a new process has taken over.
         let workers = Workers::start(&shared, listeners, upgrader.handed_over.child_token())?;
         let admin_stop = CancellationToken::new();
@@ -368,6 +418,7 @@ impl Sluice {
             shared: shared.clone(),
             upgrader: Some(upgrader.clone()),
             cluster: cluster.clone(),
+            config_path,
         });
         // Its own token: after a hand-over the admin API stops accepting at
         // once (the new process answers), while its requests finish.
@@ -420,10 +471,14 @@ impl Sluice {
         shared.shutting_down.store(true, Ordering::SeqCst);
         let mut workers = workers;
         workers.stop_accepting().await;
-        finish_connections(&shared, &workers.conns).await;
+        finish_connections(&shared, &workers.conns, &now).await;
         // A process that took over from another relays that one's count to
-        // its own successor: it stays until the one before it has gone.
-        shared.previous_gone().await;
+        // its own successor: it stays until the one before it has gone,
+        // unless told to stop now.
+        tokio::select! {
+            _ = shared.previous_gone() => {}
+            _ = now.cancelled() => {}
+        }
         workers.join().await;
         admin_accepting.cancel();
         // The event streams end as the admin API stops answering.
@@ -445,8 +500,38 @@ impl Sluice {
             c.stop().await;
         }
         shared.save_states();
+        if let Some(path) = &pidfile {
+            remove_pidfile(path);
+        }
+        if let Some(h) = hurried {
+            h.abort();
+        }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Writes this process's pid to `path` atomically (a reader never sees a
+/// half-written file): written beside it, then renamed over it.
+fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
+    let pid = std::process::id();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{pid}.tmp"));
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    info!(pidfile = %path.display(), pid, "pid file written");
+    Ok(())
+}
+
+/// Removes the pid file if it still names this process: after an upgrade
+/// it names the new one, which keeps it.
+fn remove_pidfile(path: &std::path::Path) {
+    let ours =
+        std::fs::read_to_string(path).is_ok_and(|t| t.trim() == std::process::id().to_string());
+    if ours && let Err(e) = std::fs::remove_file(path) {
+        warn!(pidfile = %path.display(), error = %e, "cannot remove the pid file");
     }
 }
 
@@ -499,7 +584,10 @@ impl Workers {
         // Per worker, its listener of each service.
         let mut per_worker: Vec<Vec<(Arc<Service>, std::net::TcpListener)>> = Vec::new();
         for (service, set) in listeners {
-            info!(service = %service.name, listen = %service.listen, workers = set.len(), layout = ?layout, "service listening");
+            // The threads that serve, not the listeners: multi-thread has
+            // one listener for all of its threads.
+            let threads = shared.runtime().config.workers;
+            info!(service = %service.name, listen = %service.listen, threads, listeners = set.len(), layout = ?layout, "service listening");
             for (k, l) in set.into_iter().enumerate() {
                 if per_worker.len() <= k {
                     per_worker.push(Vec::new());
@@ -591,21 +679,33 @@ impl Workers {
 }
 
 /// Lets live connections finish within the grace period, then closes the
-/// rest. The grace period is read now, so the one a reload set applies.
-async fn finish_connections(shared: &Shared, conns: &TaskTracker) {
+/// rest; `now` cancelled (a second signal) closes them at once. The grace
+/// period is read now, so the one a reload set applies.
+async fn finish_connections(shared: &Shared, conns: &TaskTracker, now: &CancellationToken) {
     let grace = shared.runtime().config.shutdown_grace;
-    info!(live = conns.len(), grace = %format_duration(grace), "shutting down: no new connections; waiting for live ones");
-    if tokio::time::timeout(grace, conns.wait()).await.is_err() {
-        info!(
-            live = conns.len(),
-            "grace period over: closing remaining connections"
-        );
-        shared.closing_all.store(true, Ordering::SeqCst);
-        for b in shared.backends().iter() {
-            b.close_all();
+    info!(live = conns.len(), grace = %format_duration(grace), "shutting down: no new connections; waiting for live ones (a second SIGTERM or Ctrl-C closes them now)");
+    tokio::select! {
+        r = tokio::time::timeout(grace, conns.wait()) => {
+            if r.is_ok() {
+                return;
+            }
+            info!(
+                live = conns.len(),
+                "grace period over: closing remaining connections"
+            );
         }
-        conns.wait().await;
+        _ = now.cancelled() => {
+            warn!(
+                live = conns.len(),
+                "told to stop now: closing remaining connections before the grace period ends"
+            );
+        }
     }
+    shared.closing_all.store(true, Ordering::SeqCst);
+    for b in shared.backends().iter() {
+        b.close_all();
+    }
+    conns.wait().await;
 }
 
 /// What `sluice check` finds on this machine beyond the file itself.
@@ -824,27 +924,9 @@ async fn reload_on_sighup(
     path: PathBuf,
     mut hup: tokio::signal::unix::Signal,
 ) {
-    loop {
-        if hup.recv().await.is_none() {
-            return;
-        }
+    while hup.recv().await.is_some() {
         info!(path = %path.display(), "SIGHUP: reloading the configuration");
-        match Config::load(&path) {
-            Ok(c) => match shared.reload(c) {
-                Ok(()) => info!("configuration reloaded"),
-                Err(e) => error!("reload refused, the running configuration stays: {e}"),
-            },
-            Err(e) => {
-                // Never reached `Shared::reload`, which counts the others.
-                shared.reloads.refused.fetch_add(1, Ordering::Relaxed);
-                error!("reload refused, the running configuration stays: {e}");
-                shared.events.publish(crate::events::Kind::Reload {
-                    result: "refused".into(),
-                    error: Some(e.to_string()),
-                    added: Vec::new(),
-                    removed: Vec::new(),
-                });
-            }
-        }
+        // It logs, counts and tells the outcome itself.
+        let _ = shared.reload_file(&path);
     }
 }

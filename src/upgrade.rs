@@ -43,6 +43,8 @@ pub fn version() -> String {
 pub struct Upgrader {
     shared: Arc<Shared>,
     config_path: Option<PathBuf>,
+    /// The pid file the new process takes over (`--pidfile`).
+    pidfile: Option<PathBuf>,
     /// The binary this process was started from, taken at start, since the
     /// file may be replaced by then.
     binary: Option<PathBuf>,
@@ -59,6 +61,7 @@ impl Upgrader {
     pub fn new(
         shared: Arc<Shared>,
         config_path: Option<PathBuf>,
+        pidfile: Option<PathBuf>,
         sockets: Vec<(SocketKind, RawFd)>,
     ) -> std::io::Result<Upgrader> {
         let sockets = sockets
@@ -73,6 +76,7 @@ impl Upgrader {
         Ok(Upgrader {
             shared,
             config_path,
+            pidfile,
             binary: std::env::current_exe().ok(),
             sockets: std::sync::Mutex::new(sockets),
             busy: AtomicBool::new(false),
@@ -115,8 +119,13 @@ impl Upgrader {
         check_executable(&binary)?;
         let (ours, theirs) =
             StdUnixStream::pair().map_err(|e| format!("cannot make the hand-over socket: {e}"))?;
-        let mut child = spawn(&binary, &config, theirs.as_raw_fd())
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let mut child = spawn(
+            &binary,
+            &config,
+            self.pidfile.as_deref(),
+            theirs.as_raw_fd(),
+        )
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
         drop(theirs);
         let new_pid = child.id();
         tracing::info!(binary = %binary.display(), pid = new_pid, "upgrade: new process started; handing over the listening sockets");
@@ -250,11 +259,13 @@ fn check_executable(binary: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts `binary run --config CONFIG --takeover-fd 3`, with `theirs` as
-/// its descriptor 3 and this process's standard output and error.
+/// Starts `binary run --config CONFIG --takeover-fd 3` (and `--pidfile`,
+/// which the new process rewrites), with `theirs` as its descriptor 3 and
+/// this process's standard output and error.
 fn spawn(
     binary: &std::path::Path,
     config: &std::path::Path,
+    pidfile: Option<&std::path::Path>,
     theirs: RawFd,
 ) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
@@ -265,6 +276,9 @@ fn spawn(
         .arg("--takeover-fd")
         .arg(handover::CHILD_FD.to_string())
         .stdin(std::process::Stdio::null());
+    if let Some(p) = pidfile {
+        cmd.arg("--pidfile").arg(p);
+    }
     // SAFETY: between fork and exec only async-signal-safe calls: dup2 and
     // fcntl on descriptors this process owns.
     unsafe {

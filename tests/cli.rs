@@ -245,6 +245,11 @@ async fn run_refuses_a_taken_port_with_a_clear_error() {
         err.contains("cannot listen on") && err.contains("service `web`"),
         "{err}"
     );
+    assert_eq!(
+        err.matches("Address already in use").count(),
+        1,
+        "the cause, once: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,8 +279,53 @@ async fn demo_serves_round_robin_and_drains() {
         assert_eq!(get(listen).await, "hello from web2\n");
     }
     http(admin, "POST", "/backends/web1/start", None).await;
+    // SIGHUP no longer kills it: there is no file to reload, and it says so.
+    p.signal("HUP");
+    p.wait_line("SIGHUP ignored: sluice demo has no configuration file to reload");
+    assert!(get(listen).await.starts_with("hello from web"));
+    let (status, v) = http(admin, "POST", "/reload", None).await;
+    assert_eq!(status, 409, "{v}");
     p.signal("INT");
     assert_eq!(p.wait_exit().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_logs_and_ignores_sighup() {
+    let mut p = Proc::spawn(&["web", "--listen", "127.0.0.1:0", "--name", "w"]);
+    let addr = addr_after(&p.wait_line("listening on"), "listening on ");
+    p.signal("HUP");
+    p.wait_line("SIGHUP ignored: sluice web has no configuration file to reload");
+    let (_, _, body) = http_raw(addr, "GET", "/", "").await;
+    assert_eq!(body, "hello from w\n");
+}
+
+/// A second SIGTERM or SIGINT during the grace period means now: what is
+/// left is closed at once, and the process exits 0 long before the grace
+/// period would have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_closes_what_is_left_now() {
+    let a = Echo::start("a").await;
+    for (first, second) in [("TERM", "TERM"), ("INT", "TERM"), ("TERM", "INT")] {
+        let text = config("shutdown_grace = \"10m\"", "", &[("a", a.addr)]);
+        let (_dir, path) = write_config(&text);
+        let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
+        let addr = addr_after(&p.wait_line("service listening"), "listen=");
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_line(&mut s).await, "a");
+        p.signal(first);
+        p.wait_line("shutting down: no new connections");
+        echo(&mut s, b"the first signal cut nothing").await;
+        p.signal(second);
+        p.wait_line("closing remaining connections before the grace period ends");
+        assert!(closed_by_peer(&mut s).await, "{first} then {second}");
+        let code = tokio::task::block_in_place(|| p.wait_exit()).code();
+        assert_eq!(code, Some(0), "{}", p.log.join("\n"));
+        assert!(
+            p.log.iter().any(|l| l.contains("second stop signal")),
+            "{}",
+            p.log.join("\n")
+        );
+    }
 }
 
 #[test]
@@ -307,20 +357,42 @@ fn docker_config_needs_a_token_and_takes_it_from_the_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_with_either_runtime_layout() {
-    for layout in [
-        "runtime = \"multi-thread\"\nworkers = 2",
-        "runtime = \"per-core\"\nworkers = 3",
+    // (layout, threads that serve, the name of the serving threads besides
+    // the main one, and at least how many there are: tokio's blocking pool
+    // shares its name)
+    for (layout, threads, name, named) in [
+        (
+            "runtime = \"multi-thread\"\nworkers = 2",
+            2,
+            "tokio-rt-worker",
+            2,
+        ),
+        (
+            "runtime = \"per-core\"\nworkers = 3",
+            3,
+            "sluice-worker-",
+            2,
+        ),
     ] {
         let a = Echo::start("a").await;
         let text = config(layout, "", &[("a", a.addr)]);
         let (_dir, path) = write_config(&text);
         let mut p = Proc::spawn(&["run", "--config", path.to_str().unwrap()]);
-        let addr = addr_after(&p.wait_line("service listening"), "listen=");
+        let line = p.wait_line("service listening");
+        let addr = addr_after(&line, "listen=");
         for _ in 0..10 {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             assert_eq!(read_line(&mut s).await, "a");
             echo(&mut s, layout.as_bytes()).await;
         }
+        // The log's count is the threads that really serve.
+        assert!(line.contains(&format!(" threads={threads} ")), "{line}");
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", p.child.id())).unwrap();
+        let serving = tasks
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.starts_with(name))
+            .count();
+        assert!(serving >= named, "{layout}: {serving} threads named {name}");
         p.signal("TERM");
         assert_eq!(p.wait_exit().code(), Some(0), "{}", p.log.join("\n"));
     }
@@ -427,4 +499,182 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
+
+#[test]
+fn a_pid_file_that_cannot_be_written_stops_the_start_with_its_path() {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = config("", "", &[("a", a.local_addr().unwrap())]);
+    let (dir, path) = write_config(&text);
+    let pidfile = dir.path().join("no-such-dir").join("sluice.pid");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("pid file {}", pidfile.display())),
+        "{err}"
+    );
+}
+
+/// Completions and man pages come from the clap definition that parses
+/// the command line, so every command is in them.
+#[test]
+fn completions_and_man_pages_cover_every_command() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        for word in ["reload", "drain", "rollout", "pidfile", "token-file"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    // The bash script parses as bash.
+    let dir = tempfile::tempdir().unwrap();
+    let bash = dir.path().join("sluice.bash");
+    std::fs::write(&bash, run(&["completions", "bash"])).unwrap();
+    let parsed = Command::new("bash").arg("-n").arg(&bash).status().unwrap();
+    assert!(parsed.success());
+
+    let page = run(&["man"]);
+    assert!(page.contains(".TH sluice 1"), "{page}");
+    assert!(page.contains("sluice\\-ctl(1)"), "{page}");
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).unwrap();
+    run(&["man", "--dir", pages.to_str().unwrap()]);
+    for name in [
+        "sluice.1",
+        "sluice-run.1",
+        "sluice-ctl-reload.1",
+        "sluice-ctl-drain.1",
+    ] {
+        let text = std::fs::read_to_string(pages.join(name)).unwrap();
+        assert!(text.contains(".TH"), "{name}");
+    }
+    let run_page = std::fs::read_to_string(pages.join("sluice-run.1")).unwrap();
+    assert!(run_page.contains("pidfile"), "{run_page}");
+}
+
+#[test]
+fn check_prints_every_setting_that_differs_from_its_default() {
+    let (ok, plain, err) = check(GOOD);
+    assert!(ok, "{err}");
+    for name in ["state file", "health ", "zero copy", "workers", "admin  "] {
+        assert!(!plain.contains(name), "{name} is at its default: {plain}");
+    }
+    let text = format!(
+        "state_file = \"/var/lib/sluice/state.json\"\nzero_copy = false\n\
+         [health]\ninterval = \"5s\"\nrise = 4\n{}",
+        GOOD.replace(
+            "listen = \"127.0.0.1:9000\"",
+            "listen = \"127.0.0.1:9000\"\ntoken = \"t0ken\"\nread_token = \"r3ad\"\nopen_healthz = true"
+        )
+    );
+    let (ok, out, err) = check(&text);
+    assert!(ok, "{err}");
+    for want in [
+        "state file     /var/lib/sluice/state.json",
+        "health         every 5s, timeout 1s, up after 4 pass(es)",
+        "zero copy      off",
+        "admin          a read-only token, /healthz without the token",
+    ] {
+        assert!(out.contains(want), "no `{want}` in:\n{out}");
+    }
+}
+
+/// Every example under config/examples/ is a file `sluice check` accepts,
+/// and the summary shows what the example is about.
+#[test]
+fn every_example_config_passes_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let out = Command::new(BIN)
+            .args(["check", "--file-only", "--config"])
+            .arg(&path)
+            .env("SLUICE_TOKEN", "t0ken")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.push((
+            path.file_name().unwrap().to_string_lossy().into_owned(),
+            text,
+        ));
+    }
+    seen.sort();
+    let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "admin-with-token.toml",
+            "health-checked-pool.toml",
+            "web-80-443.toml",
+            "weights.toml"
+        ]
+    );
+    let summary = |name: &str| &seen.iter().find(|(n, _)| n == name).unwrap().1;
+    assert!(summary("admin-with-token.toml").contains("10.0.9.5:9000 (token required)"));
+    assert!(summary("health-checked-pool.toml").contains("http check GET /healthz -> 200"));
+    assert!(summary("web-80-443.toml").contains("service https"));
+    assert!(summary("weights.toml").contains("weight 0"));
+
+    // The token example says where its token comes from when it is missing.
+    let out = Command::new(BIN)
+        .args(["check", "--file-only", "--config"])
+        .arg(format!("{dir}/admin-with-token.toml"))
+        .env_remove("SLUICE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SLUICE_TOKEN"));
+}
+
+/// A connection retried on the next backend names, in its span, only the
+/// backend it ended on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_connection_names_the_backend_it_ended_on_once() {
+    let (_guard, dead) = dead_addr();
+    let b = Echo::start("b").await;
+    let text = config("", "", &[("dead", dead), ("b", b.addr)]);
+    let (_dir, path) = write_config(&text);
+    let mut p = Proc::spawn_command(
+        Command::new("env")
+            .args(["RUST_LOG=sluice=debug", BIN, "run", "--config"])
+            .arg(&path),
+    );
+    let addr = addr_after(&p.wait_line("service listening"), "listen=");
+    // Round-robin: one of the first two clients is sent to `dead` first.
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_line(&mut s).await, "b");
+    }
+    p.wait_line("backend connect failed; trying the next");
+    let connected = p.wait_line("connected");
+    assert_eq!(connected.matches("backend=").count(), 1, "{connected}");
+    assert!(
+        connected.contains("backend=b") || connected.contains("backend=\"b\""),
+        "{connected}"
+    );
 }

@@ -210,6 +210,10 @@ async fn rollout_stops_at_the_first_failure_and_leaves_that_backend_out() {
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains(&format!("updating a at {}", a.addr)), "{t}");
     assert!(t.contains("b: FAILED"), "{t}");
+    assert!(
+        t.contains("it stays out of rotation (drained); `sluice ctl start b` puts it back"),
+        "{t}"
+    );
     assert!(t.contains("updated:     a"), "{t}");
     assert!(t.contains("not touched: c"), "{t}");
     assert_eq!(lb.state("a").await, "active");
@@ -231,6 +235,10 @@ async fn rollout_refuses_to_leave_too_few_backends() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("refusing to take it out"), "{t}");
+    assert!(
+        t.contains("it is still in rotation (it was never taken out)") && !t.contains("stays out"),
+        "the report says what is true: {t}"
+    );
     assert_eq!(lb.state("a").await, "active", "nothing was drained");
 
     let out = ctl(&lb, &["rollout", "--exec", "true", "--backends", "a,zz"]).await;
@@ -601,4 +609,150 @@ fn ctl_help_warns_that_token_shows_in_ps() {
         token.contains("`ps`") && token.contains("--token-file") && token.contains("SLUICE_TOKEN"),
         "{help}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_address_may_be_given_without_a_scheme() {
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let bare = lb.admin.to_string();
+    let by_flag = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", &bare, "status"])
+        .env_remove("SLUICE_TOKEN")
+        .output();
+    let by_env = tokio::process::Command::new(BIN)
+        .args(["ctl", "status"])
+        .env("SLUICE_ADMIN", &bare)
+        .env_remove("SLUICE_TOKEN")
+        .output();
+    for out in [
+        within("ctl", by_flag).await.unwrap(),
+        within("ctl", by_env).await.unwrap(),
+    ] {
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("a "),
+            "{}",
+            text(&out)
+        );
+    }
+    // What is still no address says what one looks like.
+    let out = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", "https://x:1", "status"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("such as 127.0.0.1:9000"),
+        "{}",
+        text(&out)
+    );
+    lb.shutdown().await;
+}
+
+/// `ctl status` says why a backend is down and which services use each;
+/// `ctl stats` shows `/stats`; `ctl stop` says how many it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_why_a_backend_is_down_stats_counts_and_stop_says_what_it_closed() {
+    let a = Echo::start("a").await;
+    let (_guard, dead) = dead_addr();
+    let text_cfg = format!(
+        "[health]\ninterval = \"50ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"a\"\naddress = \"{}\"\nhealth_check = \"none\"\n\
+         [[backend]]\nname = \"b\"\naddress = \"{dead}\"\n",
+        a.addr
+    );
+    let lb = Sluice::from_toml(&text_cfg).await;
+    wait_for("b is down", || async {
+        lb.backend("b").await["healthy"] == false
+    })
+    .await;
+    let out = ctl(&lb, &["status"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert!(lines[0].ends_with("SERVICES"), "{shown}");
+    let b = lines.iter().position(|l| l.starts_with("b ")).unwrap();
+    assert!(lines[b].ends_with(" web"), "{shown}");
+    assert!(
+        lines[b + 1].starts_with("  b down since ")
+            && lines[b + 1].contains("health check")
+            && lines[b + 1].contains("refused"),
+        "{shown}"
+    );
+    assert!(!shown.contains("a down"), "{shown}");
+
+    // Two clients on a, then a stop that closes both.
+    let (mut one, _) = lb.connect().await;
+    let (mut two, _) = lb.connect().await;
+    echo(&mut one, b"1").await;
+    echo(&mut two, b"2").await;
+    let out = ctl(&lb, &["stats"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let stats = String::from_utf8_lossy(&out.stdout).into_owned();
+    let count = |name: &str| -> u64 {
+        let line = stats
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {stats}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(count("active_connections"), 2, "{stats}");
+    assert_eq!(count("established"), 2, "{stats}");
+    let out = ctl(&lb, &["stop", "a"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("a: stopped, out of rotation; closed 2 connection(s)"),
+        "{}",
+        text(&out)
+    );
+    assert!(closed_by_peer(&mut one).await && closed_by_peer(&mut two).await);
+    lb.shutdown().await;
+}
+
+/// A drain that waits on a quiet connection still says, every few seconds,
+/// that it is alive and who holds it open; then it ends when that one goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_drain_prints_a_heartbeat_with_the_oldest_connection() {
+    use tokio::io::AsyncBufReadExt;
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let (mut held, _) = lb.connect().await;
+    echo(&mut held, b"hi").await;
+    let mut child = command(&lb, &["drain", "a"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let heartbeat = within("a heartbeat line", async {
+        loop {
+            let l = lines.next_line().await.unwrap().expect("ctl ended early");
+            if l.contains("still draining after") {
+                return l;
+            }
+        }
+    })
+    .await;
+    assert!(
+        heartbeat.contains("a: still draining after")
+            && heartbeat.contains("1 live connection(s), ")
+            && heartbeat.contains("the oldest open for"),
+        "{heartbeat}"
+    );
+    drop(held);
+    within("drained", async {
+        loop {
+            let l = lines.next_line().await.unwrap().expect("ctl ended early");
+            if l.contains("a: drained after") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(within("ctl exit", child.wait()).await.unwrap().success());
+    lb.shutdown().await;
 }

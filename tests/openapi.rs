@@ -462,7 +462,7 @@ fn wire_types_match_their_schemas() {
     use sluice::backend::State;
     let doc = doc();
     let schema = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
-    let backend = |state, saved, instances| BackendView {
+    let backend = |state, saved: Option<bool>, instances| BackendView {
         name: "web1".into(),
         address: "127.0.0.1:8081".into(),
         state,
@@ -480,6 +480,8 @@ fn wire_types_match_their_schemas() {
         health_since_ms: 1_795_876_660_150,
         last_ok_check_ms: 0,
         services: vec!["web".into()],
+        down_reason: saved.map(|_| "3 health checks failed in a row, last: refused".into()),
+        closed: saved.map(|_| 2),
         saved,
         instances,
     };
@@ -606,6 +608,33 @@ fn wire_types_match_their_schemas() {
             Value::Null,
         ),
         (
+            "ReloadView",
+            json!(ReloadView {
+                result: "refused".into(),
+                file: "/etc/sluice/sluice.toml".into(),
+                added: vec!["web3".into()],
+                removed: vec!["web1".into()],
+                error: Some("/etc/sluice/sluice.toml:9: backend[1].address: no port".into()),
+                line: Some(9),
+                field: Some("backend[1].address".into()),
+                needs_restart: vec![RestartView {
+                    field: "workers".into(),
+                    from: "2".into(),
+                    to: "4".into(),
+                }],
+            }),
+            json!(ReloadView {
+                result: "applied".into(),
+                file: "sluice.toml".into(),
+                added: Vec::new(),
+                removed: Vec::new(),
+                error: None,
+                line: None,
+                field: None,
+                needs_restart: Vec::new(),
+            }),
+        ),
+        (
             "ErrorView",
             json!(ErrorView { error: "no".into() }),
             Value::Null,
@@ -711,7 +740,9 @@ async fn every_operation_answers_as_documented() {
         "request_timeout = \"300ms\"",
         &[("web1", web1.addr), ("web2", web2.addr)],
     );
-    let lb = Sluice::from_toml(&text).await;
+    // From a file, so that `POST /reload` has one to read again.
+    let (_file_dir, file) = write_config(&text);
+    let lb = Sluice::from_file(&file).await;
     let admin = lb.admin;
 
     // Each operation as its examples give it: backend `web1`, every query
@@ -788,6 +819,31 @@ async fn every_operation_answers_as_documented() {
     assert_eq!(r.status, 200, "{r:?}");
     let start = c.key("POST", "/backends/{name}/start");
     c.call(admin, &start, "/backends/web2/start", &[], "").await;
+
+    // 422: a reload of a file that does not load, then of one that changes
+    // what only a restart applies; the file as it was applies again.
+    let reload = c.key("POST", "/reload");
+    std::fs::write(&file, text.replace("[admin]", "[admin]\nbogus = 1")).unwrap();
+    let r = c.call(admin, &reload, "/reload", &[], "").await;
+    assert_eq!(r.status, 422, "{r:?}");
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        (v["line"].as_u64(), v["field"].as_str()),
+        (Some(4), Some("admin.bogus")),
+        "{v}"
+    );
+    std::fs::write(
+        &file,
+        text.replace("shutdown_grace", "workers = 7\nshutdown_grace"),
+    )
+    .unwrap();
+    let r = c.call(admin, &reload, "/reload", &[], "").await;
+    assert_eq!(r.status, 422, "{r:?}");
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["needs_restart"][0]["field"], "workers", "{v}");
+    std::fs::write(&file, &text).unwrap();
+    let r = c.call(admin, &reload, "/reload", &[], "").await;
+    assert_eq!(r.status, 200, "{r:?}");
 
     for key in c.keys() {
         let op = &c.ops[&key];
@@ -938,6 +994,18 @@ async fn every_operation_answers_as_documented() {
             assert_eq!(r.status, 200, "{r:?}");
         }
     }
+    // 409: a reload asked of a sluice that was not started from a file.
+    let reload = c.key("POST", "/reload");
+    let r = c
+        .call(
+            lb.admin,
+            &reload,
+            "/reload",
+            &[("Authorization", "Bearer s3cret")],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
     lb.shutdown().await;
 
     // Every status the document lists, and only those, came back; a
@@ -948,8 +1016,11 @@ async fn every_operation_answers_as_documented() {
         if *key == c.key("POST", "/upgrade") {
             documented.remove(&200);
         } else if key.0 == "POST" {
-            // A change sent to a process that is handing over.
-            documented.remove(&409);
+            // A change sent to a process that is handing over (for a
+            // reload, also one not started from a file: seen above).
+            if key.1 != "/reload" {
+                documented.remove(&409);
+            }
             // A change etcd cannot take, in cluster mode (tests/cluster.rs).
             documented.remove(&503);
         }

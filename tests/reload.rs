@@ -366,3 +366,96 @@ async fn a_backend_removed_and_added_back_keeps_its_admin_state() {
     let _ = stop.send(());
     within("shutdown", task).await.unwrap().unwrap();
 }
+
+/// `sluice ctl` against the admin API at `admin`.
+async fn ctl(admin: SocketAddr, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = within(
+        "sluice ctl",
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "--admin", &format!("http://{admin}")])
+            .args(args)
+            .env_remove("SLUICE_ADMIN")
+            .env_remove("SLUICE_TOKEN")
+            .output(),
+    )
+    .await
+    .unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), s(&out.stdout), s(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reload_applies_the_file_or_says_where_it_is_wrong() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let (_d, path) = write_config(&config("", &[("a", a.addr, 1)]));
+    let (mut p, addr, admin) = start(&path);
+
+    // Applied: the reply names the file and the backend it added.
+    std::fs::write(&path, config("", &[("a", a.addr, 1), ("b", b.addr, 1)])).unwrap();
+    let (code, out, err) = ctl(admin, &["reload"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let file = path.display().to_string();
+    assert!(
+        out.contains(&format!("reloaded {file}: applied; added b")),
+        "{out}"
+    );
+    assert_eq!(http(admin, "GET", "/backends/b", None).await.0, 200);
+
+    // A file that does not load: refused with its file, line and field,
+    // exit 1, and the running configuration stays.
+    let broken = config("", &[("a", a.addr, 1), ("b", b.addr, 1)]).replace(
+        &format!("address = \"{}\"", b.addr),
+        "address = \"nowhere:x\"",
+    );
+    std::fs::write(&path, &broken).unwrap();
+    let line = broken.lines().position(|l| l.contains("nowhere")).unwrap() + 1;
+    let (code, out, err) = ctl(admin, &["reload"]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("reload refused, the running configuration stays")
+            && err.contains(&format!("{file}:{line}: backend[1].address")),
+        "{err}"
+    );
+    let (status, v) = http(admin, "POST", "/reload", None).await;
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(
+        (
+            v["result"].as_str(),
+            v["line"].as_u64(),
+            v["field"].as_str()
+        ),
+        (
+            Some("refused"),
+            Some(line as u64),
+            Some("backend[1].address")
+        )
+    );
+    assert_eq!(http(admin, "GET", "/backends/b", None).await.0, 200);
+
+    // A change only a restart applies: each such field, from and to.
+    std::fs::write(
+        &path,
+        config("workers = 7", &[("a", a.addr, 1)]).replace("name = \"web\"", "name = \"www\""),
+    )
+    .unwrap();
+    let (code, out, err) = ctl(admin, &["reload"]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("apply only when sluice restarts")
+            && err.contains("\n  service[0].name: web -> www")
+            && err.contains("\n  workers: "),
+        "{err}"
+    );
+    let (_, v) = http(admin, "POST", "/reload", None).await;
+    let fields: Vec<&str> = v["needs_restart"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["workers", "service[0].name"], "{v}");
+    let served = greeting(addr).await.1;
+    assert!(served == "a" || served == "b", "it serves on: {served}");
+    p.signal("TERM");
+    assert_eq!(p.wait_exit().code(), Some(0));
+}

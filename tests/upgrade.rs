@@ -438,3 +438,83 @@ async fn systemd_hears_ready_and_then_the_new_main_pid() {
     assert!(kill.success());
     drop(p);
 }
+
+/// Whether process `pid` has exited (gone, or a zombie its parent has not
+/// reaped yet).
+fn exited(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pid_file_names_the_process_that_serves_across_an_upgrade() {
+    let (a, d) = (Echo::start("a").await, Echo::start("d").await);
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        &dir.path().join("state.json"),
+        &[("a", a.addr)],
+        ("d", d.addr),
+    );
+    let (_cfg_dir, path) = write_config(&text);
+    let pidfile = dir.path().join("sluice.pid");
+    let mut p = Proc::spawn(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    let admin = addr_after(&p.wait_line("admin API listening"), "listen=");
+    let named = || -> u64 {
+        let text = std::fs::read_to_string(&pidfile).unwrap();
+        text.trim().parse().unwrap_or_else(|_| panic!("{text:?}"))
+    };
+    let first = p.child.id() as u64;
+    assert_eq!(named(), first, "written once it listens");
+
+    // What `systemctl reload` runs; the new process names itself.
+    let url = format!("http://{admin}");
+    let out = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", &url, "upgrade", "--wait", "30s"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = pid_answering(admin).await;
+    assert_ne!(new, first);
+    wait_for("the first process exited", || async { exited(first) }).await;
+    assert_eq!(
+        named(),
+        new,
+        "the old process left the new one's file alone"
+    );
+
+    // The file is what signals one process: SIGHUP reloads the one named.
+    std::fs::write(
+        &path,
+        text.replace(
+            "[[backend]]\nname = \"d\"",
+            "[[backend]]\nname = \"d\"\nweight = 3",
+        ),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &named().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    p.wait_line("configuration reloaded");
+    assert_eq!(http(admin, "GET", "/backends/d", None).await.1["weight"], 3);
+
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &new.to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    wait_for("the new process exited", || async { exited(new) }).await;
+    assert!(!pidfile.exists(), "removed at exit");
+    drop(p);
+}

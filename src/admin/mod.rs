@@ -10,6 +10,7 @@
 //! | POST | `/backends/{name}/start` | back in rotation, from any state |
 //! | GET  | `/backends/{name}/connections` | live connections: client, service, age, idle time, bytes each way |
 //! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
+//! | POST | `/reload` | reads the configuration file again and applies it whole (200), or refuses it whole (422) with the file, line and field at fault or the fields that need a restart; 409 when sluice was not started from a file |
 //! | GET  | `/openapi.json` | this API as an OpenAPI 3.1 document ([`OPENAPI`]) |
 //! | GET  | `/` | the dashboard ([`DASHBOARD`]), which needs no token to load |
 //! | GET  | `/metrics` | Prometheus text exposition (`crate::metrics`) |
@@ -87,6 +88,9 @@ pub struct Plane {
     pub upgrader: Option<Arc<crate::upgrade::Upgrader>>,
     /// The etcd session, in cluster mode: admin changes go through it.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The configuration file `POST /reload` reads again; `None` when
+    /// sluice was not started from a file.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Plane {
@@ -96,6 +100,7 @@ impl Plane {
             shared,
             upgrader: None,
             cluster: None,
+            config_path: None,
         })
     }
 }

@@ -12,11 +12,14 @@ use hyper::header::{self, HeaderValue};
 
 use super::route::Op;
 use super::{DASHBOARD, OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
-use crate::api::{BackendView, ConnView, HealthzView, InstanceCount, LeaveView, StatsView};
+use crate::api::{
+    BackendView, ConnView, HealthzView, InstanceCount, LeaveView, ReloadView, RestartView,
+    StatsView,
+};
 use crate::backend::{Backend, ConnInfo, State};
 use crate::cluster::Change;
 use crate::health::unix_ms;
-use crate::state::Shared;
+use crate::state::{Refused, Shared};
 
 /// Who asked, for the audit log.
 pub(super) struct Caller<'a> {
@@ -35,7 +38,7 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
     let shared = &plane.shared;
     let changes = matches!(
         op,
-        Op::Drain { .. } | Op::Stop(_) | Op::Start(_) | Op::Leave { .. } | Op::Join
+        Op::Drain { .. } | Op::Stop(_) | Op::Start(_) | Op::Leave { .. } | Op::Join | Op::Reload
     );
     if changes && plane.upgrader.as_ref().is_some_and(|u| u.frozen()) {
         // A change here now would not reach the process that serves next.
@@ -188,6 +191,8 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 return gone(&name);
             };
             caller.audit("stop", &name);
+            // This process's and a previous one's, which a stop closes too.
+            let before = b.live() + b.elsewhere();
             if !agreed {
                 b.stop();
             }
@@ -195,7 +200,11 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             // the reply shows the count they leave behind.
             b.wait_until(Duration::from_secs(1), |b| b.live() == 0)
                 .await;
-            changed(&b, shared, StatusCode::OK).await
+            let saved = save_in_background(shared).await.ok().flatten();
+            let mut view = backend_view(&b, shared);
+            view.saved = saved;
+            view.closed = Some(before.saturating_sub(b.live() + b.elsewhere()));
+            json(StatusCode::OK, &view)
         }
         Op::Start(name) => {
             let Some(b) = backend(&name) else {
@@ -228,6 +237,61 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
             shared.join();
             let saved = save_in_background(shared).await.ok().flatten();
             json(StatusCode::OK, &leave_view(shared, saved))
+        }
+        Op::Reload => {
+            let Some(path) = &plane.config_path else {
+                return Refusal::new(
+                    StatusCode::CONFLICT,
+                    "this sluice was not started from a configuration file (`sluice run --config FILE`): there is nothing to read again",
+                )
+                .reply();
+            };
+            caller.audit("reload", "sluice");
+            let file = path.display().to_string();
+            match shared.reload_file(path) {
+                Ok(applied) => json(
+                    StatusCode::OK,
+                    &ReloadView {
+                        result: "applied".into(),
+                        file,
+                        added: applied.added,
+                        removed: applied.removed,
+                        error: None,
+                        line: None,
+                        field: None,
+                        needs_restart: Vec::new(),
+                    },
+                ),
+                Err(refused) => {
+                    let (line, field, needs_restart) = match &refused {
+                        Refused::Load(e) => (e.line, e.field.clone(), Vec::new()),
+                        Refused::Restart(r) => (
+                            None,
+                            None,
+                            r.0.iter()
+                                .map(|c| RestartView {
+                                    field: c.field.clone(),
+                                    from: c.from.clone(),
+                                    to: c.to.clone(),
+                                })
+                                .collect(),
+                        ),
+                    };
+                    json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &ReloadView {
+                            result: "refused".into(),
+                            file,
+                            added: Vec::new(),
+                            removed: Vec::new(),
+                            error: Some(refused.to_string()),
+                            line,
+                            field,
+                            needs_restart,
+                        },
+                    )
+                }
+            }
         }
         // `handle` answers it with a stream; it never comes here.
         Op::Events { .. } => Refusal::new(StatusCode::NOT_FOUND, "no such path: /events").reply(),
@@ -315,6 +379,12 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         state: b.state(),
         healthy: health.up,
         health_checked: health.checked,
+        down_reason: if health.up {
+            None
+        } else {
+            health.why_down.clone()
+        },
+        closed: None,
         weight: b.weight(),
         // After an upgrade, the previous process's too, until it has gone;
         // in cluster mode, every live instance's.

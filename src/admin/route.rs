@@ -27,6 +27,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("POST", "/backends/{name}/start"),
     ("GET", "/openapi.json"),
     ("POST", "/upgrade"),
+    ("POST", "/reload"),
     ("POST", "/leave"),
     ("POST", "/join"),
     ("GET", "/metrics"),
@@ -70,6 +71,8 @@ pub(super) enum Op {
         force_after: Option<Duration>,
     },
     Join,
+    /// Read the configuration file again and apply it, or refuse it.
+    Reload,
     /// Prometheus text exposition of the counters.
     Metrics,
     /// The event stream, resumed after `last_event_id` if given (the
@@ -192,6 +195,7 @@ pub(super) fn route(
             force_after: given[1],
         },
         "/join" => Op::Join,
+        "/reload" => Op::Reload,
         "/metrics" => Op::Metrics,
         "/events" => {
             let last = params.iter().find(|(k, _)| k == "last_event_id");
@@ -245,6 +249,7 @@ mod tests {
             Op::Upgrade { .. } => ("POST", "/upgrade"),
             Op::Leave { .. } => ("POST", "/leave"),
             Op::Join => ("POST", "/join"),
+            Op::Reload => ("POST", "/reload"),
             Op::Metrics => ("GET", "/metrics"),
             Op::Events { .. } => ("GET", "/events"),
         }

@@ -98,20 +98,26 @@ pub struct Client {
 
 impl Client {
     /// A client of the admin API at `url` (`http://host:port`, or
-    /// `unix:/path/of/admin.sock`); an empty token is no token.
-    pub fn new(url: &str, token: Option<String>) -> Result<Client, CtlError> {
+    /// `unix:/path/of/admin.sock`); `host:port` without a scheme is
+    /// taken as `http://`, as curl does. An empty token is no token.
+    pub fn new(given: &str, token: Option<String>) -> Result<Client, CtlError> {
+        let bad = || CtlError::BadUrl(given.to_string());
+        // Written as the README's curl lines are, without a scheme.
+        let url = if !given.contains("://") && !given.starts_with("unix:") {
+            format!("http://{given}")
+        } else {
+            given.to_string()
+        };
         let endpoint = if let Some(path) = url.strip_prefix("unix:") {
             if !path.starts_with('/') {
-                return Err(CtlError::BadUrl(url.to_string()));
+                return Err(bad());
             }
             Endpoint::Unix(path.into())
         } else {
-            let rest = url
-                .strip_prefix("http://")
-                .ok_or_else(|| CtlError::BadUrl(url.to_string()))?;
+            let rest = url.strip_prefix("http://").ok_or_else(bad)?;
             let authority = rest.trim_end_matches('/');
             if authority.is_empty() || authority.contains('/') {
-                return Err(CtlError::BadUrl(url.to_string()));
+                return Err(bad());
             }
             Endpoint::Tcp(authority.to_string())
         };
@@ -309,6 +315,11 @@ impl Client {
         Ok(self.healthz().await?.problems)
     }
 
+    /// `GET /stats`: what became of the clients.
+    pub async fn stats(&self) -> Result<crate::api::StatsView, CtlError> {
+        Ok(self.json(Method::GET, "/stats").await?.1)
+    }
+
     pub async fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
         Ok(self.json(Method::GET, "/backends").await?.1)
     }
@@ -349,6 +360,18 @@ impl Client {
     pub async fn healthz(&self) -> Result<crate::api::HealthzView, CtlError> {
         let (status, body) = self.call(Method::GET, "/healthz").await?;
         if status == StatusCode::SERVICE_UNAVAILABLE
+            && let Ok(v) = serde_json::from_slice(&body)
+        {
+            return Ok(v);
+        }
+        self.decode(status, &body)
+    }
+
+    /// `POST /reload`: applied, or refused with why (a 422 is an answer
+    /// too, with the fields at fault).
+    pub async fn reload(&self) -> Result<crate::api::ReloadView, CtlError> {
+        let (status, body) = self.call(Method::POST, "/reload").await?;
+        if status == StatusCode::UNPROCESSABLE_ENTITY
             && let Ok(v) = serde_json::from_slice(&body)
         {
             return Ok(v);
@@ -438,8 +461,17 @@ mod tests {
         assert!(Client::new("http://127.0.0.1:9000", None).is_ok());
         assert!(Client::new("http://127.0.0.1:9000/", None).is_ok());
         assert!(Client::new("unix:/run/sluice/admin.sock", None).is_ok());
+        for bare in ["127.0.0.1:9000", "localhost:9000", "[::1]:9000/"] {
+            let c = Client::new(bare, None).unwrap();
+            assert_eq!(
+                c.url(),
+                format!("http://{}", bare.trim_end_matches('/')),
+                "{bare}"
+            );
+        }
         for bad in [
-            "127.0.0.1:9000",
+            "",
+            "/run/sluice/admin.sock",
             "https://x:1",
             "http://",
             "http://a/b",

@@ -24,7 +24,7 @@ use output::{colour, err, out, print_json, say};
 pub use client::{Client, EventStream, read_token};
 pub use events::{describe, events};
 pub use interrupt::{Ended, Progress, Signal, Signals, until_interrupted};
-pub use output::{conns_table, status_table};
+pub use output::{conns_table, stats_table, status_table};
 pub use rollout::{RolloutOpts, rollout};
 
 /// The admin API when neither `--admin` nor `SLUICE_ADMIN` says otherwise.
@@ -40,7 +40,9 @@ pub enum Outcome {
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("{0} is not an admin URL such as http://127.0.0.1:9000 or unix:/run/sluice/admin.sock")]
+    #[error(
+        "{0} is not an admin address such as 127.0.0.1:9000, http://127.0.0.1:9000 or unix:/run/sluice/admin.sock"
+    )]
     BadUrl(String),
     #[error("cannot reach the admin API at {url}: {error}")]
     Unreachable { url: String, error: std::io::Error },
@@ -57,6 +59,9 @@ pub enum CtlError {
     },
     #[error("{from}: {problem}")]
     BadToken { from: String, problem: String },
+    /// A reload the running sluice refused, with everything it said.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
@@ -113,6 +118,17 @@ fn process_line(h: &crate::api::HealthzView) -> String {
     line
 }
 
+/// What became of the clients (`GET /stats`), one counter a line.
+pub async fn stats(c: &Client, json: bool) -> Result<Outcome, CtlError> {
+    let s = c.stats().await?;
+    if json {
+        print_json(&s);
+    } else {
+        out(&output::stats_table(&s));
+    }
+    Ok(Outcome::Done)
+}
+
 pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlError> {
     let list = c.connections(name).await?;
     if json {
@@ -158,9 +174,12 @@ pub async fn drain(
         ));
     }
     let mut last = b.active_connections;
+    let mut heard = Instant::now();
+    let mut status = StatusLine::new();
     loop {
         let b = c.backend(name).await?;
         if matches!(b.state, State::Drained | State::Stopped) && b.active_connections == 0 {
+            status.clear();
             say(&format!(
                 "{name}: {} after {:.1}s, 0 live connections",
                 b.state.as_str(),
@@ -169,20 +188,54 @@ pub async fn drain(
             return Ok(Outcome::Done);
         }
         if b.state == State::Active {
+            status.clear();
             return Err(CtlError::Rollout(format!(
                 "{name} was started again while draining"
             )));
         }
         if b.active_connections != last {
+            status.clear();
             say(&format!(
                 "{name}: {} live connection(s), {} idle",
                 b.active_connections, b.idle_connections
             ));
             last = b.active_connections;
+            heard = Instant::now();
+        } else if status.on_terminal() {
+            // One line that updates in place, so a long drain shows it
+            // is alive without scrolling.
+            status.show(&format!(
+                "{name}: {} live connection(s), {} idle, draining for {:.0}s",
+                b.active_connections,
+                b.idle_connections,
+                started.elapsed().as_secs_f64()
+            ));
+        } else if heard.elapsed() >= HEARTBEAT {
+            // In a log, a line every few seconds that says who holds the
+            // drain open.
+            let oldest = c
+                .connections(name)
+                .await
+                .ok()
+                .and_then(|l| l.iter().map(|x| x.age_ms).max())
+                .map_or(String::new(), |ms| {
+                    format!(
+                        ", the oldest open for {}",
+                        format_duration(Duration::from_secs(ms / 1000))
+                    )
+                });
+            say(&format!(
+                "{name}: still draining after {:.0}s: {} live connection(s), {} idle{oldest}",
+                started.elapsed().as_secs_f64(),
+                b.active_connections,
+                b.idle_connections
+            ));
+            heard = Instant::now();
         }
         if let Some(w) = opts.wait
             && started.elapsed() >= w
         {
+            status.clear();
             say(&format!(
                 "{name}: still draining after {} with {} live connection(s)",
                 format_duration(w),
@@ -191,6 +244,44 @@ pub async fn drain(
             return Ok(Outcome::TimedOut);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How long a drain may go without a line when nothing changes.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A line rewritten in place on a terminal (nothing elsewhere).
+struct StatusLine {
+    terminal: bool,
+    /// What the line shows now, if anything.
+    shown: Option<String>,
+}
+
+impl StatusLine {
+    fn new() -> StatusLine {
+        use std::io::IsTerminal;
+        StatusLine {
+            terminal: std::io::stdout().is_terminal(),
+            shown: None,
+        }
+    }
+
+    fn on_terminal(&self) -> bool {
+        self.terminal
+    }
+
+    fn show(&mut self, text: &str) {
+        if self.shown.as_deref() != Some(text) {
+            out(&format!("\r\x1b[K{text}"));
+            self.shown = Some(text.to_string());
+        }
+    }
+
+    /// Wipes the line, so that the next one starts at the margin.
+    fn clear(&mut self) {
+        if self.shown.take().is_some() {
+            out("\r\x1b[K");
+        }
     }
 }
 
@@ -298,6 +389,42 @@ pub async fn leave(
     }
 }
 
+/// Has the running sluice read its configuration file again, and says
+/// what it applied, or why it refused (exit 1; nothing changed).
+pub async fn reload(c: &Client, json: bool) -> Result<Outcome, CtlError> {
+    let v = c.reload().await?;
+    if json {
+        print_json(&v);
+    }
+    if v.result != "applied" {
+        let mut why = format!(
+            "reload refused, the running configuration stays: {}",
+            v.error.as_deref().unwrap_or("no reason given")
+        );
+        if !v.needs_restart.is_empty() {
+            why.push_str("\nthese fields apply only when sluice restarts (a new `sluice run`):");
+            for f in &v.needs_restart {
+                why.push_str(&format!("\n  {}: {} -> {}", f.field, f.from, f.to));
+            }
+        }
+        return Err(CtlError::Refused(why));
+    }
+    if !json {
+        let mut line = format!("reloaded {}: applied", v.file);
+        if !v.added.is_empty() {
+            line.push_str(&format!("; added {}", v.added.join(", ")));
+        }
+        if !v.removed.is_empty() {
+            line.push_str(&format!(
+                "; removed {} (draining until their last connection ends)",
+                v.removed.join(", ")
+            ));
+        }
+        say(&line);
+    }
+    Ok(Outcome::Done)
+}
+
 /// Takes this instance back into its pair.
 pub async fn join(c: &Client) -> Result<Outcome, CtlError> {
     c.leave_or_join("join", &[]).await?;
@@ -307,10 +434,14 @@ pub async fn join(c: &Client) -> Result<Outcome, CtlError> {
 
 pub async fn stop(c: &Client, name: &str) -> Result<Outcome, CtlError> {
     let b = c.act(name, "stop", &[]).await?;
-    say(&format!(
-        "{name}: stopped, {} live connection(s) left",
-        b.active_connections
-    ));
+    let mut line = format!(
+        "{name}: stopped, out of rotation; closed {} connection(s)",
+        b.closed.unwrap_or(0)
+    );
+    if b.active_connections > 0 {
+        line.push_str(&format!(", {} still closing", b.active_connections));
+    }
+    say(&line);
     Ok(Outcome::Done)
 }
 

@@ -221,12 +221,13 @@ fn colour_of(b: &BackendView) -> &'static str {
     }
 }
 
-/// The status table.
+/// The status table: one row per backend, and under a backend that is
+/// down, a line that says why.
 pub fn status_table(backends: &[BackendView], colour: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<12} {:<24} {:<9} {:<7} {:>6} {:>10}",
+        "{:<12} {:<24} {:<9} {:<7} {:>6} {:>10}  SERVICES",
         "NAME", "ADDRESS", "STATE", "HEALTH", "LIVE", "TOTAL"
     );
     for b in backends {
@@ -238,11 +239,96 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
             state
         };
         let health = if b.healthy { "up" } else { "down" };
+        let services = if b.services.is_empty() {
+            "-".to_string()
+        } else {
+            b.services.join(",")
+        };
         let _ = writeln!(
             out,
-            "{:<12} {:<24} {state} {:<7} {:>6} {:>10}",
+            "{:<12} {:<24} {state} {:<7} {:>6} {:>10}  {services}",
             b.name, b.address, health, b.active_connections, b.total_connections
         );
+        if !b.healthy {
+            let why = b.down_reason.as_deref().unwrap_or("no reason recorded");
+            let _ = writeln!(
+                out,
+                "  {} down since {}: {why}",
+                b.name,
+                utc(b.health_since_ms / 1000)
+            );
+        }
+    }
+    out
+}
+
+/// `/stats` for a person: each counter with what it counts, the clients'
+/// outcomes first (every accepted client ends in exactly one of them).
+pub fn stats_table(s: &crate::api::StatsView) -> String {
+    let rows: [(u64, &str, &str); 13] = [
+        (
+            s.active_connections as u64,
+            "active_connections",
+            "open now, over every backend",
+        ),
+        (s.accepted, "accepted", "clients accepted since start"),
+        (s.established, "established", "connected to a backend"),
+        (
+            s.rejected_limit,
+            "rejected_limit",
+            "refused at once: max_connections reached",
+        ),
+        (
+            s.rejected_no_backend,
+            "rejected_no_backend",
+            "no backend took or answered them",
+        ),
+        (
+            s.rejected_resources,
+            "rejected_resources",
+            "sluice itself short of file descriptors",
+        ),
+        (s.abandoned, "abandoned", "left before a backend answered"),
+        (
+            s.accept_errors,
+            "accept_errors",
+            "accepts that failed otherwise",
+        ),
+        (
+            s.resource_shortages,
+            "resource_shortages",
+            "sluice's own shortages (never a backend's fault)",
+        ),
+        (
+            s.admin_rejected,
+            "admin_rejected",
+            "admin connections over [admin] max_connections",
+        ),
+        (
+            s.admin_unauthorized,
+            "admin_unauthorized",
+            "admin requests with a missing or wrong token",
+        ),
+        (
+            s.state_file_failures,
+            "state_file_failures",
+            "writes of the state file that failed",
+        ),
+        (
+            s.accepted.saturating_sub(
+                s.established
+                    + s.rejected_limit
+                    + s.rejected_no_backend
+                    + s.rejected_resources
+                    + s.abandoned,
+            ),
+            "connecting",
+            "accepted, still choosing or connecting to a backend",
+        ),
+    ];
+    let mut out = String::new();
+    for (n, name, what) in rows {
+        let _ = writeln!(out, "{name:<20} {n:>12}  {what}");
     }
     out
 }
@@ -296,6 +382,8 @@ mod tests {
             health_since_ms: 0,
             last_ok_check_ms: 0,
             services: vec![],
+            down_reason: None,
+            closed: None,
             saved: None,
             instances: vec![],
         }
@@ -303,17 +391,36 @@ mod tests {
 
     #[test]
     fn status_table_without_colour() {
-        let t = status_table(&[backend("web1", State::Draining, false)], false);
+        let mut down = backend("web1", State::Draining, false);
+        down.services = vec!["web".into(), "tls".into()];
+        down.down_reason = Some("3 health checks failed in a row, last: refused".into());
+        down.health_since_ms = 3_723_000;
+        let t = status_table(&[down, backend("web2", State::Active, true)], false);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 2, "{t}");
-        for col in ["NAME", "ADDRESS", "STATE", "HEALTH", "LIVE", "TOTAL"] {
+        assert_eq!(lines.len(), 4, "{t}");
+        for col in [
+            "NAME", "ADDRESS", "STATE", "HEALTH", "LIVE", "TOTAL", "SERVICES",
+        ] {
             assert!(lines[0].contains(col), "{t}");
         }
         let row: Vec<&str> = lines[1].split_whitespace().collect();
         assert_eq!(
             row,
-            ["web1", "127.0.0.1:8080", "draining", "down", "3", "42"]
+            [
+                "web1",
+                "127.0.0.1:8080",
+                "draining",
+                "down",
+                "3",
+                "42",
+                "web,tls"
+            ]
         );
+        assert_eq!(
+            lines[2],
+            "  web1 down since 01:02:03Z: 3 health checks failed in a row, last: refused"
+        );
+        assert!(lines[3].ends_with("  -"), "{t}");
         assert!(!t.contains('\x1b'), "{t}");
     }
 

@@ -81,8 +81,20 @@ pub async fn rollout(
                     .iter()
                     .filter(|n| !done.contains(n) && *n != name)
                     .collect();
+                // What is true now: a refusal before the drain never took
+                // it out, a failure after it did.
+                let now = match c.backend(name).await.map(|b| b.state) {
+                    Ok(State::Active) => {
+                        "it is still in rotation (it was never taken out)".to_string()
+                    }
+                    Ok(s) => format!(
+                        "it stays out of rotation ({}); `sluice ctl start {name}` puts it back",
+                        s.as_str()
+                    ),
+                    Err(e) => format!("its state is unknown ({e})"),
+                };
                 out(&format!(
-                    "\nrollout stopped after {:.1}s\n  updated:     {}\n  failed:      {name} ({why}); it stays out of rotation\n  not touched: {}\n",
+                    "\nrollout stopped after {:.1}s\n  updated:     {}\n  failed:      {name} ({why}); {now}\n  not touched: {}\n",
                     started.elapsed().as_secs_f64(),
                     list(done.iter()),
                     list(left.into_iter())

@@ -38,7 +38,7 @@ pub use counts::{DURATION_BOUNDS, Durations, ServiceCounts};
 pub use file::{Saved, States, load as load_state_file};
 pub use leave::{LEAVE_SETTLE, Leaving};
 pub use limit::{Limit, Permit};
-pub use reload::{NeedsRestart, ReloadError};
+pub use reload::{Applied, NeedsRestart, Refused, ReloadError};
 pub use shortage::Shortage;
 pub use throttle::LogThrottle;
 
@@ -124,7 +124,7 @@ pub struct Stats {
     pub shortage: Shortage,
 }
 
-/// Configuration reloads (SIGHUP), by outcome.
+/// Configuration reloads (SIGHUP, `POST /reload`), by outcome.
 #[derive(Debug, Default)]
 pub struct Reloads {
     /// Applied whole.

@@ -12,6 +12,7 @@
 //! period. Admin states are kept and no live connection is cut.
 
 use std::fmt;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
@@ -19,7 +20,7 @@ use tokio::sync::Notify;
 
 use super::{Retired, Runtime, Shared};
 use crate::backend::{Backend, DrainPolicy, State};
-use crate::config::{BackendAddress, BackendConfig, Config, HealthCheck};
+use crate::config::{BackendAddress, BackendConfig, Config, ConfigError, HealthCheck};
 use crate::events::{Bus, Kind};
 use crate::health::Probe;
 use crate::net::Target;
@@ -119,6 +120,27 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<NeedsRestart> {
     out
 }
 
+/// What an applied reload changed in the backend list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Backends that joined, by name.
+    pub added: Vec<String>,
+    /// Backends that left the file and now drain, by name.
+    pub removed: Vec<String>,
+}
+
+/// Why a reload of the configuration file was refused; the running
+/// configuration stays either way.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The file does not load: it names the file, line and field.
+    #[error(transparent)]
+    Load(#[from] ConfigError),
+    /// The file is valid but changes what only a restart can.
+    #[error(transparent)]
+    Restart(#[from] ReloadError),
+}
+
 pub(super) fn new_backend(
     bc: &BackendConfig,
     state_changed: &Arc<Notify>,
@@ -139,17 +161,45 @@ pub(super) fn new_backend(
 impl Shared {
     /// Applies `new` to the running balancer, or refuses it whole; counted
     /// either way.
-    pub fn reload(self: &Arc<Self>, new: Config) -> Result<(), ReloadError> {
+    pub fn reload(self: &Arc<Self>, new: Config) -> Result<Applied, ReloadError> {
         let r = self.apply(new);
         let outcome = match r {
-            Ok(()) => &self.reloads.applied,
+            Ok(_) => &self.reloads.applied,
             Err(_) => &self.reloads.refused,
         };
         outcome.fetch_add(1, Ordering::Relaxed);
         r
     }
 
-    fn apply(self: &Arc<Self>, new: Config) -> Result<(), ReloadError> {
+    /// Reads `path` again and applies it, or refuses it whole: the one
+    /// reload that SIGHUP and `POST /reload` share, logged and counted.
+    pub fn reload_file(self: &Arc<Self>, path: &Path) -> Result<Applied, Refused> {
+        let outcome = match Config::load(path) {
+            Ok(c) => self.reload(c).map_err(Refused::from),
+            Err(e) => {
+                // Never reached `reload`, which counts and tells the others.
+                self.reloads.refused.fetch_add(1, Ordering::Relaxed);
+                self.events.publish(Kind::Reload {
+                    result: "refused".into(),
+                    error: Some(e.to_string()),
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                });
+                Err(Refused::Load(e))
+            }
+        };
+        match &outcome {
+            Ok(a) => {
+                tracing::info!(path = %path.display(), added = ?a.added, removed = ?a.removed, "configuration reloaded")
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), "reload refused, the running configuration stays: {e}")
+            }
+        }
+        outcome
+    }
+
+    fn apply(self: &Arc<Self>, new: Config) -> Result<Applied, ReloadError> {
         let _one_at_a_time = self.changes.lock().expect("changes lock");
         let old = self.runtime();
         let refused = needs_restart(&old.config, &new);
@@ -255,10 +305,10 @@ impl Shared {
         self.events.publish(Kind::Reload {
             result: "applied".into(),
             error: None,
-            added,
-            removed,
+            added: added.clone(),
+            removed: removed.clone(),
         });
-        Ok(())
+        Ok(Applied { added, removed })
     }
 
     /// Builds every service's route from `config` and swaps it in.

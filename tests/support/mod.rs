@@ -166,7 +166,18 @@ impl Sluice {
             text.insert_str(0, "shutdown_grace = \"100ms\"\n");
         }
         let config = sluice::Config::parse("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
+        Self::serve(sluice::Sluice::bind(config).await.unwrap()).await
+    }
+
+    /// Starts sluice from the file at `path`, which `POST /reload` reads
+    /// again, as `sluice run --config` does.
+    pub async fn from_file(path: &std::path::Path) -> Sluice {
+        let config = sluice::Config::load(path).unwrap_or_else(|e| panic!("{e}"));
         let server = sluice::Sluice::bind(config).await.unwrap();
+        Self::serve(server.reload_from(path.to_path_buf())).await
+    }
+
+    async fn serve(server: sluice::Sluice) -> Sluice {
         let addr = server.service_addr("web").expect("service web");
         let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel();
