@@ -110,8 +110,8 @@ pub struct PreviousView {
 
 /// `GET /stats`: what became of the clients, and the live total. Once a
 /// client's connect phase is over it is in exactly one of `established`,
-/// `rejected_limit`, `rejected_no_backend`, `rejected_resources` and
-/// `abandoned`.
+/// `rejected_limit`, `rejected_no_backend`, `rejected_backend_full`,
+/// `rejected_resources` and `abandoned`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct StatsView {
     pub abandoned: u64,
@@ -125,6 +125,10 @@ pub struct StatsView {
     pub established: u64,
     pub rejected_limit: u64,
     pub rejected_no_backend: u64,
+    /// Refused because every backend that takes connections was at its
+    /// `max_connections`.
+    #[serde(default)]
+    pub rejected_backend_full: u64,
     pub rejected_resources: u64,
     /// Writes of the state file that failed.
     #[serde(default)]

@@ -139,6 +139,7 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 established: n(&s.established),
                 rejected_limit: n(&s.rejected_limit),
                 rejected_no_backend: n(&s.rejected_no_backend),
+                rejected_backend_full: n(&s.rejected_backend_full),
                 rejected_resources: n(&s.rejected_resources),
                 state_file_failures: n(&shared.persist.failures),
                 resource_shortages: n(&s.shortage.total),

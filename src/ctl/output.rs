@@ -265,7 +265,7 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
 /// `/stats` for a person: each counter with what it counts, the clients'
 /// outcomes first (every accepted client ends in exactly one of them).
 pub fn stats_table(s: &crate::api::StatsView) -> String {
-    let rows: [(u64, &str, &str); 13] = [
+    let rows: [(u64, &str, &str); 14] = [
         (
             s.active_connections as u64,
             "active_connections",
@@ -282,6 +282,11 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
             s.rejected_no_backend,
             "rejected_no_backend",
             "no backend took or answered them",
+        ),
+        (
+            s.rejected_backend_full,
+            "rejected_backend_full",
+            "every backend at its max_connections",
         ),
         (
             s.rejected_resources,
@@ -319,6 +324,7 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
                 s.established
                     + s.rejected_limit
                     + s.rejected_no_backend
+                    + s.rejected_backend_full
                     + s.rejected_resources
                     + s.abandoned,
             ),
@@ -328,7 +334,7 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
     ];
     let mut out = String::new();
     for (n, name, what) in rows {
-        let _ = writeln!(out, "{name:<20} {n:>12}  {what}");
+        let _ = writeln!(out, "{name:<21} {n:>12}  {what}");
     }
     out
 }
