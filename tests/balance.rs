@@ -6,7 +6,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use serde_json::Value;
 use support::*;

@@ -602,4 +602,58 @@ mod tests {
             .await
             .expect("b dropped once empty");
     }
+
+    #[tokio::test]
+    async fn balancing_settings_apply_and_a_backend_added_by_a_reload_slow_starts() {
+        use crate::config::{Affinity, Balance};
+        let s = shared(&text("", "", &[("a", 1), ("b", 1)]));
+        assert_eq!(s.services[0].route().balance(), Balance::RoundRobin);
+        let t = text("", "", &[("a", 1), ("b", 1), ("c", 1)])
+            .replace(
+                "backend_port = 80\n",
+                "backend_port = 80\nbalance = \"source-hash\"\naffinity = \"network\"\n",
+            )
+            .replacen(
+                "name = \"a\"\n",
+                "name = \"a\"\nslow_start = \"1h\"\nmax_connections = 7\n",
+                1,
+            )
+            .replacen("name = \"b\"\n", "name = \"b\"\nbackup = true\n", 1)
+            .replace(
+                "[[backend]]\nname = \"c\"",
+                "[health]\nslow_start = \"1h\"\n[[backend]]\nname = \"c\"",
+            );
+        s.reload(parse(&t)).unwrap();
+        assert_eq!(
+            s.services[0].route().balance(),
+            Balance::SourceHash(Affinity::Network)
+        );
+        let (a, b, c) = (
+            s.backend("a").unwrap(),
+            s.backend("b").unwrap(),
+            s.backend("c").unwrap(),
+        );
+        assert_eq!(a.slow_start(), Some(Duration::from_secs(3600)));
+        assert_eq!(a.max_connections(), Some(7));
+        assert!(
+            a.ramping_weight().is_none(),
+            "a reload does not make a running backend cold"
+        );
+        assert!(
+            b.is_backup() && b.slow_start().is_some(),
+            "[health] slow_start for all"
+        );
+        assert!(
+            c.ramping_weight().is_some(),
+            "a backend new to traffic slow-starts"
+        );
+        // And back: every setting can be taken away by a reload too.
+        s.reload(parse(&text("", "", &[("a", 1), ("b", 1)])))
+            .unwrap();
+        assert_eq!(s.services[0].route().balance(), Balance::RoundRobin);
+        assert_eq!(
+            (a.slow_start(), a.max_connections(), b.is_backup()),
+            (None, None, false)
+        );
+    }
 }
