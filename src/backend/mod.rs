@@ -469,8 +469,9 @@ impl Backend {
             {
                 Ok(_) => {
                     self.generation.fetch_add(1, Ordering::SeqCst);
-                    if to == State::Active {
-                        // Back in rotation: cold, so it slow-starts.
+                    if to == State::Active && s != State::Draining {
+                        // Back in rotation after carrying nothing: cold, so
+                        // it slow-starts. A drain called off was never cold.
                         self.ramp.begin(now_ms());
                     }
                     let now = unix_ms();
@@ -847,6 +848,13 @@ mod tests {
         assert_eq!(b.effective_weight_at(now_ms() + 3_600_001), 4.0);
         b.set_balancing(None, None, false);
         assert_eq!(b.ramping_weight(), None);
+        b.set_balancing(Some(Duration::from_secs(3600)), None, false);
+        let g = acquire(&b).unwrap();
+        drain(&b);
+        b.start();
+        assert_eq!(b.ramping_weight(), None, "a drain called off: still warm");
+        drop(g);
+        b.set_balancing(None, None, false);
         b.set_balancing(Some(Duration::from_secs(3600)), None, false);
         let rules = Rules { rise: 1, fall: 1 };
         b.record_health(Event::ChecksOn, rules);
