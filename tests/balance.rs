@@ -324,41 +324,50 @@ async fn a_slow_starting_backend_takes_a_rising_share() {
     let lb = Sluice::from_toml(&text(
         "",
         &[("a", a.addr), ("b", b.addr)],
-        &[("a", "slow_start = \"8s\"")],
+        &[("a", "slow_start = \"6s\"")],
     ))
     .await;
-    assert_eq!(lb.backend("a").await["slow_start"], "8s");
-    assert!(
-        lb.backend("a").await.get("effective_weight").is_none(),
-        "a backend there at start-up is not slow-started"
-    );
+    assert_eq!(lb.backend("a").await["slow_start"], "6s");
+    let ramping = || async { lb.backend("a").await["effective_weight"].as_f64() };
+    assert_eq!(ramping().await, None, "a backend there at start-up is warm");
+    // Negative control: warm, it takes half, and the measure sees it.
     let warm = spread(&lb, 100).await;
     assert!((0.4..=0.6).contains(&share(&warm, "a")), "{warm:?}");
 
-    // Back from a stop, it ramps: early on it takes what its effective
-    // weight at the end of the window allows, at most.
+    // Back from a stop, it ramps. Batches of clients over the ramp, each
+    // filed under the third of the ramp its effective weight (a's weight
+    // is 1, so the fraction) says it ran in: the phases come from what
+    // sluice reports, not from the wall clock.
     lb.post("/backends/a/stop").await;
     lb.post("/backends/a/start").await;
-    let early = spread(&lb, 100).await;
-    let w = lb.backend("a").await["effective_weight"]
-        .as_f64()
-        .expect("still ramping after the early window: raise slow_start");
-    assert!(w < 1.0);
-    let most = w / (1.0 + w) + 0.1;
+    let mut phases = [(0usize, 0usize); 3];
+    loop {
+        let Some(before) = ramping().await else { break };
+        let batch = spread(&lb, 10).await;
+        let Some(after) = ramping().await else { break };
+        let third = (((before + after) / 2.0) * 3.0) as usize;
+        let p = &mut phases[third.min(2)];
+        p.0 += batch.get("a").copied().unwrap_or(0);
+        p.1 += 10;
+    }
+    let shares: Vec<f64> = phases
+        .iter()
+        .map(|&(a, n)| a as f64 / n.max(1) as f64)
+        .collect();
+    eprintln!("clients on a by third of the ramp: {phases:?}");
+    for (third, &(_, n)) in phases.iter().enumerate() {
+        assert!(n >= 50, "too few clients in third {third}: {phases:?}");
+    }
+    // At fraction f of its weight it takes f / (1 + f): up to 1/4 in the
+    // first third, 1/4 to 2/5 in the second, 2/5 to 1/2 in the last.
+    assert!(shares[0] < 0.25 + 0.05, "{shares:?}");
     assert!(
-        share(&early, "a") <= most,
-        "early: {early:?}, effective weight {w}"
+        shares[0] < shares[1] && shares[1] < shares[2],
+        "rising: {shares:?}"
     );
+    assert!(shares[2] > 0.4 - 0.07, "{shares:?}");
     // Once the ramp is over it takes its whole share again.
-    wait_for("the ramp is over", || async {
-        lb.backend("a").await.get("effective_weight").is_none()
-    })
-    .await;
     let late = spread(&lb, 100).await;
-    assert!(
-        share(&late, "a") >= share(&early, "a") + 0.2,
-        "the share rose: early {early:?}, late {late:?}"
-    );
     assert!((0.4..=0.6).contains(&share(&late, "a")), "{late:?}");
     lb.shutdown().await;
 }
