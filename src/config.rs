@@ -1337,7 +1337,7 @@ fn service(
             span,
             &field("backends"),
             format!(
-                "every backend of service `{name}` is a backup, and a backup serves only when no primary can; set backup = false on at least one"
+                "every backend of service `{name}` is a backup: backups stand in for primaries, and it has none; set backup = false on at least one"
             ),
         ));
     }
@@ -2172,7 +2172,7 @@ mod tests {
             ),
             (
                 on_web1("backup = true").replace("10.0.0.12\"\n", "10.0.0.12\"\nbackup = true\n"),
-                "sluice.toml:2: service[0].backends: every backend of service `web` is a backup, and a backup serves only when no primary can; set backup = false on at least one",
+                "sluice.toml:2: service[0].backends: every backend of service `web` is a backup: backups stand in for primaries, and it has none; set backup = false on at least one",
             ),
             (
                 on_web1("weight = 0").replace("10.0.0.12\"\n", "10.0.0.12\"\nbackup = true\n"),
