@@ -551,9 +551,9 @@ fn summary(c: &Config) -> String {
         let mode = match svc.balance {
             sluice::config::Balance::RoundRobin => String::new(),
             sluice::config::Balance::SourceHash(a) => {
-                format!(", balance source-hash (affinity {})", a.as_str())
+                format!("; balance source-hash, affinity {}", a.as_str())
             }
-            other => format!(", balance {}", other.as_str()),
+            other => format!("; balance {}", other.as_str()),
         };
         let _ = writeln!(
             s,

@@ -675,7 +675,7 @@ fn every_example_config_passes_check() {
     assert!(summary("health-checked-pool.toml").contains("http check GET /healthz -> 200"));
     let balancing = summary("affinity-limits-backup.toml");
     for want in [
-        "balance source-hash (affinity network)",
+        "balance source-hash, affinity network",
         "balance least-connections",
         "max 500 connections, slow start 2m",
         "spare",
