@@ -17,6 +17,18 @@ pub struct BackendView {
     /// Whether active health checks run for this backend.
     pub health_checked: bool,
     pub weight: u32,
+    /// While it slow-starts: the weight it takes now, rising to `weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_weight: Option<f64>,
+    /// How long its weight ramps up after it comes back, as in the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<String>,
+    /// The most live connections it takes; absent for no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Takes clients only when no primary of its service can.
+    #[serde(default)]
+    pub backup: bool,
     pub active_connections: usize,
     /// Live connections that moved no byte in the last 10 s.
     pub idle_connections: usize,
@@ -52,6 +64,28 @@ pub struct BackendView {
     /// whether that change was saved); absent without a state file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved: Option<bool>,
+}
+
+/// One service as the API shows it: where it listens and how it chooses
+/// among its backends.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct ServiceView {
+    pub name: String,
+    pub listen: String,
+    /// `round-robin`, `least-connections` or `source-hash`.
+    pub balance: String,
+    /// With `source-hash`: `client-ip` or `network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// Its backends, primaries and backups, in the file's order.
+    pub backends: Vec<String>,
+    /// Those of its backends that are backups.
+    #[serde(default)]
+    pub backups: Vec<String>,
+    /// Clients refused since start, by reason (`limit`, `no_backend`,
+    /// `resources`, `backend_full`).
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// One live connection as the API shows it.
@@ -110,8 +144,8 @@ pub struct PreviousView {
 
 /// `GET /stats`: what became of the clients, and the live total. Once a
 /// client's connect phase is over it is in exactly one of `established`,
-/// `rejected_limit`, `rejected_no_backend`, `rejected_resources` and
-/// `abandoned`.
+/// `rejected_limit`, `rejected_no_backend`, `rejected_backend_full`,
+/// `rejected_resources` and `abandoned`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct StatsView {
     pub abandoned: u64,
@@ -125,6 +159,10 @@ pub struct StatsView {
     pub established: u64,
     pub rejected_limit: u64,
     pub rejected_no_backend: u64,
+    /// Refused because every backend that takes connections was at its
+    /// `max_connections`.
+    #[serde(default)]
+    pub rejected_backend_full: u64,
     pub rejected_resources: u64,
     /// Writes of the state file that failed.
     #[serde(default)]

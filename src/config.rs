@@ -139,6 +139,59 @@ pub struct ServiceConfig {
     pub backend_port: u16,
     /// Names of the backends this service spreads clients over.
     pub backends: Vec<String>,
+    /// How a backend is chosen for a new client.
+    pub balance: Balance,
+}
+
+/// `balance`: how a service chooses a backend for a new client. Every mode
+/// yields a fallback order, skips backends that take no new connections,
+/// and puts backups after every primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Smooth weighted round-robin (the default).
+    #[default]
+    RoundRobin,
+    /// The fewest live connections relative to weight.
+    LeastConnections,
+    /// The same client (or client network) to the same backend while it
+    /// is in rotation, by consistent hashing.
+    SourceHash(Affinity),
+}
+
+/// `affinity`: what of a client's address `source-hash` keys on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// The whole address (NLB "Single").
+    ClientIp,
+    /// The client's /24 (IPv4) or /48 (IPv6) (NLB "Network").
+    Network,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConnections => "least-connections",
+            Balance::SourceHash(_) => "source-hash",
+        }
+    }
+
+    /// The affinity of `source-hash`; `None` for the other modes.
+    pub fn affinity(self) -> Option<Affinity> {
+        match self {
+            Balance::SourceHash(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl Affinity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affinity::ClientIp => "client-ip",
+            Affinity::Network => "network",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -148,6 +201,13 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Per-backend health check; `None` when checks are off for it.
     pub health: Option<HealthCheck>,
+    /// How long its weight ramps up after it comes back (start, or health
+    /// up): its own `slow_start`, else `[health] slow_start`.
+    pub slow_start: Option<Duration>,
+    /// Live connections it takes at most; `None` for no limit.
+    pub max_connections: Option<usize>,
+    /// Takes clients only when no primary of the service can.
+    pub backup: bool,
 }
 
 /// A backend's address: an IP literal or a host name resolved at connect
@@ -252,6 +312,8 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Failures in a row that take an up backend down.
     pub fall: u32,
+    /// Every backend's `slow_start` unless it sets its own.
+    pub slow_start: Option<Duration>,
 }
 
 impl Default for HealthConfig {
@@ -261,6 +323,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
+            slow_start: None,
         }
     }
 }
@@ -379,6 +442,8 @@ struct FileService {
     listen: Spanned<String>,
     backend_port: Option<Spanned<i64>>,
     backends: Option<Spanned<Vec<Spanned<String>>>>,
+    balance: Option<Spanned<String>>,
+    affinity: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -391,6 +456,9 @@ struct FileBackend {
     health_path: Option<Spanned<String>>,
     health_status: Option<Spanned<i64>>,
     health_port: Option<Spanned<i64>>,
+    slow_start: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    backup: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -400,6 +468,7 @@ struct FileHealth {
     timeout: Option<Spanned<String>>,
     rise: Option<Spanned<i64>>,
     fall: Option<Spanned<i64>>,
+    slow_start: Option<Spanned<String>>,
 }
 
 // ---- stage two: validation ----
@@ -506,6 +575,7 @@ const DURATION_KEYS: &[&str] = &[
     "interval",
     "timeout",
     "lease",
+    "slow_start",
 ];
 
 /// The table a line of the file belongs to: `[name]`, or the `index`th
@@ -693,7 +763,7 @@ impl Config {
         // mistakes is always refused with the same one.
         let admin = admin(&ctx, &raw.admin, fallback_token)?;
         let health = health(&ctx, &raw.health)?;
-        let backends = backends(&ctx, &raw.backend)?;
+        let backends = backends(&ctx, &raw.backend, &health)?;
         let services = services(&ctx, &raw.service, &backends, admin.listen)?;
         let connect_timeout = connect_timeout(&ctx, &raw.connect_timeout)?;
         let idle_timeout = idle_timeout(&ctx, &raw.idle_timeout)?;
@@ -1032,14 +1102,38 @@ fn health(ctx: &Ctx, raw: &Option<FileHealth>) -> Result<HealthConfig, ConfigErr
         fall: ctx
             .int(&h.fall, "health.fall", 1, 100)?
             .map_or(d.fall, |v| v as u32),
+        slow_start: slow_start(ctx, &h.slow_start, "health.slow_start")?,
     })
 }
 
+/// A `slow_start` duration: more than 0 (leaving it out is how to say none).
+fn slow_start(
+    ctx: &Ctx,
+    v: &Option<Spanned<String>>,
+    field: &str,
+) -> Result<Option<Duration>, ConfigError> {
+    match ctx.duration(v, field)? {
+        Some(d) if d.is_zero() => {
+            let span = v.as_ref().map_or(0..0, |s| s.span());
+            Err(ctx.err(
+                span,
+                field,
+                "must be more than 0; leave it out for no slow start".into(),
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
 /// Every `[[backend]]`, in file order.
-fn backends(ctx: &Ctx, raw: &[FileBackend]) -> Result<Vec<BackendConfig>, ConfigError> {
+fn backends(
+    ctx: &Ctx,
+    raw: &[FileBackend],
+    health: &HealthConfig,
+) -> Result<Vec<BackendConfig>, ConfigError> {
     let mut backends = Vec::with_capacity(raw.len());
     for (i, b) in raw.iter().enumerate() {
-        let backend = backend(ctx, i, b, &backends)?;
+        let backend = backend(ctx, i, b, &backends, health)?;
         backends.push(backend);
     }
     Ok(backends)
@@ -1051,6 +1145,7 @@ fn backend(
     i: usize,
     b: &FileBackend,
     earlier: &[BackendConfig],
+    defaults: &HealthConfig,
 ) -> Result<BackendConfig, ConfigError> {
     let field = |f: &str| format!("backend[{i}].{f}");
     let name = unique_name(ctx, "backend", &b.name, &field("name"), |n| {
@@ -1060,11 +1155,31 @@ fn backend(
         .map_err(|m| ctx.err(b.address.span(), &field("address"), m))?;
     let weight = ctx.int(&b.weight, &field("weight"), 0, 1000)?.unwrap_or(1) as u32;
     let health = health_check(ctx, i, b)?;
+    // Its own wins over `[health]`'s.
+    let slow_start = slow_start(ctx, &b.slow_start, &field("slow_start"))?.or(defaults.slow_start);
+    let max_connections = match &b.max_connections {
+        Some(m) if *m.get_ref() < 1 => {
+            return Err(ctx.err(
+                m.span(),
+                &field("max_connections"),
+                format!(
+                    "{} would let it take no client; give 1 or more, or leave it out for no limit",
+                    m.get_ref()
+                ),
+            ));
+        }
+        m => ctx
+            .int(m, &field("max_connections"), 1, 10_000_000)?
+            .map(|n| n as usize),
+    };
     Ok(BackendConfig {
         name: name.to_string(),
         address,
         weight,
         health,
+        slow_start,
+        max_connections,
+        backup: ctx.flag(&b.backup, &field("backup"))?.unwrap_or(false),
     })
 }
 
@@ -1214,12 +1329,32 @@ fn service(
             list.get_ref().iter().map(|n| n.get_ref().clone()).collect()
         }
     };
+    let balance = balance(ctx, i, s)?;
+    let members = || backends.iter().filter(|b| chosen.contains(&b.name));
+    if !chosen.is_empty() && members().all(|b| b.backup) {
+        let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
+        return Err(ctx.err(
+            span,
+            &field("backends"),
+            format!(
+                "every backend of service `{name}` is a backup: backups stand in for primaries, and it has none; set backup = false on at least one"
+            ),
+        ));
+    }
     if !chosen.is_empty()
-        && backends
-            .iter()
-            .filter(|b| chosen.contains(&b.name))
-            .all(|b| b.weight == 0)
+        && members().any(|b| b.weight > 0)
+        && members().filter(|b| !b.backup).all(|b| b.weight == 0)
     {
+        let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
+        return Err(ctx.err(
+            span,
+            &field("backends"),
+            format!(
+                "every primary (backup = false) backend of service `{name}` has weight 0, so its backups would serve all the time; give a primary a weight, or make the backup a primary"
+            ),
+        ));
+    }
+    if !chosen.is_empty() && members().all(|b| b.weight == 0) {
         let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
         return Err(ctx.err(
             span,
@@ -1252,7 +1387,57 @@ fn service(
         listen,
         backend_port,
         backends: chosen,
+        balance,
     })
+}
+
+/// `balance` and `affinity` of `[[service]]` number `i`.
+fn balance(ctx: &Ctx, i: usize, s: &FileService) -> Result<Balance, ConfigError> {
+    let field = |f: &str| format!("service[{i}].{f}");
+    let affinity = match &s.affinity {
+        None => None,
+        Some(a) => Some(match a.get_ref().as_str() {
+            "client-ip" => (Affinity::ClientIp, a),
+            "network" => (Affinity::Network, a),
+            other => {
+                return Err(ctx.err(
+                    a.span(),
+                    &field("affinity"),
+                    format!("`{other}` is not an affinity; use \"client-ip\" or \"network\""),
+                ));
+            }
+        }),
+    };
+    let mode = match &s.balance {
+        None => Balance::RoundRobin,
+        Some(b) => match b.get_ref().as_str() {
+            "round-robin" => Balance::RoundRobin,
+            "least-connections" => Balance::LeastConnections,
+            "source-hash" => Balance::SourceHash(affinity.map_or(Affinity::ClientIp, |a| a.0)),
+            other => {
+                return Err(ctx.err(
+                    b.span(),
+                    &field("balance"),
+                    format!(
+                        "`{other}` is not a balancing mode; use \"round-robin\", \"least-connections\" or \"source-hash\""
+                    ),
+                ));
+            }
+        },
+    };
+    if let Some((_, a)) = affinity
+        && mode.affinity().is_none()
+    {
+        return Err(ctx.err(
+            a.span(),
+            &field("affinity"),
+            format!(
+                "goes with balance = \"source-hash\", not \"{}\": only source-hash keeps a client on one backend",
+                mode.as_str()
+            ),
+        ));
+    }
+    Ok(mode)
 }
 
 fn connect_timeout(ctx: &Ctx, v: &Option<Spanned<String>>) -> Result<Duration, ConfigError> {
@@ -1428,7 +1613,8 @@ mod tests {
         assert_eq!(
             refused(&text),
             "sluice.toml:10: backend[1].wieght: unknown field `wieght`, expected one of `name`, \
-             `address`, `weight`, `health_check`, `health_path`, `health_status`, `health_port`"
+             `address`, `weight`, `health_check`, `health_path`, `health_status`, `health_port`, \
+             `slow_start`, `max_connections`, `backup`"
         );
     }
 
@@ -1732,6 +1918,7 @@ mod tests {
                     listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                     backend_port: 8080,
                     backends: vec!["web1".into(), "web2".into()],
+                    balance: Balance::RoundRobin,
                 }],
                 backends: ["web1", "web2"]
                     .iter()
@@ -1741,6 +1928,9 @@ mod tests {
                         address: BackendAddress::parse(a).unwrap(),
                         weight: 1,
                         health: Some(HealthCheck::Tcp { port: None }),
+                        slow_start: None,
+                        max_connections: None,
+                        backup: false,
                     })
                     .collect(),
                 max_connections: 100_000,
@@ -1763,11 +1953,13 @@ mod tests {
                     read_token = \"l00k\"\nallowed_hosts = [\"LB.example.com\", \"10.0.0.5\"]\n\
                     socket = \"/run/sluice/admin.sock\"\nsocket_mode = \"0640\"\nsocket_group = \"sluice\"\n\
                     open_metrics = true\nopen_healthz = true\n\
-                    [health]\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 4\nfall = 5\n\
+                    [health]\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 4\nfall = 5\nslow_start = \"30s\"\n\
                     [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend_port = 81\nbackends = [\"b\"]\n\
-                    [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\n\
+                    balance = \"source-hash\"\naffinity = \"network\"\n\
+                    [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\nbackup = true\n\
                     [[backend]]\nname = \"b\"\naddress = \"b.lan\"\nweight = 7\n\
-                    health_path = \"/up\"\nhealth_status = 204\nhealth_port = 82\n";
+                    health_path = \"/up\"\nhealth_status = 204\nhealth_port = 82\n\
+                    slow_start = \"5s\"\nmax_connections = 50\n";
         let c = Config::parse("sluice.toml", text).unwrap();
         assert_eq!(
             c.admin,
@@ -1794,11 +1986,25 @@ mod tests {
                 timeout: Duration::from_millis(250),
                 rise: 4,
                 fall: 5,
+                slow_start: Some(Duration::from_secs(30)),
             }
         );
         assert_eq!(c.services[0].backend_port, 81);
         assert_eq!(c.services[0].backends, ["b"]);
+        assert_eq!(
+            c.services[0].balance,
+            Balance::SourceHash(Affinity::Network)
+        );
         assert_eq!(c.backends[0].health, None);
+        assert_eq!(
+            (
+                c.backends[0].slow_start,
+                c.backends[0].max_connections,
+                c.backends[0].backup
+            ),
+            (Some(Duration::from_secs(30)), None, true),
+            "[health] slow_start for a backend without its own"
+        );
         assert_eq!(
             c.backends[1],
             BackendConfig {
@@ -1810,6 +2016,9 @@ mod tests {
                     path: "/up".into(),
                     status: 204,
                 }),
+                slow_start: Some(Duration::from_secs(5)),
+                max_connections: Some(50),
+                backup: false,
             }
         );
         assert_eq!(
@@ -1890,5 +2099,94 @@ mod tests {
             let e = with(lines).unwrap_err().to_string();
             assert!(e.contains(says), "{lines}: {e}");
         }
+    }
+
+    #[test]
+    fn balancing_settings_are_checked_field_by_field() {
+        let on_service = |lines: &str| {
+            BASE.replace(
+                "listen = \"127.0.0.1:8080\"\n",
+                &format!("listen = \"127.0.0.1:8080\"\n{lines}\n"),
+            )
+        };
+        let on_web1 =
+            |lines: &str| BASE.replace("10.0.0.11\"\n", &format!("10.0.0.11\"\n{lines}\n"));
+        let ok = |t: String| Config::parse("sluice.toml", &t).unwrap();
+        assert_eq!(
+            ok(on_service("balance = \"least-connections\"")).services[0].balance,
+            Balance::LeastConnections
+        );
+        assert_eq!(
+            ok(on_service("balance = \"source-hash\"")).services[0].balance,
+            Balance::SourceHash(Affinity::ClientIp),
+            "client-ip is source-hash's default"
+        );
+        assert_eq!(
+            ok(on_service(
+                "affinity = \"network\"\nbalance = \"source-hash\""
+            ))
+            .services[0]
+                .balance,
+            Balance::SourceHash(Affinity::Network)
+        );
+        for (text, want) in [
+            (
+                on_service("balance = \"random\""),
+                "sluice.toml:4: service[0].balance: `random` is not a balancing mode; use \"round-robin\", \"least-connections\" or \"source-hash\"",
+            ),
+            (
+                on_service("balance = \"source-hash\"\naffinity = \"session\""),
+                "sluice.toml:5: service[0].affinity: `session` is not an affinity; use \"client-ip\" or \"network\"",
+            ),
+            (
+                on_service("affinity = \"client-ip\""),
+                "sluice.toml:4: service[0].affinity: goes with balance = \"source-hash\", not \"round-robin\": only source-hash keeps a client on one backend",
+            ),
+            (
+                on_service("balance = \"least-connections\"\naffinity = \"network\""),
+                "sluice.toml:5: service[0].affinity: goes with balance = \"source-hash\", not \"least-connections\": only source-hash keeps a client on one backend",
+            ),
+            (
+                on_web1("max_connections = 0"),
+                "sluice.toml:7: backend[0].max_connections: 0 would let it take no client; give 1 or more, or leave it out for no limit",
+            ),
+            (
+                on_web1("max_connections = 20000000"),
+                "sluice.toml:7: backend[0].max_connections: 20000000 is out of range (1 to 10000000)",
+            ),
+            (
+                on_web1("slow_start = \"0s\""),
+                "sluice.toml:7: backend[0].slow_start: must be more than 0; leave it out for no slow start",
+            ),
+            (
+                on_web1("slow_start = 30"),
+                "sluice.toml:7: backend[0].slow_start: expected a duration in quotes, such as \"3s\" or \"1500ms\", not the number 30",
+            ),
+            (
+                format!("{BASE}[health]\nslow_start = \"0ms\"\n"),
+                "sluice.toml:11: health.slow_start: must be more than 0; leave it out for no slow start",
+            ),
+            (
+                on_web1("backup = \"yes\""),
+                "sluice.toml:7: backend[0].backup: must be true or false, not \"yes\"",
+            ),
+            (
+                on_web1("backup = true").replace("10.0.0.12\"\n", "10.0.0.12\"\nbackup = true\n"),
+                "sluice.toml:2: service[0].backends: every backend of service `web` is a backup: backups stand in for primaries, and it has none; set backup = false on at least one",
+            ),
+            (
+                on_web1("weight = 0").replace("10.0.0.12\"\n", "10.0.0.12\"\nbackup = true\n"),
+                "sluice.toml:2: service[0].backends: every primary (backup = false) backend of service `web` has weight 0, so its backups would serve all the time; give a primary a weight, or make the backup a primary",
+            ),
+        ] {
+            assert_eq!(refused(&text), want, "{text}");
+        }
+        // A backup that serves only some services is fine where others
+        // have a primary.
+        let t = on_web1("backup = true").replace(
+            "listen = \"127.0.0.1:8080\"\n",
+            "listen = \"127.0.0.1:8080\"\nbackends = [\"web1\", \"web2\"]\n",
+        );
+        assert!(ok(t).backends[0].backup);
     }
 }

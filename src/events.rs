@@ -137,16 +137,27 @@ pub enum Reason {
     NoBackend,
     /// sluice was short of descriptors or buffers.
     Resources,
+    /// Every backend that takes connections carries its
+    /// `max_connections`.
+    BackendFull,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 3] = [Reason::Limit, Reason::NoBackend, Reason::Resources];
+    pub const ALL: [Reason; Reason::COUNT] = [
+        Reason::Limit,
+        Reason::NoBackend,
+        Reason::Resources,
+        Reason::BackendFull,
+    ];
+    /// How many reasons there are, for arrays indexed by reason.
+    pub const COUNT: usize = 4;
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Limit => "limit",
             Reason::NoBackend => "no_backend",
             Reason::Resources => "resources",
+            Reason::BackendFull => "backend_full",
         }
     }
 }
@@ -155,12 +166,12 @@ impl Reason {
 /// told, by reason: the counting itself is the service's counts (which
 /// `/metrics` reads too), so the refusing path adds once.
 #[derive(Debug, Default)]
-pub struct Refusals([AtomicU64; 3]);
+pub struct Refusals([AtomicU64; Reason::COUNT]);
 
 impl Refusals {
     /// Publishes what `totals` (by reason, in [`Reason::ALL`]'s order)
     /// counted since the last flush.
-    pub fn flush(&self, service: &str, totals: [u64; 3], bus: &Bus) {
+    pub fn flush(&self, service: &str, totals: [u64; Reason::COUNT], bus: &Bus) {
         for reason in Reason::ALL {
             let total = totals[reason as usize];
             let told = self.0[reason as usize].swap(total, Ordering::Relaxed);
@@ -463,9 +474,9 @@ mod tests {
         let r = Refusals::default();
         // Totals by reason: 5 over the limit, 1 with no backend; then
         // nothing new, then 2 more over the limit.
-        r.flush("web", [5, 1, 0], &bus);
-        r.flush("web", [5, 1, 0], &bus);
-        r.flush("web", [7, 1, 0], &bus);
+        r.flush("web", [5, 1, 0, 0], &bus);
+        r.flush("web", [5, 1, 0, 0], &bus);
+        r.flush("web", [7, 1, 0, 0], &bus);
         let mut got = Vec::new();
         while let Ok(f) = s.queue.try_recv() {
             let text = String::from_utf8(f.to_vec()).unwrap();

@@ -15,7 +15,8 @@
 //!   offered to every listener without waiting for any.
 //! - [`backend`]: a backend's state machine, live-connection guard and
 //!   drain policy.
-//! - [`pool`]: a service's backends and round-robin in fallback order.
+//! - [`pool`]: a service's backends and how one is chosen (round-robin,
+//!   least-connections, source-hash), backups last, in fallback order.
 //! - [`state`]: the shared state below both planes, the runtime settings
 //!   swapped whole, reload, the limit, the state file.
 //! - [`splice`]: moving bytes both ways with half-close.

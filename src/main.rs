@@ -557,9 +557,17 @@ fn summary(c: &Config) -> String {
     };
     let _ = writeln!(s, "admin API      {}{token}", c.admin.listen);
     for svc in &c.services {
+        // Round-robin is the default; any other mode is worth a look.
+        let mode = match svc.balance {
+            sluice::config::Balance::RoundRobin => String::new(),
+            sluice::config::Balance::SourceHash(a) => {
+                format!("; balance source-hash, affinity {}", a.as_str())
+            }
+            other => format!("; balance {}", other.as_str()),
+        };
         let _ = writeln!(
             s,
-            "service {:<8} {} -> {} (backend port {})",
+            "service {:<8} {} -> {} (backend port {}{mode})",
             svc.name,
             svc.listen,
             svc.backends.join(", "),
@@ -574,9 +582,19 @@ fn summary(c: &Config) -> String {
                 format!("http check GET {path} -> {status}")
             }
         };
+        let mut extra = String::new();
+        if b.backup {
+            extra.push_str(", backup");
+        }
+        if let Some(max) = b.max_connections {
+            let _ = write!(extra, ", max {max} connections");
+        }
+        if let Some(d) = b.slow_start {
+            let _ = write!(extra, ", slow start {}", sluice::config::format_duration(d));
+        }
         let _ = writeln!(
             s,
-            "backend {:<8} {:<22} weight {:<3} {check}",
+            "backend {:<8} {:<22} weight {:<3} {check}{extra}",
             b.name,
             b.address.to_string(),
             b.weight
@@ -628,7 +646,12 @@ fn changed_settings(c: &Config) -> Vec<(&'static str, String)> {
         ));
     }
     let h = &c.health;
-    if *h != d.health {
+    // slow_start shows on each backend's line.
+    let d_health = sluice::config::HealthConfig {
+        slow_start: h.slow_start,
+        ..d.health.clone()
+    };
+    if *h != d_health {
         out.push((
             "health",
             format!(

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::{ConnGuard, ConnInfo, ConnectFailure};
+use crate::backend::{ConnGuard, ConnInfo, ConnectFailure, Skip};
 use crate::events::Reason;
 use crate::net;
 use crate::state::{ConnSettings, Permit, Service, Shared};
@@ -90,6 +90,8 @@ fn is_per_connection(e: &io::Error) -> bool {
 enum Refused {
     /// None took it or answered.
     NoBackend,
+    /// Every backend that takes connections was at its `max_connections`.
+    Full,
     /// sluice was short of descriptors or buffers to connect with.
     Shortage,
     /// The client left, or shutdown closed it, first.
@@ -120,6 +122,10 @@ async fn handle(
             warn!("no backend took the connection; closing client");
             (&stats.rejected_no_backend, Some(Reason::NoBackend))
         }
+        Err(Refused::Full) => {
+            warn!("every backend is at its max_connections; closing client");
+            (&stats.rejected_backend_full, Some(Reason::BackendFull))
+        }
         Err(Refused::Shortage) => (&stats.rejected_resources, Some(Reason::Resources)),
         Err(Refused::Abandoned) => (&stats.abandoned, None),
     };
@@ -131,7 +137,9 @@ async fn handle(
 
 /// Connects to the first backend in the pick's order that answers. Until
 /// a backend answers no byte has moved, so a backend stopped or forced
-/// closed meanwhile costs the client nothing: the next one is tried.
+/// closed meanwhile costs the client nothing: the next one is tried. A
+/// backend at its `max_connections` is skipped too; when every one met
+/// was, the refusal says so.
 async fn connect(
     client: &TcpStream,
     peer: SocketAddr,
@@ -140,12 +148,19 @@ async fn connect(
     settings: ConnSettings,
 ) -> Result<(TcpStream, ConnGuard), Refused> {
     let route = service.route();
-    for (backend, target) in route.pick() {
+    // Whether every backend met was full: then the refusal says so.
+    let mut all_full = None;
+    for (backend, target) in route.pick(peer.ip()) {
         // The slot is held from before the connect, so a pending connect
         // counts and a drain waits for it.
-        let Some(guard) = backend.try_acquire(peer, service.name.clone()) else {
-            continue;
+        let guard = match backend.try_acquire(peer, service.name.clone()) {
+            Ok(g) => g,
+            Err(why) => {
+                all_full = Some(all_full.unwrap_or(true) && why == Skip::Full);
+                continue;
+            }
         };
+        all_full = Some(false);
         if shared.closing_all.load(Ordering::SeqCst) {
             return Err(Refused::Abandoned);
         }
@@ -181,6 +196,9 @@ async fn connect(
                 warn!(backend = %backend.name, address = %target, error = %e, "backend connect failed; trying the next");
             }
         }
+    }
+    if all_full == Some(true) {
+        return Err(Refused::Full);
     }
     Err(Refused::NoBackend)
 }

@@ -126,6 +126,31 @@ fn check_refuses_bad_files_naming_file_line_and_field() {
             3,
             vec![],
         ),
+        (
+            base.replace("8080\"\n", "8080\"\naffinity = \"network\"\n"),
+            4,
+            vec!["service[0].affinity", "source-hash"],
+        ),
+        (
+            base.replace("8080\"\n", "8080\"\nbalance = \"sticky\"\n"),
+            4,
+            vec!["service[0].balance", "sticky", "least-connections"],
+        ),
+        (
+            format!("{base}backup = true\n"),
+            2,
+            vec!["service[0].backends", "backup"],
+        ),
+        (
+            format!("{base}max_connections = 0\n"),
+            8,
+            vec!["backend[0].max_connections", "1 or more"],
+        ),
+        (
+            format!("{base}slow_start = \"0s\"\n"),
+            8,
+            vec!["backend[0].slow_start", "more than 0"],
+        ),
     ];
     for (text, line, words) in cases {
         let (ok, _, err) = check(&text);
@@ -655,7 +680,17 @@ fn completions_and_man_pages_cover_every_command() {
 fn check_prints_every_setting_that_differs_from_its_default() {
     let (ok, plain, err) = check(GOOD);
     assert!(ok, "{err}");
-    for name in ["state file", "health ", "zero copy", "workers", "admin  "] {
+    for name in [
+        "state file",
+        "health ",
+        "zero copy",
+        "workers",
+        "admin  ",
+        "balance",
+        "backup",
+        "slow start",
+        ", max ",
+    ] {
         assert!(!plain.contains(name), "{name} is at its default: {plain}");
     }
     let text = format!(
@@ -713,6 +748,7 @@ fn every_example_config_passes_check() {
         names,
         [
             "admin-with-token.toml",
+            "affinity-limits-backup.toml",
             "health-checked-pool.toml",
             "web-80-443.toml",
             "weights.toml"
@@ -721,6 +757,21 @@ fn every_example_config_passes_check() {
     let summary = |name: &str| &seen.iter().find(|(n, _)| n == name).unwrap().1;
     assert!(summary("admin-with-token.toml").contains("10.0.9.5:9000 (token required)"));
     assert!(summary("health-checked-pool.toml").contains("http check GET /healthz -> 200"));
+    let balancing = summary("affinity-limits-backup.toml");
+    for want in [
+        "balance source-hash, affinity network",
+        "balance least-connections",
+        "max 500 connections, slow start 2m",
+        "spare",
+    ] {
+        assert!(balancing.contains(want), "no `{want}` in:\n{balancing}");
+    }
+    assert!(
+        balancing
+            .lines()
+            .any(|l| l.starts_with("backend spare") && l.ends_with("backup, slow start 30s")),
+        "{balancing}"
+    );
     assert!(summary("web-80-443.toml").contains("service https"));
     assert!(summary("weights.toml").contains("weight 0"));
 

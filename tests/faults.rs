@@ -17,6 +17,7 @@ fn settled(stats: &Value) -> u64 {
         "established",
         "rejected_limit",
         "rejected_no_backend",
+        "rejected_backend_full",
         "rejected_resources",
         "abandoned",
     ]

@@ -469,6 +469,10 @@ fn wire_types_match_their_schemas() {
         healthy: true,
         health_checked: true,
         weight: u32::MAX,
+        effective_weight: saved.map(|_| 0.25),
+        slow_start: saved.map(|_| "30s".into()),
+        max_connections: saved.map(|_| 100),
+        backup: saved.is_some(),
         active_connections: 3,
         idle_connections: 2,
         total_connections: u64::MAX,
@@ -546,6 +550,43 @@ fn wire_types_match_their_schemas() {
             json!(healthz(Vec::new(), None, None, None, None, None)),
         ),
         (
+            "ServiceView",
+            json!(ServiceView {
+                name: "web".into(),
+                listen: "0.0.0.0:80".into(),
+                balance: "source-hash".into(),
+                affinity: Some("network".into()),
+                backends: vec!["web1".into(), "web2".into(), "spare".into()],
+                backups: vec!["spare".into()],
+                refused: [
+                    ("limit", 1),
+                    ("no_backend", 2),
+                    ("resources", 3),
+                    ("backend_full", 4)
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            }),
+            json!(ServiceView {
+                name: "web".into(),
+                listen: "127.0.0.1:8080".into(),
+                balance: "round-robin".into(),
+                affinity: None,
+                backends: vec!["web1".into()],
+                backups: Vec::new(),
+                refused: [
+                    ("limit", 0),
+                    ("no_backend", 0),
+                    ("resources", 0),
+                    ("backend_full", 0)
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            }),
+        ),
+        (
             "LeaveView",
             json!(LeaveView {
                 leaving: true,
@@ -602,6 +643,7 @@ fn wire_types_match_their_schemas() {
                 established: 6,
                 rejected_limit: 7,
                 rejected_no_backend: 8,
+                rejected_backend_full: 12,
                 rejected_resources: 9,
                 state_file_failures: 10,
                 resource_shortages: 11,

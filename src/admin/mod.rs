@@ -9,7 +9,8 @@
 //! | POST | `/backends/{name}/stop` | out of rotation and every connection closed |
 //! | POST | `/backends/{name}/start` | back in rotation, from any state |
 //! | GET  | `/backends/{name}/connections` | live connections: client, service, age, idle time, bytes each way |
-//! | GET  | `/stats` | clients refused (limit, no backend), accept errors, live total |
+//! | GET  | `/services` | each service: where it listens, its balancing mode and affinity, its backends and backups, its refused clients by reason |
+//! | GET  | `/stats` | what became of the clients: established, or refused (limit, no backend, every backend full, resources), or abandoned; accept errors; live total |
 //! | POST | `/reload` | reads the configuration file again and applies it whole (200), or refuses it whole (422) with the file, line and field at fault or the fields that need a restart; 409 when sluice was not started from a file |
 //! | GET  | `/openapi.json` | this API as an OpenAPI 3.1 document ([`OPENAPI`]) |
 //! | GET  | `/` | the dashboard ([`DASHBOARD`]), which needs no token to load |

@@ -14,7 +14,7 @@ use super::route::Op;
 use super::{DASHBOARD, OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
 use crate::api::{
     BackendView, ConnView, HealthzView, InstanceCount, LeaveView, ReloadView, RestartView,
-    StatsView,
+    ServiceView, StatsView,
 };
 use crate::backend::{Backend, ConnInfo, State};
 use crate::cluster::Change;
@@ -139,11 +139,43 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 established: n(&s.established),
                 rejected_limit: n(&s.rejected_limit),
                 rejected_no_backend: n(&s.rejected_no_backend),
+                rejected_backend_full: n(&s.rejected_backend_full),
                 rejected_resources: n(&s.rejected_resources),
                 state_file_failures: n(&shared.persist.failures),
                 resource_shortages: n(&s.shortage.total),
             };
             json(StatusCode::OK, &v)
+        }
+        Op::Services => {
+            let views: Vec<_> = shared
+                .services
+                .iter()
+                .map(|s| {
+                    let route = s.route();
+                    let balance = route.balance();
+                    let names = |backup: Option<bool>| {
+                        route
+                            .members()
+                            .iter()
+                            .filter(|(b, _)| backup.is_none_or(|x| b.is_backup() == x))
+                            .map(|(b, _)| b.name.clone())
+                            .collect()
+                    };
+                    ServiceView {
+                        name: s.name.to_string(),
+                        listen: s.listen.to_string(),
+                        balance: balance.as_str().into(),
+                        affinity: balance.affinity().map(|a| a.as_str().into()),
+                        backends: names(None),
+                        backups: names(Some(true)),
+                        refused: crate::events::Reason::ALL
+                            .iter()
+                            .map(|&r| (r.as_str().to_string(), s.counts.refused_total(r)))
+                            .collect(),
+                    }
+                })
+                .collect();
+            json(StatusCode::OK, &views)
         }
         Op::Backends => {
             let views: Vec<_> = shared
@@ -386,6 +418,11 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         },
         closed: None,
         weight: b.weight(),
+        // Rounded, so that the view does not show float noise.
+        effective_weight: b.ramping_weight().map(|w| (w * 100.0).round() / 100.0),
+        slow_start: b.slow_start().map(crate::config::format_duration),
+        max_connections: b.max_connections(),
+        backup: b.is_backup(),
         // After an upgrade, the previous process's too, until it has gone;
         // in cluster mode, every live instance's.
         active_connections: b.live() + b.elsewhere() + b.peers_live(),

@@ -69,16 +69,38 @@ impl ConnInfo {
     }
 }
 
+/// Why a backend gave no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// It takes no new connections (admin state, health, weight 0).
+    Out,
+    /// It carries `max_connections` already.
+    Full,
+}
+
 impl Backend {
-    /// Takes a slot for a new connection, or `None` when the backend does
-    /// not take new connections. The slot is taken first and the rule is
-    /// checked after, so that a concurrent drain or stop either sees this
-    /// connection or this connection sees the new state: none slips past.
+    /// Takes a slot for a new connection, or says why not. The slot is
+    /// reserved first, by a compare-and-swap that never takes the live
+    /// count past `max_connections`, so the limit holds exactly however
+    /// many clients race for the last slot. The rule is checked after, so
+    /// that a concurrent drain or stop either sees this connection or this
+    /// connection sees the new state: none slips past.
     pub fn try_acquire(
         self: &Arc<Self>,
         client: SocketAddr,
         service: Arc<str>,
-    ) -> Option<ConnGuard> {
+    ) -> Result<ConnGuard, Skip> {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        if max == usize::MAX {
+            self.live.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.live
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                    (l < max).then_some(l + 1)
+                })
+                .map_err(|_| Skip::Full)?;
+        }
+        // The slot is held from here: the guard built below gives it back.
         let info = Arc::new(ConnInfo {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
             client,
@@ -90,16 +112,15 @@ impl Backend {
             bytes_out: AtomicU64::new(0),
             cancel: CancellationToken::new(),
         });
-        self.live.fetch_add(1, Ordering::SeqCst);
         self.conns.insert(info.id, info.clone());
         let guard = ConnGuard {
             backend: self.clone(),
             info,
         };
         if self.takes_new_connections() {
-            Some(guard)
+            Ok(guard)
         } else {
-            None
+            Err(Skip::Out)
         }
     }
 }

@@ -17,6 +17,7 @@
 
 mod conn;
 mod drain;
+mod ramp;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,8 +30,9 @@ use crate::config::BackendAddress;
 use crate::events::{Bus, Kind};
 use crate::health::{Event, Health, Rules, unix_ms};
 
-pub use conn::{ConnGuard, ConnInfo};
+pub use conn::{ConnGuard, ConnInfo, Skip};
 pub use drain::{Drain, DrainPolicy};
+pub use ramp::now_ms;
 
 /// How long a connection must move no byte to count as idle, in the API's
 /// counts and in a drain's progress events.
@@ -133,6 +135,13 @@ pub struct Backend {
     pub name: String,
     address: Mutex<BackendAddress>,
     weight: AtomicU32,
+    /// Its slow start, read lock-free by picks.
+    ramp: ramp::Ramp,
+    /// Most live connections it takes (`usize::MAX`: no limit); a slot
+    /// is reserved by compare-and-swap, so the limit is exact.
+    max_connections: AtomicUsize,
+    /// Takes clients only when no primary of the service can.
+    backup: AtomicBool,
     state: AtomicU8,
     /// `health.up`, readable without the lock on the hot path.
     healthy: AtomicBool,
@@ -192,6 +201,9 @@ impl Backend {
             name,
             address: Mutex::new(address),
             weight: AtomicU32::new(weight),
+            ramp: ramp::Ramp::default(),
+            max_connections: AtomicUsize::new(usize::MAX),
+            backup: AtomicBool::new(false),
             state: AtomicU8::new(state as u8),
             healthy: AtomicBool::new(true),
             health: Mutex::new(Health::new(now)),
@@ -257,6 +269,78 @@ impl Backend {
 
     pub fn set_weight(&self, w: u32) {
         self.weight.store(w, Ordering::Relaxed);
+    }
+
+    /// Sets what balancing reads of it besides its weight: `slow_start`,
+    /// `max_connections` and `backup`. A ramp under way goes on with the
+    /// new length.
+    pub fn set_balancing(&self, slow_start: Option<Duration>, max: Option<usize>, backup: bool) {
+        self.ramp.set_length(slow_start);
+        self.max_connections
+            .store(max.unwrap_or(usize::MAX), Ordering::Relaxed);
+        self.backup.store(backup, Ordering::Relaxed);
+    }
+
+    pub fn slow_start(&self) -> Option<Duration> {
+        self.ramp.length()
+    }
+
+    pub fn max_connections(&self) -> Option<usize> {
+        match self.max_connections.load(Ordering::Relaxed) {
+            usize::MAX => None,
+            n => Some(n),
+        }
+    }
+
+    pub fn is_backup(&self) -> bool {
+        self.backup.load(Ordering::Relaxed)
+    }
+
+    /// Whether it has a free slot under `max_connections`, as of now: a
+    /// hint for picks, which `try_acquire` makes exact.
+    pub fn has_room(&self) -> bool {
+        self.live() < self.max_connections.load(Ordering::Relaxed)
+    }
+
+    /// Whether a pick may choose it first: it takes new connections and
+    /// has room.
+    pub fn available(&self) -> bool {
+        self.takes_new_connections() && self.has_room()
+    }
+
+    /// Whether a slow start may be under way: one load, no clock.
+    pub fn maybe_ramping(&self) -> bool {
+        self.ramp.maybe_ramping()
+    }
+
+    /// Its weight at `now` (see [`now_ms`]): lower while it slow-starts.
+    pub fn effective_weight_at(&self, now: u64) -> f64 {
+        let w = self.weight() as f64;
+        match self.ramp.fraction_at(now) {
+            Some(f) => w * f,
+            None => w,
+        }
+    }
+
+    /// Its weight now while it slow-starts; `None` once it takes its own.
+    pub fn ramping_weight(&self) -> Option<f64> {
+        if !self.maybe_ramping() {
+            return None;
+        }
+        let f = self.ramp.fraction_at(now_ms())?;
+        Some(self.weight() as f64 * f)
+    }
+
+    /// Starts a slow start at `now`, as if it had just come back.
+    pub fn begin_slow_start(&self, now: u64) {
+        self.ramp.begin(now);
+    }
+
+    /// A slow start that began `done` ago, for tests of what picks make
+    /// of a ramp part-way.
+    #[cfg(test)]
+    pub fn slow_start_done(&self, done: Duration) {
+        self.ramp.begin_done(now_ms(), done.as_millis() as u64);
     }
 
     pub fn healthy(&self) -> bool {
@@ -385,6 +469,11 @@ impl Backend {
             {
                 Ok(_) => {
                     self.generation.fetch_add(1, Ordering::SeqCst);
+                    if to == State::Active && s != State::Draining {
+                        // Back in rotation after carrying nothing: cold, so
+                        // it slow-starts. A drain called off was never cold.
+                        self.ramp.begin(now_ms());
+                    }
                     let now = unix_ms();
                     let since = self.state_since_ms.swap(now, Ordering::Relaxed);
                     tracing::info!(
@@ -508,6 +597,10 @@ impl Backend {
         self.connect_failing
             .store(health.connects_failing(), Ordering::Relaxed);
         if let Some(flip) = flip {
+            if flip.up {
+                // Before it is seen up, so no pick meets it at full weight.
+                self.ramp.begin(now_ms());
+            }
             // Stored under the lock, so flips are published in order.
             self.healthy.store(flip.up, Ordering::SeqCst);
             // Under the lock too, so the events keep the flips' order.
@@ -619,6 +712,7 @@ mod tests {
 
     pub(super) fn acquire(b: &Arc<Backend>) -> Option<ConnGuard> {
         b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into())
+            .ok()
     }
 
     fn drain(b: &Arc<Backend>) -> Drain {
@@ -699,5 +793,74 @@ mod tests {
         b.record_health(Event::CheckPassed { started_ms: 5 }, rules);
         assert!(b.healthy());
         assert_eq!(b.health().last_ok_check_ms, 5);
+    }
+
+    #[test]
+    fn max_connections_is_exact_under_concurrent_acquires() {
+        let b = backend();
+        b.set_balancing(None, Some(5), false);
+        let got = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        if let Ok(g) = b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into()) {
+                            got.lock().unwrap().push(g);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(got.lock().unwrap().len(), 5, "slots handed out");
+        assert_eq!(b.live(), 5);
+        assert_eq!(
+            b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into())
+                .err(),
+            Some(Skip::Full)
+        );
+        assert!(!b.has_room() && !b.available());
+        got.lock().unwrap().pop();
+        assert!(b.has_room());
+        assert!(acquire(&b).is_some(), "a freed slot is taken again");
+        drain(&b);
+        assert_eq!(
+            b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into())
+                .err(),
+            Some(Skip::Out)
+        );
+        assert_eq!(b.live(), 4, "the refused attempts gave their slots back");
+    }
+
+    #[test]
+    fn start_and_health_up_begin_a_slow_start() {
+        let b = backend();
+        b.set_weight(4);
+        assert_eq!(b.ramping_weight(), None, "a backend as it starts is warm");
+        b.stop();
+        b.start();
+        assert_eq!(b.ramping_weight(), None, "no slow_start: whole at once");
+        b.set_balancing(Some(Duration::from_secs(3600)), None, false);
+        b.stop();
+        b.start();
+        let w = b.ramping_weight().expect("ramping after start");
+        assert!(w > 0.0 && w < 0.1, "{w}");
+        assert!(b.effective_weight_at(now_ms() + 1_800_000) > 1.9);
+        assert_eq!(b.effective_weight_at(now_ms() + 3_600_001), 4.0);
+        b.set_balancing(None, None, false);
+        assert_eq!(b.ramping_weight(), None);
+        b.set_balancing(Some(Duration::from_secs(3600)), None, false);
+        let g = acquire(&b).unwrap();
+        drain(&b);
+        b.start();
+        assert_eq!(b.ramping_weight(), None, "a drain called off: still warm");
+        drop(g);
+        b.set_balancing(None, None, false);
+        b.set_balancing(Some(Duration::from_secs(3600)), None, false);
+        let rules = Rules { rise: 1, fall: 1 };
+        b.record_health(Event::ChecksOn, rules);
+        b.record_health(Event::CheckFailed("x".into()), rules);
+        assert_eq!(b.ramping_weight(), None, "down is not a ramp");
+        b.record_health(Event::CheckPassed { started_ms: 1 }, rules);
+        assert!(b.ramping_weight().is_some(), "ramping after health up");
     }
 }

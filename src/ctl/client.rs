@@ -320,6 +320,11 @@ impl Client {
         Ok(self.json(Method::GET, "/stats").await?.1)
     }
 
+    /// `GET /services`: each service and how it chooses a backend.
+    pub async fn services(&self) -> Result<Vec<crate::api::ServiceView>, CtlError> {
+        Ok(self.json(Method::GET, "/services").await?.1)
+    }
+
     pub async fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
         Ok(self.json(Method::GET, "/backends").await?.1)
     }

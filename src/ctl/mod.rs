@@ -71,6 +71,7 @@ pub async fn status(c: &Client, json: bool) -> Result<Outcome, CtlError> {
         print_json(&bs);
     } else {
         out(&status_table(&bs, colour()));
+        out(&output::services_lines(&c.services().await?));
         out(&process_line(&h));
     }
     // On stderr, so the table and the JSON stay what scripts read.

@@ -249,6 +249,24 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
             "{:<12} {:<24} {state} {:<7} {:>6} {:>10}  {services}",
             b.name, b.address, health, b.active_connections, b.total_connections
         );
+        let mut notes = Vec::new();
+        if b.backup {
+            notes.push("backup: serves only when no primary can".to_string());
+        }
+        if let Some(max) = b.max_connections {
+            notes.push(format!("max_connections {max}"));
+        }
+        match (&b.slow_start, b.effective_weight) {
+            (Some(len), Some(w)) => notes.push(format!(
+                "slow-starting ({len}): weight now {w:.2} of {}",
+                b.weight
+            )),
+            (Some(len), None) => notes.push(format!("slow_start {len}")),
+            _ => {}
+        }
+        if !notes.is_empty() {
+            let _ = writeln!(out, "  {}: {}", b.name, notes.join("; "));
+        }
         if !b.healthy {
             let why = b.down_reason.as_deref().unwrap_or("no reason recorded");
             let _ = writeln!(
@@ -262,10 +280,34 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
     out
 }
 
+/// One line per service: where it listens and how it chooses a backend.
+pub fn services_lines(services: &[crate::api::ServiceView]) -> String {
+    let mut out = String::new();
+    for s in services {
+        let mode = match &s.affinity {
+            Some(a) => format!("{} (affinity {a})", s.balance),
+            None => s.balance.clone(),
+        };
+        let primaries = s.backends.iter().filter(|b| !s.backups.contains(b));
+        let _ = write!(
+            out,
+            "service {} on {}: {mode} over {}",
+            s.name,
+            s.listen,
+            list(primaries)
+        );
+        if !s.backups.is_empty() {
+            let _ = write!(out, "; backups {}", list(s.backups.iter()));
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
 /// `/stats` for a person: each counter with what it counts, the clients'
 /// outcomes first (every accepted client ends in exactly one of them).
 pub fn stats_table(s: &crate::api::StatsView) -> String {
-    let rows: [(u64, &str, &str); 13] = [
+    let rows: [(u64, &str, &str); 14] = [
         (
             s.active_connections as u64,
             "active_connections",
@@ -282,6 +324,11 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
             s.rejected_no_backend,
             "rejected_no_backend",
             "no backend took or answered them",
+        ),
+        (
+            s.rejected_backend_full,
+            "rejected_backend_full",
+            "every backend at its max_connections",
         ),
         (
             s.rejected_resources,
@@ -319,6 +366,7 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
                 s.established
                     + s.rejected_limit
                     + s.rejected_no_backend
+                    + s.rejected_backend_full
                     + s.rejected_resources
                     + s.abandoned,
             ),
@@ -328,7 +376,7 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
     ];
     let mut out = String::new();
     for (n, name, what) in rows {
-        let _ = writeln!(out, "{name:<20} {n:>12}  {what}");
+        let _ = writeln!(out, "{name:<21} {n:>12}  {what}");
     }
     out
 }
@@ -386,7 +434,50 @@ mod tests {
             closed: None,
             saved: None,
             instances: vec![],
+            effective_weight: None,
+            slow_start: None,
+            max_connections: None,
+            backup: false,
         }
+    }
+
+    #[test]
+    fn balancing_settings_show_under_their_backend_and_services_in_lines() {
+        let mut spare = backend("spare", State::Active, true);
+        spare.backup = true;
+        spare.max_connections = Some(100);
+        let mut cold = backend("web2", State::Active, true);
+        cold.weight = 4;
+        cold.slow_start = Some("30s".into());
+        cold.effective_weight = Some(1.5);
+        let t = status_table(&[backend("web1", State::Active, true), cold, spare], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines.len(),
+            6,
+            "one note line per backend with settings: {t}"
+        );
+        assert_eq!(
+            lines[3],
+            "  web2: slow-starting (30s): weight now 1.50 of 4"
+        );
+        assert_eq!(
+            lines[5],
+            "  spare: backup: serves only when no primary can; max_connections 100"
+        );
+        let s = crate::api::ServiceView {
+            name: "web".into(),
+            listen: "0.0.0.0:80".into(),
+            balance: "source-hash".into(),
+            affinity: Some("network".into()),
+            backends: vec!["web1".into(), "web2".into(), "spare".into()],
+            backups: vec!["spare".into()],
+            refused: Default::default(),
+        };
+        assert_eq!(
+            services_lines(&[s]),
+            "service web on 0.0.0.0:80: source-hash (affinity network) over web1, web2; backups spare\n"
+        );
     }
 
     #[test]

@@ -98,7 +98,8 @@ impl Service {
 
 /// What became of the clients. Every accepted client lands in exactly one
 /// of `established`, `rejected_limit`, `rejected_no_backend`,
-/// `rejected_resources` and `abandoned` once its connect phase is over.
+/// `rejected_backend_full`, `rejected_resources` and `abandoned` once its
+/// connect phase is over.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Clients accepted.
@@ -109,6 +110,9 @@ pub struct Stats {
     pub rejected_limit: AtomicU64,
     /// Closed because no backend took or answered the connection.
     pub rejected_no_backend: AtomicU64,
+    /// Closed because every backend that takes connections carried its
+    /// `max_connections`.
+    pub rejected_backend_full: AtomicU64,
     /// Closed because sluice itself was short of file descriptors or
     /// buffers when it connected to a backend.
     pub rejected_resources: AtomicU64,
@@ -318,7 +322,7 @@ impl Shared {
                 Arc::new(Service {
                     name: s.name.as_str().into(),
                     listen,
-                    route: ArcSwap::from_pointee(Route::new(Vec::new())),
+                    route: ArcSwap::from_pointee(Route::new(Vec::new(), s.balance)),
                     counts: ServiceCounts::default(),
                     refusals: Refusals::default(),
                 })

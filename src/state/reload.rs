@@ -5,8 +5,13 @@
 //! names and addresses, the admin address, the state file, `workers` and
 //! `runtime` (sockets and threads made at start). Everything else applies:
 //! backends are matched by name (existing ones keep their state, counters
-//! and live connections; new ones join `active`; removed ones drain and
-//! are dropped once empty), routes are rebuilt and swapped whole, health
+//! and live connections; new ones join `active`, slow-starting if they
+//! have `slow_start`; removed ones drain and are dropped once empty),
+//! each backend's weight, `slow_start`, `max_connections` and `backup`
+//! are set (a ramp under way goes on with the new length; a lowered
+//! `max_connections` cuts nothing and only holds new clients off until
+//! the count is under it), routes are rebuilt with each service's
+//! `balance` and `affinity` and swapped whole, health
 //! checks restart, the limit is resized, and the new [`Runtime`] is
 //! swapped in for the token, the timeouts, `zero_copy` and the grace
 //! period. Admin states are kept and no live connection is cut.
@@ -146,16 +151,16 @@ pub(super) fn new_backend(
     state_changed: &Arc<Notify>,
     events: &Arc<Bus>,
 ) -> Arc<Backend> {
-    Arc::new(
-        Backend::new(
-            bc.name.clone(),
-            bc.address.clone(),
-            bc.weight,
-            State::Active,
-        )
-        .notify_changes_to(state_changed.clone())
-        .publish_to(events.clone()),
+    let b = Backend::new(
+        bc.name.clone(),
+        bc.address.clone(),
+        bc.weight,
+        State::Active,
     )
+    .notify_changes_to(state_changed.clone())
+    .publish_to(events.clone());
+    b.set_balancing(bc.slow_start, bc.max_connections, bc.backup);
+    Arc::new(b)
 }
 
 impl Shared {
@@ -239,10 +244,14 @@ impl Shared {
                     }
                     b.set_weight(bc.weight);
                     b.set_address(bc.address.clone());
+                    b.set_balancing(bc.slow_start, bc.max_connections, bc.backup);
                 }
                 None => {
                     added.push(bc.name.clone());
                     let b = new_backend(bc, &self.state_changed, &self.events);
+                    // New to traffic, so cold: it slow-starts. One there
+                    // at start-up does not: nothing sent it traffic yet.
+                    b.begin_slow_start(crate::backend::now_ms());
                     let retired = self.retired_remove(&bc.name);
                     if let Some(state) = self.agreed_state(&bc.name) {
                         // The cluster's state over this instance's memory.
@@ -320,7 +329,9 @@ impl Shared {
                 .filter_map(|n| list.iter().find(|b| &b.name == n))
                 .map(|b| (b.clone(), Target::new(&b.address(), sc.backend_port)))
                 .collect();
-            service.route.store(Arc::new(Route::new(members)));
+            service
+                .route
+                .store(Arc::new(Route::new(members, sc.balance)));
         }
     }
 
@@ -569,6 +580,7 @@ mod tests {
         let b = s.backend("b").unwrap();
         let conn = b
             .try_acquire("127.0.0.1:9".parse().unwrap(), "web".into())
+            .ok()
             .unwrap();
         s.reload(parse(&text("", "", &[("a", 1)]))).unwrap();
         b.start();
@@ -589,5 +601,59 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), gone)
             .await
             .expect("b dropped once empty");
+    }
+
+    #[tokio::test]
+    async fn balancing_settings_apply_and_a_backend_added_by_a_reload_slow_starts() {
+        use crate::config::{Affinity, Balance};
+        let s = shared(&text("", "", &[("a", 1), ("b", 1)]));
+        assert_eq!(s.services[0].route().balance(), Balance::RoundRobin);
+        let t = text("", "", &[("a", 1), ("b", 1), ("c", 1)])
+            .replace(
+                "backend_port = 80\n",
+                "backend_port = 80\nbalance = \"source-hash\"\naffinity = \"network\"\n",
+            )
+            .replacen(
+                "name = \"a\"\n",
+                "name = \"a\"\nslow_start = \"1h\"\nmax_connections = 7\n",
+                1,
+            )
+            .replacen("name = \"b\"\n", "name = \"b\"\nbackup = true\n", 1)
+            .replace(
+                "[[backend]]\nname = \"c\"",
+                "[health]\nslow_start = \"1h\"\n[[backend]]\nname = \"c\"",
+            );
+        s.reload(parse(&t)).unwrap();
+        assert_eq!(
+            s.services[0].route().balance(),
+            Balance::SourceHash(Affinity::Network)
+        );
+        let (a, b, c) = (
+            s.backend("a").unwrap(),
+            s.backend("b").unwrap(),
+            s.backend("c").unwrap(),
+        );
+        assert_eq!(a.slow_start(), Some(Duration::from_secs(3600)));
+        assert_eq!(a.max_connections(), Some(7));
+        assert!(
+            a.ramping_weight().is_none(),
+            "a reload does not make a running backend cold"
+        );
+        assert!(
+            b.is_backup() && b.slow_start().is_some(),
+            "[health] slow_start for all"
+        );
+        assert!(
+            c.ramping_weight().is_some(),
+            "a backend new to traffic slow-starts"
+        );
+        // And back: every setting can be taken away by a reload too.
+        s.reload(parse(&text("", "", &[("a", 1), ("b", 1)])))
+            .unwrap();
+        assert_eq!(s.services[0].route().balance(), Balance::RoundRobin);
+        assert_eq!(
+            (a.slow_start(), a.max_connections(), b.is_backup()),
+            (None, None, false)
+        );
     }
 }

@@ -1,0 +1,127 @@
+//! Slow start: a backend that comes back (a `start`, or health up) takes a
+//! weight that rises from near 0 to its own over `slow_start`, so a cold
+//! server is not flooded.
+//!
+//! The hot path reads it without a lock: the backend keeps, in atomics,
+//! the ramp's length and the instant it ends, and a pick derives the
+//! fraction from the time left. A backend not ramping costs one load.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The smallest fraction of its weight a ramping backend takes, so that it
+/// still serves when it is the only one in rotation, and a pick is never
+/// a division by zero.
+pub const FLOOR: f64 = 0.001;
+
+/// Milliseconds on a monotonic clock of this process, never 0 (0 means
+/// "not ramping" in [`Ramp`]).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// A backend's slow start: its length, and when the current ramp ends.
+#[derive(Debug, Default)]
+pub struct Ramp {
+    /// `slow_start` in ms; 0 when it has none.
+    length_ms: AtomicU64,
+    /// [`now_ms`] at which the ramp ends; 0 when none runs.
+    ends_ms: AtomicU64,
+}
+
+impl Ramp {
+    pub fn set_length(&self, d: Option<Duration>) {
+        let ms = d.map_or(0, |d| d.as_millis().max(1) as u64);
+        self.length_ms.store(ms, Ordering::Relaxed);
+        if ms == 0 {
+            self.ends_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn length(&self) -> Option<Duration> {
+        match self.length_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// The backend came back at `now`: a ramp starts, if it has a length.
+    pub fn begin(&self, now: u64) {
+        self.begin_done(now, 0);
+    }
+
+    /// As [`Ramp::begin`], as if it began `done_ms` before `now`.
+    pub fn begin_done(&self, now: u64, done_ms: u64) {
+        let len = self.length_ms.load(Ordering::Relaxed);
+        if len > 0 {
+            self.ends_ms
+                .store(now + len.saturating_sub(done_ms), Ordering::Relaxed);
+        }
+    }
+
+    /// The fraction of its weight it takes at `now`: `None` when no ramp
+    /// runs (its whole weight), else from [`FLOOR`] to below 1.
+    pub fn fraction_at(&self, now: u64) -> Option<f64> {
+        let ends = self.ends_ms.load(Ordering::Relaxed);
+        if ends == 0 {
+            return None;
+        }
+        let len = self.length_ms.load(Ordering::Relaxed);
+        let left = ends.saturating_sub(now);
+        if left == 0 || len == 0 {
+            // Over: later picks skip the clock. A begin racing this store
+            // is at most one ramp lost, never a wrong weight for long.
+            let _ = self
+                .ends_ms
+                .compare_exchange(ends, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return None;
+        }
+        let done = 1.0 - left.min(len) as f64 / len as f64;
+        Some(done.max(FLOOR))
+    }
+
+    /// Whether a ramp may run: one load, so that picks of a service with
+    /// no ramping backend never read the clock.
+    pub fn maybe_ramping(&self) -> bool {
+        self.ends_ms.load(Ordering::Relaxed) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fraction_rises_over_the_ramp_and_ends_whole() {
+        let r = Ramp::default();
+        r.begin(1000);
+        assert_eq!(r.fraction_at(1000), None, "no length: no ramp");
+        r.set_length(Some(Duration::from_secs(10)));
+        r.begin(1000);
+        assert!(r.maybe_ramping());
+        assert_eq!(r.fraction_at(1000), Some(FLOOR), "near 0 as it comes back");
+        let quarter = r.fraction_at(3500).unwrap();
+        assert!((quarter - 0.25).abs() < 1e-9, "{quarter}");
+        let most = r.fraction_at(10_000).unwrap();
+        assert!((most - 0.9).abs() < 1e-9, "{most}");
+        assert_eq!(r.fraction_at(11_000), None, "whole at the end");
+        assert!(!r.maybe_ramping(), "and the clock is no longer read");
+        // Coming back again starts a new ramp from near 0.
+        r.begin(20_000);
+        assert_eq!(r.fraction_at(20_000), Some(FLOOR));
+        // A reload that takes slow_start away ends the ramp at once.
+        r.set_length(None);
+        assert_eq!(r.fraction_at(20_001), None);
+    }
+
+    #[test]
+    fn a_shorter_length_set_during_a_ramp_never_goes_below_the_floor() {
+        let r = Ramp::default();
+        r.set_length(Some(Duration::from_secs(100)));
+        r.begin(1);
+        r.set_length(Some(Duration::from_secs(1)));
+        assert_eq!(r.fraction_at(2), Some(FLOOR));
+    }
+}
