@@ -17,6 +17,10 @@ pub struct BackendView {
     /// Whether active health checks run for this backend.
     pub health_checked: bool,
     pub weight: u32,
+    /// The PROXY protocol header it is sent ahead of each client's
+    /// stream and each health check: `v1` or `v2`; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy: Option<crate::config::ProxyVersion>,
     pub active_connections: usize,
     /// Live connections that moved no byte in the last 10 s.
     pub idle_connections: usize,
@@ -110,8 +114,8 @@ pub struct PreviousView {
 
 /// `GET /stats`: what became of the clients, and the live total. Once a
 /// client's connect phase is over it is in exactly one of `established`,
-/// `rejected_limit`, `rejected_no_backend`, `rejected_resources` and
-/// `abandoned`.
+/// `rejected_limit`, `rejected_proxy_header`, `rejected_no_backend`,
+/// `rejected_resources` and `abandoned`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct StatsView {
     pub abandoned: u64,
@@ -124,6 +128,10 @@ pub struct StatsView {
     pub admin_unauthorized: u64,
     pub established: u64,
     pub rejected_limit: u64,
+    /// Clients of an `accept_proxy` service whose PROXY header was
+    /// malformed, cut short or too slow.
+    #[serde(default)]
+    pub rejected_proxy_header: u64,
     pub rejected_no_backend: u64,
     pub rejected_resources: u64,
     /// Writes of the state file that failed.

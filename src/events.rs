@@ -137,16 +137,25 @@ pub enum Reason {
     NoBackend,
     /// sluice was short of descriptors or buffers.
     Resources,
+    /// Its PROXY header (`accept_proxy`) was malformed, cut short or too
+    /// slow.
+    ProxyHeader,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 3] = [Reason::Limit, Reason::NoBackend, Reason::Resources];
+    pub const ALL: [Reason; 4] = [
+        Reason::Limit,
+        Reason::NoBackend,
+        Reason::Resources,
+        Reason::ProxyHeader,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Limit => "limit",
             Reason::NoBackend => "no_backend",
             Reason::Resources => "resources",
+            Reason::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -155,12 +164,12 @@ impl Reason {
 /// told, by reason: the counting itself is the service's counts (which
 /// `/metrics` reads too), so the refusing path adds once.
 #[derive(Debug, Default)]
-pub struct Refusals([AtomicU64; 3]);
+pub struct Refusals([AtomicU64; Reason::ALL.len()]);
 
 impl Refusals {
     /// Publishes what `totals` (by reason, in [`Reason::ALL`]'s order)
     /// counted since the last flush.
-    pub fn flush(&self, service: &str, totals: [u64; 3], bus: &Bus) {
+    pub fn flush(&self, service: &str, totals: [u64; Reason::ALL.len()], bus: &Bus) {
         for reason in Reason::ALL {
             let total = totals[reason as usize];
             let told = self.0[reason as usize].swap(total, Ordering::Relaxed);
@@ -463,9 +472,9 @@ mod tests {
         let r = Refusals::default();
         // Totals by reason: 5 over the limit, 1 with no backend; then
         // nothing new, then 2 more over the limit.
-        r.flush("web", [5, 1, 0], &bus);
-        r.flush("web", [5, 1, 0], &bus);
-        r.flush("web", [7, 1, 0], &bus);
+        r.flush("web", [5, 1, 0, 0], &bus);
+        r.flush("web", [5, 1, 0, 0], &bus);
+        r.flush("web", [7, 1, 0, 3], &bus);
         let mut got = Vec::new();
         while let Ok(f) = s.queue.try_recv() {
             let text = String::from_utf8(f.to_vec()).unwrap();
@@ -482,7 +491,8 @@ mod tests {
             [
                 refused("limit", 5),
                 refused("no_backend", 1),
-                refused("limit", 2)
+                refused("limit", 2),
+                refused("proxy_header", 3)
             ]
         );
     }

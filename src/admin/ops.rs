@@ -138,6 +138,7 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 admin_unauthorized: n(&s.admin_unauthorized),
                 established: n(&s.established),
                 rejected_limit: n(&s.rejected_limit),
+                rejected_proxy_header: n(&s.rejected_proxy_header),
                 rejected_no_backend: n(&s.rejected_no_backend),
                 rejected_resources: n(&s.rejected_resources),
                 state_file_failures: n(&shared.persist.failures),
@@ -386,6 +387,7 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         },
         closed: None,
         weight: b.weight(),
+        send_proxy: b.send_proxy(),
         // After an upgrade, the previous process's too, until it has gone;
         // in cluster mode, every live instance's.
         active_connections: b.live() + b.elsewhere() + b.peers_live(),

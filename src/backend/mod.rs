@@ -25,7 +25,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::config::BackendAddress;
+use crate::config::{BackendAddress, ProxyVersion};
 use crate::events::{Bus, Kind};
 use crate::health::{Event, Health, Rules, unix_ms};
 
@@ -133,6 +133,9 @@ pub struct Backend {
     pub name: String,
     address: Mutex<BackendAddress>,
     weight: AtomicU32,
+    /// The PROXY header version it expects (0: none, 1, 2); a reload
+    /// changes it for the connections that start after.
+    send_proxy: AtomicU8,
     state: AtomicU8,
     /// `health.up`, readable without the lock on the hot path.
     healthy: AtomicBool,
@@ -192,6 +195,7 @@ impl Backend {
             name,
             address: Mutex::new(address),
             weight: AtomicU32::new(weight),
+            send_proxy: AtomicU8::new(0),
             state: AtomicU8::new(state as u8),
             healthy: AtomicBool::new(true),
             health: Mutex::new(Health::new(now)),
@@ -257,6 +261,24 @@ impl Backend {
 
     pub fn set_weight(&self, w: u32) {
         self.weight.store(w, Ordering::Relaxed);
+    }
+
+    /// The PROXY header a new connection to it starts with, if any.
+    pub fn send_proxy(&self) -> Option<ProxyVersion> {
+        match self.send_proxy.load(Ordering::Relaxed) {
+            1 => Some(ProxyVersion::V1),
+            2 => Some(ProxyVersion::V2),
+            _ => None,
+        }
+    }
+
+    pub fn set_send_proxy(&self, v: Option<ProxyVersion>) {
+        let n = match v {
+            None => 0,
+            Some(ProxyVersion::V1) => 1,
+            Some(ProxyVersion::V2) => 2,
+        };
+        self.send_proxy.store(n, Ordering::Relaxed);
     }
 
     pub fn healthy(&self) -> bool {

@@ -265,7 +265,7 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
 /// `/stats` for a person: each counter with what it counts, the clients'
 /// outcomes first (every accepted client ends in exactly one of them).
 pub fn stats_table(s: &crate::api::StatsView) -> String {
-    let rows: [(u64, &str, &str); 13] = [
+    let rows: [(u64, &str, &str); 14] = [
         (
             s.active_connections as u64,
             "active_connections",
@@ -277,6 +277,11 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
             s.rejected_limit,
             "rejected_limit",
             "refused at once: max_connections reached",
+        ),
+        (
+            s.rejected_proxy_header,
+            "rejected_proxy_header",
+            "PROXY header malformed, cut short or too slow",
         ),
         (
             s.rejected_no_backend,
@@ -318,6 +323,7 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
             s.accepted.saturating_sub(
                 s.established
                     + s.rejected_limit
+                    + s.rejected_proxy_header
                     + s.rejected_no_backend
                     + s.rejected_resources
                     + s.abandoned,
@@ -371,6 +377,7 @@ mod tests {
             healthy,
             health_checked: true,
             weight: 1,
+            send_proxy: None,
             active_connections: 3,
             idle_connections: 1,
             total_connections: 42,

@@ -17,7 +17,7 @@ pub const DURATION_BOUNDS: [f64; 16] = [
 /// What a service counts of its own.
 #[derive(Debug, Default)]
 pub struct ServiceCounts {
-    refused: [AtomicU64; 3],
+    refused: [AtomicU64; Reason::ALL.len()],
     /// Connections per duration bucket, not cumulative (so that one ending
     /// costs one add), the last one over every bound.
     buckets: [AtomicU64; DURATION_BOUNDS.len() + 1],
@@ -42,7 +42,7 @@ impl ServiceCounts {
     }
 
     /// Clients refused since start, by reason in [`Reason::ALL`]'s order.
-    pub fn refused_all(&self) -> [u64; 3] {
+    pub fn refused_all(&self) -> [u64; Reason::ALL.len()] {
         Reason::ALL.map(|r| self.refused_total(r))
     }
 
@@ -106,6 +106,6 @@ mod tests {
         c.refused(Reason::NoBackend);
         c.refused(Reason::Limit);
         let got: Vec<_> = Reason::ALL.iter().map(|&r| c.refused_total(r)).collect();
-        assert_eq!(got, [1, 2, 0]);
+        assert_eq!(got, [1, 2, 0, 0]);
     }
 }

@@ -9,7 +9,11 @@
 //! are dropped once empty), routes are rebuilt and swapped whole, health
 //! checks restart, the limit is resized, and the new [`Runtime`] is
 //! swapped in for the token, the timeouts, `zero_copy` and the grace
-//! period. Admin states are kept and no live connection is cut.
+//! period. A backend's `send_proxy` and a service's `accept_proxy` and
+//! `proxy_header_timeout` apply to the connections accepted after it (and
+//! `send_proxy` to the restarted checks): a live connection keeps the
+//! header it began with. Admin states are kept and no live connection is
+//! cut.
 
 use std::fmt;
 use std::path::Path;
@@ -146,16 +150,16 @@ pub(super) fn new_backend(
     state_changed: &Arc<Notify>,
     events: &Arc<Bus>,
 ) -> Arc<Backend> {
-    Arc::new(
-        Backend::new(
-            bc.name.clone(),
-            bc.address.clone(),
-            bc.weight,
-            State::Active,
-        )
-        .notify_changes_to(state_changed.clone())
-        .publish_to(events.clone()),
+    let b = Backend::new(
+        bc.name.clone(),
+        bc.address.clone(),
+        bc.weight,
+        State::Active,
     )
+    .notify_changes_to(state_changed.clone())
+    .publish_to(events.clone());
+    b.set_send_proxy(bc.send_proxy);
+    Arc::new(b)
 }
 
 impl Shared {
@@ -239,6 +243,9 @@ impl Shared {
                     }
                     b.set_weight(bc.weight);
                     b.set_address(bc.address.clone());
+                    // For the connections that start after this; a live
+                    // one began with the header it needed, or none.
+                    b.set_send_proxy(bc.send_proxy);
                 }
                 None => {
                     added.push(bc.name.clone());
@@ -296,6 +303,7 @@ impl Shared {
         self.backends.store(Arc::new(list));
         let list = self.backends();
         self.set_routes(&list, &new);
+        self.set_service_settings(&new);
         self.restart_health_checks(&list, &new);
         self.limit.resize(new.max_connections);
         self.admin_limit.resize(new.admin.max_connections);
@@ -321,6 +329,15 @@ impl Shared {
                 .map(|b| (b.clone(), Target::new(&b.address(), sc.backend_port)))
                 .collect();
             service.route.store(Arc::new(Route::new(members)));
+        }
+    }
+
+    /// Sets what each service reads of its own as a client arrives:
+    /// whether a PROXY header comes first, and how long it may take. A
+    /// client accepted before a reload keeps what it started with.
+    pub(super) fn set_service_settings(&self, config: &Config) {
+        for (service, sc) in self.services.iter().zip(&config.services) {
+            service.set_accept_proxy(sc.accept_proxy.then_some(sc.proxy_header_timeout));
         }
     }
 
@@ -404,6 +421,9 @@ fn probe(bc: &BackendConfig, config: &Config) -> Option<Probe> {
     Some(Probe {
         check: check.clone(),
         target: Target::new(&address, port),
+        // As HAProxy does: a check on a port of its own (a status port)
+        // speaks plain, one on the traffic port what the traffic speaks.
+        send_proxy: bc.send_proxy.filter(|_| explicit.is_none()),
     })
 }
 
