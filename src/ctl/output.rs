@@ -225,9 +225,16 @@ fn colour_of(b: &BackendView) -> &'static str {
 /// down, a line that says why.
 pub fn status_table(backends: &[BackendView], colour: bool) -> String {
     let mut out = String::new();
+    // As wide as the longest address: an IPv6 one is longer than 24.
+    let wide = backends
+        .iter()
+        .map(|b| b.address.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     let _ = writeln!(
         out,
-        "{:<12} {:<24} {:<9} {:<7} {:>6} {:>10}  SERVICES",
+        "{:<12} {:<wide$} {:<9} {:<7} {:>6} {:>10}  SERVICES",
         "NAME", "ADDRESS", "STATE", "HEALTH", "LIVE", "TOTAL"
     );
     for b in backends {
@@ -246,7 +253,7 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<12} {:<24} {state} {:<7} {:>6} {:>10}  {services}",
+            "{:<12} {:<wide$} {state} {:<7} {:>6} {:>10}  {services}",
             b.name, b.address, health, b.active_connections, b.total_connections
         );
         if !b.healthy {
@@ -429,6 +436,18 @@ mod tests {
         );
         assert!(lines[3].ends_with("  -"), "{t}");
         assert!(!t.contains('\x1b'), "{t}");
+    }
+
+    #[test]
+    fn status_table_keeps_its_columns_with_a_long_ipv6_address() {
+        let mut v6 = backend("web6", State::Active, true);
+        v6.address = "[2001:db8:1234:5678::abcd]:8081".into();
+        let t = status_table(&[backend("web1", State::Active, true), v6], false);
+        let lines: Vec<&str> = t.lines().collect();
+        let at = |l: &str| l.find("active").or_else(|| l.find("STATE")).unwrap();
+        assert_eq!(at(lines[0]), at(lines[1]), "{t}");
+        assert_eq!(at(lines[1]), at(lines[2]), "{t}");
+        assert!(lines[2].contains("[2001:db8:1234:5678::abcd]:8081 "), "{t}");
     }
 
     #[test]
