@@ -562,6 +562,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn proxy_protocol_settings_apply_and_turn_off_again() {
+        use crate::config::ProxyVersion;
+        let plain = text("", "", &[("a", 1), ("b", 1)]);
+        let s = shared(&plain);
+        assert_eq!(s.services[0].accept_proxy(), None);
+        let on = plain
+            .replacen(
+                "health_check = \"none\"\n",
+                "health_check = \"none\"\nsend_proxy = \"v2\"\n",
+                1,
+            )
+            .replace(
+                "backend_port = 80\n",
+                "backend_port = 80\naccept_proxy = true\nproxy_header_timeout = \"750ms\"\n",
+            );
+        s.reload(parse(&on)).unwrap();
+        assert_eq!(s.backend("a").unwrap().send_proxy(), Some(ProxyVersion::V2));
+        assert_eq!(s.backend("b").unwrap().send_proxy(), None);
+        assert_eq!(
+            s.services[0].accept_proxy(),
+            Some(Duration::from_millis(750))
+        );
+        s.reload(parse(&plain)).unwrap();
+        assert_eq!(s.backend("a").unwrap().send_proxy(), None);
+        assert_eq!(s.services[0].accept_proxy(), None);
+        // A backend that joins with it has it from its first connection.
+        let d = text("", "", &[("d", 1)]).replacen(
+            "health_check = \"none\"\n",
+            "health_check = \"none\"\nsend_proxy = \"v1\"\n",
+            1,
+        );
+        s.reload(parse(&d)).unwrap();
+        assert_eq!(s.backend("d").unwrap().send_proxy(), Some(ProxyVersion::V1));
+    }
+
+    #[test]
+    fn a_check_on_the_traffic_port_sends_the_header_and_one_on_its_own_port_does_not() {
+        let t = text("", "", &[("a", 1)]).replacen(
+            "health_check = \"none\"\n",
+            "send_proxy = \"v1\"\n",
+            1,
+        );
+        let c = parse(&t);
+        let p = probe(&c.backends[0], &c).unwrap();
+        assert_eq!(p.send_proxy, Some(crate::config::ProxyVersion::V1));
+        let c = parse(&t.replacen("send_proxy", "health_port = 9\nsend_proxy", 1));
+        assert_eq!(probe(&c.backends[0], &c).unwrap().send_proxy, None);
+    }
+
+    #[tokio::test]
     async fn fields_made_into_sockets_or_threads_are_refused_by_name() {
         let s = shared(&text("workers = 2", "", &[("a", 1)]));
         let before = s.runtime();
