@@ -547,9 +547,17 @@ fn summary(c: &Config) -> String {
     };
     let _ = writeln!(s, "admin API      {}{token}", c.admin.listen);
     for svc in &c.services {
+        let accept = if svc.accept_proxy {
+            format!(
+                ", accepts a PROXY header within {}",
+                sluice::config::format_duration(svc.proxy_header_timeout)
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "service {:<8} {} -> {} (backend port {})",
+            "service {:<8} {} -> {} (backend port {}{accept})",
             svc.name,
             svc.listen,
             svc.backends.join(", "),
@@ -564,9 +572,12 @@ fn summary(c: &Config) -> String {
                 format!("http check GET {path} -> {status}")
             }
         };
+        let send = b.send_proxy.map_or(String::new(), |v| {
+            format!(", sends a PROXY {} header", v.as_str())
+        });
         let _ = writeln!(
             s,
-            "backend {:<8} {:<22} weight {:<3} {check}",
+            "backend {:<8} {:<22} weight {:<3} {check}{send}",
             b.name,
             b.address.to_string(),
             b.weight
