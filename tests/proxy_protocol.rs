@@ -566,9 +566,12 @@ async fn ipv6_services_and_backends() {
     assert_eq!(b["total_connections"], 2);
     lb.shutdown().await;
 
-    // Health checks to an IPv6 backend, and the listing `ctl status` prints.
-    let text = toml("[::1]:0", "", &[("b6", b6.addr, "health_check = \"tcp\"")]);
+    // Health checks to an IPv6 backend, and the listing `ctl status` prints
+    // from an admin API on IPv6.
+    let text = toml("[::1]:0", "", &[("b6", b6.addr, "health_check = \"tcp\"")])
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"[::1]:0\"");
     let lb = Sluice::from_toml(&text).await;
+    assert!(lb.admin.is_ipv6(), "{}", lb.admin);
     wait_for("a passing check", || async {
         lb.backend("b6").await["last_ok_check_ms"].as_u64() > Some(0)
     })
