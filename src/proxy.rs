@@ -142,7 +142,11 @@ async fn handle(
             client: peer,
             local: None,
         }),
-        Some(limit) => take_proxy_header(&mut client, peer, limit, service).await,
+        Some(limit) => tokio::select! {
+            r = take_proxy_header(&mut client, peer, limit, service) => r,
+            // The end of the shutdown grace period: no backend holds it yet.
+            _ = shared.closing.cancelled() => Err(Refused::Abandoned),
+        },
     };
     let settings = shared.conn_settings();
     let outcome = match ends {

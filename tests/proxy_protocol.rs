@@ -588,3 +588,25 @@ async fn ipv6_services_and_backends() {
     assert_eq!(cols[3], "up", "{text}");
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_header_that_never_comes() {
+    let backend = Echo::start("b").await;
+    // The longest header deadline there is; the grace period is 100 ms.
+    let text = toml(
+        "127.0.0.1:0",
+        "accept_proxy = true\nproxy_header_timeout = \"5m\"",
+        &[("b", backend.addr, "")],
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let mut slow = TcpStream::connect(lb.addr).await.unwrap();
+    slow.write_all(b"PROXY TCP4 ").await.unwrap();
+    wait_for("the client accepted", || async {
+        lb.get("/stats").await.1["accepted"] == 1
+    })
+    .await;
+    // `shutdown` fails the test if it takes longer than the deadline.
+    lb.shutdown().await;
+    assert!(closed_by_peer(&mut slow).await);
+    assert_eq!(backend.accepted(), 0);
+}

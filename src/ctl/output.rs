@@ -349,16 +349,23 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
 /// The live connections of backend `name`, with a count line at the end.
 pub fn conns_table(list: &[ConnView], name: &str) -> String {
     let mut out = String::new();
+    // As wide as the longest client: an IPv6 one is longer than 24.
+    let wide = list
+        .iter()
+        .map(|c| c.client.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     let _ = writeln!(
         out,
-        "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
+        "{:<wide$} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
         "CLIENT", "SERVICE", "AGE", "IDLE", "BYTES IN", "BYTES OUT", "PID"
     );
     for x in list {
         // After an upgrade the old process's connections show its pid.
         let _ = writeln!(
             out,
-            "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
+            "{:<wide$} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
             x.client,
             x.service,
             format!("{:.1}s", x.age_ms as f64 / 1000.0),
@@ -468,7 +475,7 @@ mod tests {
             bytes_out: 2000,
             pid: 4242,
         };
-        let t = conns_table(&[c], "web1");
+        let t = conns_table(&[c.clone()], "web1");
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("CLIENT"), "{t}");
@@ -490,5 +497,14 @@ mod tests {
             conns_table(&[], "web2").lines().last(),
             Some("0 live connection(s) on web2")
         );
+        // A long IPv6 client keeps the columns apart.
+        let v6 = ConnView {
+            client: "[2001:db8:1234:5678:9abc:def0:1234:5678]:51234".into(),
+            ..c
+        };
+        let t = conns_table(&[v6], "web1");
+        let row: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row[0], "[2001:db8:1234:5678:9abc:def0:1234:5678]:51234");
+        assert_eq!(row[1], "web");
     }
 }

@@ -176,6 +176,9 @@ pub struct Shared {
     /// Set when the shutdown grace period ends: every connection closes,
     /// and one that registers after that closes at once.
     pub closing_all: AtomicBool,
+    /// Cancelled with `closing_all`: ends the clients no backend's close
+    /// reaches, those still sending their PROXY header.
+    pub closing: CancellationToken,
     /// Set once shutdown has begun.
     pub shutting_down: AtomicBool,
     /// Set while this instance leaves its pair (`POST /leave`).
@@ -398,6 +401,7 @@ impl Shared {
             stats: Stats::default(),
             reloads: Reloads::default(),
             closing_all: AtomicBool::new(false),
+            closing: CancellationToken::new(),
             shutting_down: AtomicBool::new(false),
             leaving: Leaving::default(),
             cluster,
