@@ -475,7 +475,7 @@ mod tests {
             bytes_out: 2000,
             pid: 4242,
         };
-        let t = conns_table(&[c.clone()], "web1");
+        let t = conns_table(std::slice::from_ref(&c), "web1");
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("CLIENT"), "{t}");
