@@ -6,7 +6,8 @@
 # systemd for `systemd-analyze verify` of the unit, etcd for the cluster
 # tests, protoc to build etcd's client, prometheus, whose server scrapes
 # /metrics in tests/metrics.rs, and Chromium and chromedriver for the
-# dashboard's browser test), runs
+# dashboard's browser test, and docker-compose to check the compose file
+# without a container engine), runs
 # every test, runs schemathesis against the admin
 # API's OpenAPI document, then fuzzes each target for a bounded time.
 # `.ci/run` calls exactly this; README gives it as the test command.
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 declare -A packages=([nginx]=nginx [curl]=curl [ip]=iproute2 [tc]=iproute2 [nft]=nftables
   [keepalived]=keepalived [modprobe]=kmod [c++]=g++ [systemd-analyze]=systemd
   [etcd]=etcd-server [protoc]=protobuf-compiler [prometheus]=prometheus [promtool]=prometheus
-  [chromium]=chromium [chromedriver]=chromium-driver)
+  [chromium]=chromium [chromedriver]=chromium-driver [docker-compose]=docker-compose)
 need=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
@@ -60,6 +61,9 @@ modprobe sch_netem 2>/dev/null || true
 # makes, must still compile.
 cargo check --locked
 cargo test --locked --features cluster
+
+# The compose file parses and refers to what exists (no engine needed).
+SLUICE_TOKEN=check docker-compose --file docker-compose.yml config --quiet
 
 # A property-based run of the admin API against its OpenAPI document, so a
 # 5xx or a reply the document does not allow fails the run

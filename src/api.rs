@@ -161,6 +161,9 @@ pub struct HealthzView {
     pub pid: u32,
     #[serde(default)]
     pub version: String,
+    /// The commit it was built from, as `sluice --version` names it.
+    #[serde(default)]
+    pub commit: String,
     #[serde(default)]
     pub started_ms: u64,
     /// The process this one took over from, by an upgrade.

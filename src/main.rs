@@ -168,6 +168,15 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Whether this sluice takes clients (`GET /healthz`), for health
+    /// checks that have no curl
+    ///
+    /// Exit 0 for ok or degraded, 1 for leaving, shutting down or no answer.
+    Health {
+        /// The API's JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// What became of the clients (`GET /stats`): accepted, established,
     /// each kind of refusal, the live total.
     Stats {
@@ -438,6 +447,7 @@ async fn run_ctl(
     use sluice::ctl;
     let outcome = match command {
         CtlCommand::Status { json } => ctl::status(c, json).await?,
+        CtlCommand::Health { json } => ctl::health(c, json).await?,
         CtlCommand::Stats { json } => ctl::stats(c, json).await?,
         CtlCommand::Drain { name, drain } => ctl::drain(c, &name, drain.into(), progress).await?,
         CtlCommand::Stop { name } => ctl::stop(c, &name).await?,

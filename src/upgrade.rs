@@ -38,6 +38,11 @@ pub fn version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
+/// The commit this build was made from (`build.rs`), or `unknown`.
+pub fn commit() -> &'static str {
+    env!("SLUICE_GIT_COMMIT")
+}
+
 /// The old process's side: everything an upgrade needs to hand over.
 #[derive(Debug)]
 pub struct Upgrader {

@@ -355,6 +355,90 @@ fn docker_config_needs_a_token_and_takes_it_from_the_environment() {
     );
 }
 
+/// The container image's HEALTHCHECK, as the Dockerfile writes it, against
+/// sluice running `config/docker.toml`: it needs no token, and it fails
+/// once sluice takes no clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_images_healthcheck_passes_without_the_token() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    let check = dockerfile
+        .replace("\\\n", " ")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("HEALTHCHECK ")?
+                .split_once("CMD ")
+                .map(|(_, c)| c.to_string())
+        })
+        .expect("the Dockerfile has a HEALTHCHECK ... CMD [...]");
+    let argv: Vec<String> = serde_json::from_str(&check).expect("CMD in exec form");
+    assert_eq!(argv[0], "/sluice", "{argv:?}");
+
+    // The image's config, on ephemeral loopback ports and a real backend.
+    let web = Echo::start("web1").await;
+    let text = std::fs::read_to_string(format!("{root}/config/docker.toml"))
+        .unwrap()
+        .replace("0.0.0.0:9000", "127.0.0.1:0")
+        .replace("0.0.0.0:8080", "127.0.0.1:0")
+        .replace(
+            "\"web1\"\naddress = \"web1\"",
+            &format!("\"web1\"\naddress = \"{}\"", web.addr),
+        )
+        .replace(
+            "\"web2\"\naddress = \"web2\"",
+            &format!("\"web2\"\naddress = \"{}\"", web.addr),
+        );
+    let (_dir, path) = write_config(&text);
+    let mut p = Proc::spawn_command(
+        Command::new(BIN)
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env("SLUICE_TOKEN", "t0ken"),
+    );
+    let service = addr_after(&p.wait_line("service listening"), "listen=");
+    let admin = addr_after(&p.wait_line("admin API listening"), "listen=").to_string();
+    let run_check = || {
+        let args: Vec<String> = argv[1..]
+            .iter()
+            .map(|a| {
+                if a == "127.0.0.1:9000" {
+                    admin.clone()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        Command::new(BIN)
+            .args(&args)
+            .env_remove("SLUICE_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let o = tokio::task::block_in_place(run_check);
+    assert!(o.status.success(), "{o:?}");
+    let o = Command::new(BIN)
+        .args(["ctl", "--admin", &admin, "status"])
+        .env_remove("SLUICE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "the rest still wants the token");
+
+    // Shutting down: the check fails (the grace period holds it open while
+    // a client is connected).
+    let mut client = tokio::net::TcpStream::connect(service).await.unwrap();
+    assert_eq!(within("greeting", read_line(&mut client)).await, "web1");
+    echo(&mut client, b"hello").await;
+    p.signal("TERM");
+    p.wait_line("shutting down");
+    let o = tokio::task::block_in_place(run_check);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("shutting down"),
+        "{o:?}"
+    );
+    drop(client);
+    assert!(tokio::task::block_in_place(|| p.wait_exit()).success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_with_either_runtime_layout() {
     // (layout, threads that serve, the name of the serving threads besides

@@ -45,6 +45,13 @@ async fn leaving_serves_on_answers_503_and_outlives_a_restart_until_join() {
         "{h}"
     );
     assert_eq!(h["active_connections"], 1);
+    // A container's health check fails too, and says why.
+    let o = within("ctl health", ctl(&lb, &["health"]).output())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(err.contains("/healthz says leaving"), "{err}");
 
     // The session runs on, and a client that still arrives is served.
     echo(&mut session, b"still here").await;
@@ -92,6 +99,10 @@ async fn leaving_serves_on_answers_503_and_outlives_a_restart_until_join() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("joined"));
     let (status, h) = lb.get("/healthz").await;
     assert_eq!((status, h["status"].as_str()), (200, Some("ok")), "{h}");
+    let o = within("ctl health", ctl(&lb, &["health"]).output())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
     lb.shutdown().await;
     let lb = Sluice::from_toml(&text).await;
     let (status, _) = lb.get("/healthz").await;

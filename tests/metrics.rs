@@ -435,6 +435,15 @@ async fn metrics_and_healthz_need_the_token_unless_opened() {
     let lb = Sluice::from_toml(&config("", &open, &backends)).await;
     assert_eq!(status(lb.admin, "/healthz", "").await, 200);
     assert_eq!(status(lb.admin, "/metrics", "").await, 401);
+    // The container image's HEALTHCHECK: `ctl health` with no token.
+    let health = tokio::process::Command::new(BIN)
+        .args(["ctl", "--admin", &lb.admin.to_string(), "health"])
+        .env_remove("SLUICE_TOKEN")
+        .output();
+    let o = within("ctl health", health).await.unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(text.starts_with("ok: pid "), "{text}");
     lb.shutdown().await;
 }
 

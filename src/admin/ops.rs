@@ -445,6 +445,7 @@ fn whoami(shared: &Shared) -> HealthzView {
         time_ms: None,
         pid: std::process::id(),
         version: crate::upgrade::version(),
+        commit: crate::upgrade::commit().to_string(),
         started_ms: shared.started_ms,
         previous: shared.previous(),
         active_connections: shared.live_everywhere(),

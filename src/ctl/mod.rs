@@ -118,6 +118,31 @@ fn process_line(h: &crate::api::HealthzView) -> String {
     line
 }
 
+/// `/healthz` in one line: fails unless this sluice takes clients, so a
+/// container's HEALTHCHECK needs nothing but the binary.
+pub async fn health(c: &Client, json: bool) -> Result<Outcome, CtlError> {
+    let h = c.healthz().await?;
+    if json {
+        print_json(&h);
+    } else {
+        let mut line = format!(
+            "{}: pid {}, version {} (commit {})",
+            h.status, h.pid, h.version, h.commit
+        );
+        for p in &h.problems {
+            line.push_str(&format!("; {p}"));
+        }
+        out(&format!("{line}\n"));
+    }
+    match h.status.as_str() {
+        "ok" | "degraded" => Ok(Outcome::Done),
+        other => Err(CtlError::Http {
+            url: c.url().to_string(),
+            message: format!("/healthz says {other}: this sluice takes no new clients"),
+        }),
+    }
+}
+
 /// What became of the clients (`GET /stats`), one counter a line.
 pub async fn stats(c: &Client, json: bool) -> Result<Outcome, CtlError> {
     let s = c.stats().await?;
