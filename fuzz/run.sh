@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-60}"
-targets=(config admin)
+targets=(config admin proxy_header)
 
 if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
   echo "fuzz: FUZZ_SECONDS must be a whole number of seconds, not \`$seconds\`" >&2

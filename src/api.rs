@@ -29,6 +29,10 @@ pub struct BackendView {
     /// Takes clients only when no primary of its service can.
     #[serde(default)]
     pub backup: bool,
+    /// The PROXY protocol header it is sent ahead of each client's
+    /// stream and each health check: `v1` or `v2`; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy: Option<crate::config::ProxyVersion>,
     pub active_connections: usize,
     /// Live connections that moved no byte in the last 10 s.
     pub idle_connections: usize,
@@ -82,8 +86,12 @@ pub struct ServiceView {
     /// Those of its backends that are backups.
     #[serde(default)]
     pub backups: Vec<String>,
+    /// With `accept_proxy`: the time a client has to send its PROXY
+    /// header (`proxy_header_timeout`); absent when the service takes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_proxy: Option<String>,
     /// Clients refused since start, by reason (`limit`, `no_backend`,
-    /// `resources`, `backend_full`).
+    /// `resources`, `backend_full`, `proxy_header`).
     #[serde(default)]
     pub refused: std::collections::BTreeMap<String, u64>,
 }
@@ -144,7 +152,8 @@ pub struct PreviousView {
 
 /// `GET /stats`: what became of the clients, and the live total. Once a
 /// client's connect phase is over it is in exactly one of `established`,
-/// `rejected_limit`, `rejected_no_backend`, `rejected_backend_full`,
+/// `rejected_limit`, `rejected_proxy_header`, `rejected_no_backend`,
+/// `rejected_backend_full`,
 /// `rejected_resources` and `abandoned`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
 pub struct StatsView {
@@ -158,6 +167,10 @@ pub struct StatsView {
     pub admin_unauthorized: u64,
     pub established: u64,
     pub rejected_limit: u64,
+    /// Clients of an `accept_proxy` service whose PROXY header was
+    /// malformed, cut short or too slow.
+    #[serde(default)]
+    pub rejected_proxy_header: u64,
     pub rejected_no_backend: u64,
     /// Refused because every backend that takes connections was at its
     /// `max_connections`.

@@ -141,6 +141,12 @@ pub struct ServiceConfig {
     pub backends: Vec<String>,
     /// How a backend is chosen for a new client.
     pub balance: Balance,
+    /// Whether clients come through a balancer that sends a PROXY
+    /// protocol header first, whose source address then stands for the
+    /// client's.
+    pub accept_proxy: bool,
+    /// With `accept_proxy`: the time a client has to send the header.
+    pub proxy_header_timeout: Duration,
 }
 
 /// `balance`: how a service chooses a backend for a new client. Every mode
@@ -194,6 +200,30 @@ impl Affinity {
     }
 }
 
+/// The time a client has to send its PROXY header when the file says
+/// nothing.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A version of the PROXY protocol, which tells a backend the client's
+/// address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 ...`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl ProxyVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyVersion::V1 => "v1",
+            ProxyVersion::V2 => "v2",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
@@ -208,6 +238,9 @@ pub struct BackendConfig {
     pub max_connections: Option<usize>,
     /// Takes clients only when no primary of the service can.
     pub backup: bool,
+    /// The PROXY header sent ahead of every client's stream (and of every
+    /// health check), if the backend expects one.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// A backend's address: an IP literal or a host name resolved at connect
@@ -444,6 +477,8 @@ struct FileService {
     backends: Option<Spanned<Vec<Spanned<String>>>>,
     balance: Option<Spanned<String>>,
     affinity: Option<Spanned<String>>,
+    accept_proxy: Option<Spanned<toml::Value>>,
+    proxy_header_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -459,6 +494,7 @@ struct FileBackend {
     slow_start: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     backup: Option<Spanned<toml::Value>>,
+    send_proxy: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -576,6 +612,7 @@ const DURATION_KEYS: &[&str] = &[
     "timeout",
     "lease",
     "slow_start",
+    "proxy_header_timeout",
 ];
 
 /// The table a line of the file belongs to: `[name]`, or the `index`th
@@ -1172,6 +1209,22 @@ fn backend(
             .int(m, &field("max_connections"), 1, 10_000_000)?
             .map(|n| n as usize),
     };
+    let send_proxy = match &b.send_proxy {
+        None => None,
+        Some(v) => match v.get_ref() {
+            toml::Value::String(s) if s == "v1" => Some(ProxyVersion::V1),
+            toml::Value::String(s) if s == "v2" => Some(ProxyVersion::V2),
+            other => {
+                return Err(ctx.err(
+                    v.span(),
+                    &field("send_proxy"),
+                    format!(
+                        "expected \"v1\" or \"v2\" (the PROXY protocol version the backend expects; leave the key out to send none), not {other}"
+                    ),
+                ));
+            }
+        },
+    };
     Ok(BackendConfig {
         name: name.to_string(),
         address,
@@ -1180,6 +1233,7 @@ fn backend(
         slow_start,
         max_connections,
         backup: ctx.flag(&b.backup, &field("backup"))?.unwrap_or(false),
+        send_proxy,
     })
 }
 
@@ -1382,12 +1436,40 @@ fn service(
             ));
         }
     }
+    let accept_proxy = ctx
+        .flag(&s.accept_proxy, &field("accept_proxy"))?
+        .unwrap_or(false);
+    let proxy_header_timeout = match &s.proxy_header_timeout {
+        None => PROXY_HEADER_TIMEOUT,
+        Some(t) if !accept_proxy => {
+            return Err(ctx.err(
+                t.span(),
+                &field("proxy_header_timeout"),
+                "goes with accept_proxy = true: without it no client sends a PROXY header".into(),
+            ));
+        }
+        Some(t) => {
+            let d = parse_duration(t.get_ref())
+                .map_err(|m| ctx.err(t.span(), &field("proxy_header_timeout"), m))?;
+            if d.is_zero() || d > Duration::from_secs(300) {
+                return Err(ctx.err(
+                    t.span(),
+                    &field("proxy_header_timeout"),
+                    "must be more than 0 and at most 5m: a balancer sends the header at once"
+                        .into(),
+                ));
+            }
+            d
+        }
+    };
     Ok(ServiceConfig {
         name: name.to_string(),
         listen,
         backend_port,
         backends: chosen,
         balance,
+        accept_proxy,
+        proxy_header_timeout,
     })
 }
 
@@ -1614,7 +1696,7 @@ mod tests {
             refused(&text),
             "sluice.toml:10: backend[1].wieght: unknown field `wieght`, expected one of `name`, \
              `address`, `weight`, `health_check`, `health_path`, `health_status`, `health_port`, \
-             `slow_start`, `max_connections`, `backup`"
+             `slow_start`, `max_connections`, `backup`, `send_proxy`"
         );
     }
 
@@ -1919,6 +2001,8 @@ mod tests {
                     backend_port: 8080,
                     backends: vec!["web1".into(), "web2".into()],
                     balance: Balance::RoundRobin,
+                    accept_proxy: false,
+                    proxy_header_timeout: PROXY_HEADER_TIMEOUT,
                 }],
                 backends: ["web1", "web2"]
                     .iter()
@@ -1931,6 +2015,7 @@ mod tests {
                         slow_start: None,
                         max_connections: None,
                         backup: false,
+                        send_proxy: None,
                     })
                     .collect(),
                 max_connections: 100_000,
@@ -1956,10 +2041,11 @@ mod tests {
                     [health]\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 4\nfall = 5\nslow_start = \"30s\"\n\
                     [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackend_port = 81\nbackends = [\"b\"]\n\
                     balance = \"source-hash\"\naffinity = \"network\"\n\
-                    [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\nbackup = true\n\
+                    accept_proxy = true\nproxy_header_timeout = \"2s\"\n\
+                    [[backend]]\nname = \"a\"\naddress = \"a.lan:80\"\nhealth_check = \"none\"\nbackup = true\nsend_proxy = \"v1\"\n\
                     [[backend]]\nname = \"b\"\naddress = \"b.lan\"\nweight = 7\n\
                     health_path = \"/up\"\nhealth_status = 204\nhealth_port = 82\n\
-                    slow_start = \"5s\"\nmax_connections = 50\n";
+                    slow_start = \"5s\"\nmax_connections = 50\nsend_proxy = \"v2\"\n";
         let c = Config::parse("sluice.toml", text).unwrap();
         assert_eq!(
             c.admin,
@@ -1995,7 +2081,10 @@ mod tests {
             c.services[0].balance,
             Balance::SourceHash(Affinity::Network)
         );
+        assert!(c.services[0].accept_proxy);
+        assert_eq!(c.services[0].proxy_header_timeout, Duration::from_secs(2));
         assert_eq!(c.backends[0].health, None);
+        assert_eq!(c.backends[0].send_proxy, Some(ProxyVersion::V1));
         assert_eq!(
             (
                 c.backends[0].slow_start,
@@ -2019,6 +2108,7 @@ mod tests {
                 slow_start: Some(Duration::from_secs(5)),
                 max_connections: Some(50),
                 backup: false,
+                send_proxy: Some(ProxyVersion::V2),
             }
         );
         assert_eq!(
@@ -2043,6 +2133,57 @@ mod tests {
                 RuntimeLayout::PerCore,
             )
         );
+    }
+
+    #[test]
+    fn proxy_protocol_keys_are_checked() {
+        let base = "[[service]]\nname = \"web\"\nlisten = \"[::1]:8080\"\n\
+                    [[backend]]\nname = \"web1\"\naddress = \"[::1]:8081\"\n";
+        let c = Config::parse("sluice.toml", base).unwrap();
+        assert_eq!(c.services[0].listen, "[::1]:8080".parse().unwrap());
+        assert_eq!(
+            c.backends[0].address,
+            BackendAddress::Ip("::1".parse().unwrap(), Some(8081))
+        );
+        assert!(!c.services[0].accept_proxy);
+        assert_eq!(c.backends[0].send_proxy, None);
+        for (extra, want) in [
+            (
+                "send_proxy = \"v3\"",
+                "sluice.toml:7: backend[0].send_proxy: expected \"v1\" or \"v2\" (the PROXY protocol version the backend expects; leave the key out to send none), not \"v3\"",
+            ),
+            (
+                "send_proxy = true",
+                "sluice.toml:7: backend[0].send_proxy: expected \"v1\" or \"v2\" (the PROXY protocol version the backend expects; leave the key out to send none), not true",
+            ),
+        ] {
+            assert_eq!(refused(&format!("{base}{extra}\n")), want);
+        }
+        let service =
+            |extra: &str| base.replacen("[[backend]]", &format!("{extra}\n[[backend]]"), 1);
+        for (extra, want) in [
+            (
+                "proxy_header_timeout = \"2s\"",
+                "sluice.toml:4: service[0].proxy_header_timeout: goes with accept_proxy = true: without it no client sends a PROXY header",
+            ),
+            (
+                "accept_proxy = \"yes\"",
+                "sluice.toml:4: service[0].accept_proxy: must be true or false, not \"yes\"",
+            ),
+            (
+                "accept_proxy = true\nproxy_header_timeout = \"0s\"",
+                "sluice.toml:5: service[0].proxy_header_timeout: must be more than 0 and at most 5m: a balancer sends the header at once",
+            ),
+            (
+                "accept_proxy = true\nproxy_header_timeout = 3",
+                "sluice.toml:5: service[0].proxy_header_timeout: expected a duration in quotes, such as \"3s\" or \"1500ms\", not the number 3",
+            ),
+        ] {
+            assert_eq!(refused(&service(extra)), want, "{extra}");
+        }
+        let c = Config::parse("sluice.toml", &service("accept_proxy = true")).unwrap();
+        assert!(c.services[0].accept_proxy);
+        assert_eq!(c.services[0].proxy_header_timeout, PROXY_HEADER_TIMEOUT);
     }
 
     const ONE_BACKEND: &str = "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n[[backend]]\nname = \"web1\"\naddress = \"10.0.0.11\"\n";

@@ -140,6 +140,9 @@ pub enum Reason {
     /// Every backend that takes connections carries its
     /// `max_connections`.
     BackendFull,
+    /// Its PROXY header (`accept_proxy`) was malformed, cut short or too
+    /// slow.
+    ProxyHeader,
 }
 
 impl Reason {
@@ -148,9 +151,10 @@ impl Reason {
         Reason::NoBackend,
         Reason::Resources,
         Reason::BackendFull,
+        Reason::ProxyHeader,
     ];
     /// How many reasons there are, for arrays indexed by reason.
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -158,6 +162,7 @@ impl Reason {
             Reason::NoBackend => "no_backend",
             Reason::Resources => "resources",
             Reason::BackendFull => "backend_full",
+            Reason::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -474,9 +479,9 @@ mod tests {
         let r = Refusals::default();
         // Totals by reason: 5 over the limit, 1 with no backend; then
         // nothing new, then 2 more over the limit.
-        r.flush("web", [5, 1, 0, 0], &bus);
-        r.flush("web", [5, 1, 0, 0], &bus);
-        r.flush("web", [7, 1, 0, 0], &bus);
+        r.flush("web", [5, 1, 0, 0, 0], &bus);
+        r.flush("web", [5, 1, 0, 0, 0], &bus);
+        r.flush("web", [7, 1, 0, 0, 3], &bus);
         let mut got = Vec::new();
         while let Ok(f) = s.queue.try_recv() {
             let text = String::from_utf8(f.to_vec()).unwrap();
@@ -493,7 +498,8 @@ mod tests {
             [
                 refused("limit", 5),
                 refused("no_backend", 1),
-                refused("limit", 2)
+                refused("limit", 2),
+                refused("proxy_header", 3)
             ]
         );
     }

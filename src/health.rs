@@ -13,7 +13,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{HealthCheck, HealthConfig};
+use crate::config::{HealthCheck, HealthConfig, ProxyVersion};
 use crate::net::Target;
 
 /// Something that tells about a backend's health.
@@ -178,6 +178,10 @@ impl Health {
 pub struct Probe {
     pub check: HealthCheck,
     pub target: Target,
+    /// A PROXY header to send first, for a server that refuses
+    /// connections without one: v2 `LOCAL`, v1 `UNKNOWN`, which say the
+    /// connection is the checker's own.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// Checks every `cfg.interval` until `stop` is cancelled, and reports each
@@ -235,11 +239,17 @@ impl From<String> for Failure {
 
 /// One check; the caller bounds the whole of it by `timeout` as well.
 async fn check_once(probe: &Probe, timeout: Duration) -> Result<(), Failure> {
-    let stream = match crate::net::connect(&probe.target, timeout).await {
+    let mut stream = match crate::net::connect(&probe.target, timeout).await {
         Ok(s) => s,
         Err(e) if crate::net::is_shortage(&e) => return Err(Failure::Shortage(e)),
         Err(e) => return Err(format!("connect to {}: {e}", probe.target).into()),
     };
+    if let Some(v) = probe.send_proxy {
+        let header = crate::proxy_header::encode(v, None);
+        tokio::io::AsyncWriteExt::write_all(&mut stream, header.as_bytes())
+            .await
+            .map_err(|e| format!("send the PROXY header to {}: {e}", probe.target))?;
+    }
     let HealthCheck::Http { path, status, .. } = &probe.check else {
         return Ok(());
     };

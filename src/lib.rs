@@ -10,6 +10,8 @@
 //! - [`limits`]: the file descriptor limit, raised at start, and what it
 //!   allows.
 //! - [`net`]: sockets: targets, listeners, options, connect with a timeout.
+//! - [`proxy_header`]: the PROXY protocol header, written for backends
+//!   and read from a balancer in front.
 //! - [`health`]: the health value (rise and fall) and the active checks.
 //! - [`events`]: the event bus: what happened, kept for a while and
 //!   offered to every listener without waiting for any.
@@ -49,6 +51,7 @@ pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_header;
 pub mod reuse;
 pub mod server;
 pub mod shutdown;

@@ -565,9 +565,17 @@ fn summary(c: &Config) -> String {
             }
             other => format!("; balance {}", other.as_str()),
         };
+        let accept = if svc.accept_proxy {
+            format!(
+                "; accepts a PROXY header within {}",
+                sluice::config::format_duration(svc.proxy_header_timeout)
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "service {:<8} {} -> {} (backend port {}{mode})",
+            "service {:<8} {} -> {} (backend port {}{mode}{accept})",
             svc.name,
             svc.listen,
             svc.backends.join(", "),
@@ -591,6 +599,9 @@ fn summary(c: &Config) -> String {
         }
         if let Some(d) = b.slow_start {
             let _ = write!(extra, ", slow start {}", sluice::config::format_duration(d));
+        }
+        if let Some(v) = b.send_proxy {
+            let _ = write!(extra, ", sends a PROXY {} header", v.as_str());
         }
         let _ = writeln!(
             s,

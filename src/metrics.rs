@@ -238,7 +238,7 @@ fn services(e: &mut DescriptorEncoder, shared: &Shared, rows: &[Row]) -> fmt::Re
     }
     let mut m = e.encode_descriptor(
         "sluice_service_clients_refused",
-        "Clients the service closed without a backend, by reason: limit (max_connections), no_backend (none took or answered), resources (sluice short of file descriptors), backend_full (every backend that takes connections at its max_connections).",
+        "Clients the service closed without a backend, by reason: limit (max_connections), no_backend (none took or answered), resources (sluice short of file descriptors), backend_full (every backend that takes connections at its max_connections), proxy_header (a malformed, cut short or slow PROXY header, with accept_proxy).",
         None,
         MetricType::Counter,
     )?;

@@ -61,6 +61,12 @@ pub fn listen(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpList
         None,
     )?;
     socket.set_reuse_address(true)?;
+    // `[::]` takes IPv4 clients too, whatever the host's default
+    // (net.ipv6.bindv6only): the config refuses `[::]:80` beside
+    // `0.0.0.0:80` as overlapping, so one listener must serve both.
+    if addr.ip().is_unspecified() && addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     if reuseport {
         socket.set_reuse_port(true)?;
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +17,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::backend::{ConnGuard, ConnInfo, ConnectFailure, Skip};
 use crate::events::Reason;
 use crate::net;
+use crate::proxy_header::{self, ReadError};
 use crate::state::{ConnSettings, Permit, Service, Shared};
 
 /// Accepts clients of one service until `stop` is cancelled. Accept errors
@@ -68,10 +70,23 @@ pub async fn accept_loop(
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
         };
-        let span = info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty);
+        // A v4 client of a dual-stack `[::]` listener as plain IPv4.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        // Read once: a reload that turns it on or off applies to the next.
+        let header = service.accept_proxy();
+        let span = match header {
+            // The client is the header's to say; `via` is who sent it.
+            Some(_) => {
+                info_span!("conn", service = %service.name, client = tracing::field::Empty, via = %peer, backend = tracing::field::Empty)
+            }
+            None => {
+                info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty)
+            }
+        };
         let (service, shared) = (service.clone(), shared.clone());
         tracker.spawn(
-            async move { handle(client, peer, &service, &shared, permit).await }.instrument(span),
+            async move { handle(client, peer, header, &service, &shared, permit).await }
+                .instrument(span),
         );
     }
 }
@@ -94,21 +109,53 @@ enum Refused {
     Full,
     /// sluice was short of descriptors or buffers to connect with.
     Shortage,
+    /// Its PROXY header was malformed, cut short or too slow.
+    ProxyHeader,
     /// The client left, or shutdown closed it, first.
     Abandoned,
 }
 
+/// Who a connection is from and to, as the logs, the API and a backend's
+/// PROXY header tell it.
+#[derive(Debug, Clone, Copy)]
+struct Endpoints {
+    /// The client: the peer, or the source a PROXY header named.
+    client: SocketAddr,
+    /// The address the client connected to, when a PROXY header named
+    /// it; otherwise the accepted socket's, asked for only when a backend
+    /// needs it.
+    local: Option<SocketAddr>,
+}
+
 /// One client's life. The permit is held to the end, whatever the end is.
+/// With `header` (the service's `accept_proxy`), the client's PROXY header
+/// is taken off first, within that time.
 async fn handle(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
+    header: Option<Duration>,
     service: &Service,
     shared: &Shared,
     _permit: Permit,
 ) {
-    let settings = shared.conn_settings();
     let stats = &shared.stats;
-    let (counter, refusal) = match connect(&client, peer, service, shared, settings).await {
+    let ends = match header {
+        None => Ok(Endpoints {
+            client: peer,
+            local: None,
+        }),
+        Some(limit) => tokio::select! {
+            r = take_proxy_header(&mut client, peer, limit, service) => r,
+            // The end of the shutdown grace period: no backend holds it yet.
+            _ = shared.closing.cancelled() => Err(Refused::Abandoned),
+        },
+    };
+    let settings = shared.conn_settings();
+    let outcome = match ends {
+        Ok(ends) => connect(&client, ends, service, shared, settings).await,
+        Err(refused) => Err(refused),
+    };
+    let (counter, refusal) = match outcome {
         Ok((server, guard)) => {
             stats.established.fetch_add(1, Ordering::Relaxed);
             // Since the slot was taken, before the connect: `started` is
@@ -127,6 +174,7 @@ async fn handle(
             (&stats.rejected_backend_full, Some(Reason::BackendFull))
         }
         Err(Refused::Shortage) => (&stats.rejected_resources, Some(Reason::Resources)),
+        Err(Refused::ProxyHeader) => (&stats.rejected_proxy_header, Some(Reason::ProxyHeader)),
         Err(Refused::Abandoned) => (&stats.abandoned, None),
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -142,7 +190,7 @@ async fn handle(
 /// was, the refusal says so.
 async fn connect(
     client: &TcpStream,
-    peer: SocketAddr,
+    mut ends: Endpoints,
     service: &Service,
     shared: &Shared,
     settings: ConnSettings,
@@ -150,10 +198,10 @@ async fn connect(
     let route = service.route();
     // Whether every backend met was full: then the refusal says so.
     let mut all_full = None;
-    for (backend, target) in route.pick(peer.ip()) {
+    for (backend, target) in route.pick(ends.client.ip()) {
         // The slot is held from before the connect, so a pending connect
         // counts and a drain waits for it.
-        let guard = match backend.try_acquire(peer, service.name.clone()) {
+        let guard = match backend.try_acquire(ends.client, service.name.clone()) {
             Ok(g) => g,
             Err(why) => {
                 all_full = Some(all_full.unwrap_or(true) && why == Skip::Full);
@@ -164,8 +212,20 @@ async fn connect(
         if shared.closing_all.load(Ordering::SeqCst) {
             return Err(Refused::Abandoned);
         }
+        let header = match backend.send_proxy() {
+            None => None,
+            Some(version) => {
+                let local = match ends.local {
+                    Some(l) => l,
+                    // One getsockname, for the first backend that needs it.
+                    None => client.local_addr().map_err(|_| Refused::Abandoned)?,
+                };
+                ends.local = Some(local);
+                Some(proxy_header::encode(version, Some((ends.client, local))))
+            }
+        };
         let connected = tokio::select! {
-            r = net::connect(target, settings.connect_timeout) => r,
+            r = open(target, header.as_ref(), settings.connect_timeout) => r,
             _ = client_gone(client) => {
                 debug!(backend = %backend.name, "client left while the backend connect was pending");
                 return Err(Refused::Abandoned);
@@ -201,6 +261,76 @@ async fn connect(
         return Err(Refused::Full);
     }
     Err(Refused::NoBackend)
+}
+
+/// Connects to `target` and sends `header` before any byte of the client's
+/// can follow it, on either data path: the splice starts after this. A
+/// header that cannot be sent fails the connect, and the next backend is
+/// tried, since no byte of the client's has moved yet.
+async fn open(
+    target: &net::Target,
+    header: Option<&proxy_header::Encoded>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let mut server = net::connect(target, timeout).await?;
+    if let Some(h) = header {
+        // A new connection's send buffer takes these few bytes at once.
+        server
+            .write_all(h.as_bytes())
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("sending the PROXY header: {e}")))?;
+    }
+    Ok(server)
+}
+
+/// Takes the PROXY header a balancer in front sent off `client`, within
+/// `limit`, and says who the connection is from and to. Bytes the client
+/// sent after the header stay in the socket for the splice. A client that
+/// leaves without sending a byte (a balancer's port check) is abandoned,
+/// not refused.
+async fn take_proxy_header(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+    service: &Service,
+) -> Result<Endpoints, Refused> {
+    let span = tracing::Span::current();
+    let error = match tokio::time::timeout(limit, proxy_header::read(client)).await {
+        Ok(Ok(Some((src, dst)))) => {
+            let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+            let client = canonical(src);
+            span.record("client", tracing::field::display(client));
+            return Ok(Endpoints {
+                client,
+                local: Some(canonical(dst)),
+            });
+        }
+        // v2 LOCAL or v1 UNKNOWN: the connection speaks for itself.
+        Ok(Ok(None)) => {
+            span.record("client", tracing::field::display(peer));
+            return Ok(Endpoints {
+                client: peer,
+                local: None,
+            });
+        }
+        Ok(Err(ReadError::Closed | ReadError::Io(_))) => {
+            debug!("client left before its PROXY header");
+            return Err(Refused::Abandoned);
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "no whole PROXY header within {}",
+            crate::config::format_duration(limit)
+        ),
+    };
+    // Hostile input must not flood the log: one line per 10 s per service.
+    match service.header_errors.hit() {
+        Some(n) => {
+            warn!(error = %error, refused_since_last_line = n, "bad PROXY header; closing client")
+        }
+        None => debug!(error = %error, "bad PROXY header; closing client"),
+    }
+    Err(Refused::ProxyHeader)
 }
 
 /// Splices until both sides are done, the connection is closed by the admin
@@ -262,7 +392,8 @@ mod tests {
             let config = crate::config::Config::parse("t", &text).unwrap();
             let shared = Shared::new(config, &[a], &Default::default());
             let permit = shared.limit.try_acquire().unwrap();
-            let f = super::handle(c, a, &shared.services[0], &shared, permit);
+            let header = Some(Duration::from_secs(5));
+            let f = super::handle(c, a, header, &shared.services[0], &shared, permit);
             let size = std::mem::size_of_val(&f);
             assert!(size <= 2048, "a connection's future is {size} bytes");
         });

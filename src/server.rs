@@ -702,6 +702,7 @@ async fn finish_connections(shared: &Shared, conns: &TaskTracker, now: &Cancella
         }
     }
     shared.closing_all.store(true, Ordering::SeqCst);
+    shared.closing.cancel();
     for b in shared.backends().iter() {
         b.close_all();
     }

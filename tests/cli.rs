@@ -749,6 +749,7 @@ fn every_example_config_passes_check() {
         [
             "admin-with-token.toml",
             "affinity-limits-backup.toml",
+            "client-address.toml",
             "health-checked-pool.toml",
             "web-80-443.toml",
             "weights.toml"
@@ -774,6 +775,15 @@ fn every_example_config_passes_check() {
     );
     assert!(summary("web-80-443.toml").contains("service https"));
     assert!(summary("weights.toml").contains("weight 0"));
+    let proxied = summary("client-address.toml");
+    for want in [
+        "service web      [::]:80 -> web1, web2 (backend port 80; accepts a PROXY header within 3s)",
+        ", sends a PROXY v2 header",
+        "[2001:db8::12]",
+        ", sends a PROXY v1 header",
+    ] {
+        assert!(proxied.contains(want), "no `{want}` in:\n{proxied}");
+    }
 
     // The token example says where its token comes from when it is missing.
     let out = Command::new(BIN)

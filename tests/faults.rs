@@ -16,6 +16,7 @@ fn settled(stats: &Value) -> u64 {
     [
         "established",
         "rejected_limit",
+        "rejected_proxy_header",
         "rejected_no_backend",
         "rejected_backend_full",
         "rejected_resources",

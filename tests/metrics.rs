@@ -221,7 +221,7 @@ async fn known_traffic_gives_known_values() {
     assert_eq!(m.value("sluice_backend_up", &b), 1.0);
     assert_eq!(m.value("sluice_backend_weight", &b), 1.0);
     assert_eq!(m.get("sluice_backend_drain_started_seconds", &b), None);
-    for reason in ["limit", "no_backend", "resources"] {
+    for reason in ["limit", "no_backend", "resources", "proxy_header"] {
         let l = [("service", "web"), ("reason", reason)];
         assert_eq!(m.value("sluice_service_clients_refused_total", &l), 0.0);
     }

@@ -473,6 +473,7 @@ fn wire_types_match_their_schemas() {
         slow_start: saved.map(|_| "30s".into()),
         max_connections: saved.map(|_| 100),
         backup: saved.is_some(),
+        send_proxy: saved.map(|_| sluice::config::ProxyVersion::V2),
         active_connections: 3,
         idle_connections: 2,
         total_connections: u64::MAX,
@@ -558,11 +559,13 @@ fn wire_types_match_their_schemas() {
                 affinity: Some("network".into()),
                 backends: vec!["web1".into(), "web2".into(), "spare".into()],
                 backups: vec!["spare".into()],
+                accept_proxy: Some("5s".into()),
                 refused: [
                     ("limit", 1),
                     ("no_backend", 2),
                     ("resources", 3),
-                    ("backend_full", 4)
+                    ("backend_full", 4),
+                    ("proxy_header", 5)
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
@@ -575,11 +578,13 @@ fn wire_types_match_their_schemas() {
                 affinity: None,
                 backends: vec!["web1".into()],
                 backups: Vec::new(),
+                accept_proxy: None,
                 refused: [
                     ("limit", 0),
                     ("no_backend", 0),
                     ("resources", 0),
-                    ("backend_full", 0)
+                    ("backend_full", 0),
+                    ("proxy_header", 0)
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
@@ -642,6 +647,7 @@ fn wire_types_match_their_schemas() {
                 admin_unauthorized: 5,
                 established: 6,
                 rejected_limit: 7,
+                rejected_proxy_header: 12,
                 rejected_no_backend: 8,
                 rejected_backend_full: 12,
                 rejected_resources: 9,

@@ -138,6 +138,7 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                 admin_unauthorized: n(&s.admin_unauthorized),
                 established: n(&s.established),
                 rejected_limit: n(&s.rejected_limit),
+                rejected_proxy_header: n(&s.rejected_proxy_header),
                 rejected_no_backend: n(&s.rejected_no_backend),
                 rejected_backend_full: n(&s.rejected_backend_full),
                 rejected_resources: n(&s.rejected_resources),
@@ -168,6 +169,7 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
                         affinity: balance.affinity().map(|a| a.as_str().into()),
                         backends: names(None),
                         backups: names(Some(true)),
+                        accept_proxy: s.accept_proxy().map(crate::config::format_duration),
                         refused: crate::events::Reason::ALL
                             .iter()
                             .map(|&r| (r.as_str().to_string(), s.counts.refused_total(r)))
@@ -423,6 +425,7 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
         slow_start: b.slow_start().map(crate::config::format_duration),
         max_connections: b.max_connections(),
         backup: b.is_backup(),
+        send_proxy: b.send_proxy(),
         // After an upgrade, the previous process's too, until it has gone;
         // in cluster mode, every live instance's.
         active_connections: b.live() + b.elsewhere() + b.peers_live(),

@@ -26,7 +26,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::config::BackendAddress;
+use crate::config::{BackendAddress, ProxyVersion};
 use crate::events::{Bus, Kind};
 use crate::health::{Event, Health, Rules, unix_ms};
 
@@ -142,6 +142,9 @@ pub struct Backend {
     max_connections: AtomicUsize,
     /// Takes clients only when no primary of the service can.
     backup: AtomicBool,
+    /// The PROXY header version it expects (0: none, 1, 2); a reload
+    /// changes it for the connections that start after.
+    send_proxy: AtomicU8,
     state: AtomicU8,
     /// `health.up`, readable without the lock on the hot path.
     healthy: AtomicBool,
@@ -204,6 +207,7 @@ impl Backend {
             ramp: ramp::Ramp::default(),
             max_connections: AtomicUsize::new(usize::MAX),
             backup: AtomicBool::new(false),
+            send_proxy: AtomicU8::new(0),
             state: AtomicU8::new(state as u8),
             healthy: AtomicBool::new(true),
             health: Mutex::new(Health::new(now)),
@@ -341,6 +345,24 @@ impl Backend {
     #[cfg(test)]
     pub fn slow_start_done(&self, done: Duration) {
         self.ramp.begin_done(now_ms(), done.as_millis() as u64);
+    }
+
+    /// The PROXY header a new connection to it starts with, if any.
+    pub fn send_proxy(&self) -> Option<ProxyVersion> {
+        match self.send_proxy.load(Ordering::Relaxed) {
+            1 => Some(ProxyVersion::V1),
+            2 => Some(ProxyVersion::V2),
+            _ => None,
+        }
+    }
+
+    pub fn set_send_proxy(&self, v: Option<ProxyVersion>) {
+        let n = match v {
+            None => 0,
+            Some(ProxyVersion::V1) => 1,
+            Some(ProxyVersion::V2) => 2,
+        };
+        self.send_proxy.store(n, Ordering::Relaxed);
     }
 
     pub fn healthy(&self) -> bool {

@@ -108,6 +108,7 @@ pub fn describe(e: &Value) -> String {
                 "limit" => "max_connections reached",
                 "no_backend" => "no backend took them",
                 "resources" => "sluice was short of file descriptors or buffers",
+                "proxy_header" => "their PROXY header was malformed, cut short or too slow",
                 other => other,
             }
         ),

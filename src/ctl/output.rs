@@ -225,9 +225,16 @@ fn colour_of(b: &BackendView) -> &'static str {
 /// down, a line that says why.
 pub fn status_table(backends: &[BackendView], colour: bool) -> String {
     let mut out = String::new();
+    // As wide as the longest address: an IPv6 one is longer than 24.
+    let wide = backends
+        .iter()
+        .map(|b| b.address.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     let _ = writeln!(
         out,
-        "{:<12} {:<24} {:<9} {:<7} {:>6} {:>10}  SERVICES",
+        "{:<12} {:<wide$} {:<9} {:<7} {:>6} {:>10}  SERVICES",
         "NAME", "ADDRESS", "STATE", "HEALTH", "LIVE", "TOTAL"
     );
     for b in backends {
@@ -246,7 +253,7 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<12} {:<24} {state} {:<7} {:>6} {:>10}  {services}",
+            "{:<12} {:<wide$} {state} {:<7} {:>6} {:>10}  {services}",
             b.name, b.address, health, b.active_connections, b.total_connections
         );
         let mut notes = Vec::new();
@@ -263,6 +270,9 @@ pub fn status_table(backends: &[BackendView], colour: bool) -> String {
             )),
             (Some(len), None) => notes.push(format!("slow_start {len}")),
             _ => {}
+        }
+        if let Some(v) = b.send_proxy {
+            notes.push(format!("sends a PROXY {} header", v.as_str()));
         }
         if !notes.is_empty() {
             let _ = writeln!(out, "  {}: {}", b.name, notes.join("; "));
@@ -299,6 +309,9 @@ pub fn services_lines(services: &[crate::api::ServiceView]) -> String {
         if !s.backups.is_empty() {
             let _ = write!(out, "; backups {}", list(s.backups.iter()));
         }
+        if let Some(t) = &s.accept_proxy {
+            let _ = write!(out, "; PROXY header from clients within {t}");
+        }
         let _ = writeln!(out);
     }
     out
@@ -307,7 +320,7 @@ pub fn services_lines(services: &[crate::api::ServiceView]) -> String {
 /// `/stats` for a person: each counter with what it counts, the clients'
 /// outcomes first (every accepted client ends in exactly one of them).
 pub fn stats_table(s: &crate::api::StatsView) -> String {
-    let rows: [(u64, &str, &str); 14] = [
+    let rows: [(u64, &str, &str); 15] = [
         (
             s.active_connections as u64,
             "active_connections",
@@ -319,6 +332,11 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
             s.rejected_limit,
             "rejected_limit",
             "refused at once: max_connections reached",
+        ),
+        (
+            s.rejected_proxy_header,
+            "rejected_proxy_header",
+            "PROXY header malformed, cut short or too slow",
         ),
         (
             s.rejected_no_backend,
@@ -365,6 +383,7 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
             s.accepted.saturating_sub(
                 s.established
                     + s.rejected_limit
+                    + s.rejected_proxy_header
                     + s.rejected_no_backend
                     + s.rejected_backend_full
                     + s.rejected_resources
@@ -384,16 +403,23 @@ pub fn stats_table(s: &crate::api::StatsView) -> String {
 /// The live connections of backend `name`, with a count line at the end.
 pub fn conns_table(list: &[ConnView], name: &str) -> String {
     let mut out = String::new();
+    // As wide as the longest client: an IPv6 one is longer than 24.
+    let wide = list
+        .iter()
+        .map(|c| c.client.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     let _ = writeln!(
         out,
-        "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
+        "{:<wide$} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
         "CLIENT", "SERVICE", "AGE", "IDLE", "BYTES IN", "BYTES OUT", "PID"
     );
     for x in list {
         // After an upgrade the old process's connections show its pid.
         let _ = writeln!(
             out,
-            "{:<24} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
+            "{:<wide$} {:<10} {:>10} {:>10} {:>12} {:>12} {:>8}",
             x.client,
             x.service,
             format!("{:.1}s", x.age_ms as f64 / 1000.0),
@@ -419,6 +445,7 @@ mod tests {
             healthy,
             health_checked: true,
             weight: 1,
+            send_proxy: None,
             active_connections: 3,
             idle_connections: 1,
             total_connections: 42,
@@ -472,6 +499,7 @@ mod tests {
             affinity: Some("network".into()),
             backends: vec!["web1".into(), "web2".into(), "spare".into()],
             backups: vec!["spare".into()],
+            accept_proxy: None,
             refused: Default::default(),
         };
         assert_eq!(
@@ -516,6 +544,18 @@ mod tests {
     }
 
     #[test]
+    fn status_table_keeps_its_columns_with_a_long_ipv6_address() {
+        let mut v6 = backend("web6", State::Active, true);
+        v6.address = "[2001:db8:1234:5678::abcd]:8081".into();
+        let t = status_table(&[backend("web1", State::Active, true), v6], false);
+        let lines: Vec<&str> = t.lines().collect();
+        let at = |l: &str| l.find("active").or_else(|| l.find("STATE")).unwrap();
+        assert_eq!(at(lines[0]), at(lines[1]), "{t}");
+        assert_eq!(at(lines[1]), at(lines[2]), "{t}");
+        assert!(lines[2].contains("[2001:db8:1234:5678::abcd]:8081 "), "{t}");
+    }
+
+    #[test]
     fn status_table_colours_the_state() {
         let t = status_table(&[backend("web1", State::Active, true)], true);
         assert!(t.contains("\x1b[32mactive"), "{t}");
@@ -533,7 +573,7 @@ mod tests {
             bytes_out: 2000,
             pid: 4242,
         };
-        let t = conns_table(&[c], "web1");
+        let t = conns_table(std::slice::from_ref(&c), "web1");
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("CLIENT"), "{t}");
@@ -555,5 +595,14 @@ mod tests {
             conns_table(&[], "web2").lines().last(),
             Some("0 live connection(s) on web2")
         );
+        // A long IPv6 client keeps the columns apart.
+        let v6 = ConnView {
+            client: "[2001:db8:1234:5678:9abc:def0:1234:5678]:51234".into(),
+            ..c
+        };
+        let t = conns_table(&[v6], "web1");
+        let row: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row[0], "[2001:db8:1234:5678:9abc:def0:1234:5678]:51234");
+        assert_eq!(row[1], "web");
     }
 }

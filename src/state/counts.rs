@@ -106,6 +106,6 @@ mod tests {
         c.refused(Reason::NoBackend);
         c.refused(Reason::Limit);
         let got: Vec<_> = Reason::ALL.iter().map(|&r| c.refused_total(r)).collect();
-        assert_eq!(got, [1, 2, 0, 0]);
+        assert_eq!(got, [1, 2, 0, 0, 0]);
     }
 }

@@ -86,9 +86,29 @@ pub struct Service {
     pub counts: ServiceCounts,
     /// What of its refused clients the last `refused` events told.
     pub refusals: Refusals,
+    /// With `accept_proxy`, the time a client has to send its PROXY header
+    /// in milliseconds; 0 without. One atomic, read as a client arrives.
+    proxy_header_ms: AtomicU64,
+    /// Bad PROXY headers, for a rate-limited log line.
+    pub header_errors: LogThrottle,
 }
 
 impl Service {
+    /// Whether its clients send a PROXY header first, and if so the time
+    /// they have to send it.
+    pub fn accept_proxy(&self) -> Option<Duration> {
+        match self.proxy_header_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    pub(crate) fn set_accept_proxy(&self, timeout: Option<Duration>) {
+        // At least 1 ms, so that "on" never reads as 0.
+        let ms = timeout.map_or(0, |t| (t.as_millis() as u64).max(1));
+        self.proxy_header_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// The current backends of this service; a reload swaps it whole, so
     /// a connection past its pick is untouched.
     pub fn route(&self) -> Arc<Route> {
@@ -97,8 +117,9 @@ impl Service {
 }
 
 /// What became of the clients. Every accepted client lands in exactly one
-/// of `established`, `rejected_limit`, `rejected_no_backend`,
-/// `rejected_backend_full`, `rejected_resources` and `abandoned` once its
+/// of `established`, `rejected_limit`, `rejected_proxy_header`,
+/// `rejected_no_backend`, `rejected_backend_full`, `rejected_resources`
+/// and `abandoned` once its
 /// connect phase is over.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -108,6 +129,9 @@ pub struct Stats {
     pub established: AtomicU64,
     /// Closed at once because of `max_connections`.
     pub rejected_limit: AtomicU64,
+    /// Closed because its PROXY header (`accept_proxy`) was malformed,
+    /// cut short or too slow; no byte of it reached a backend.
+    pub rejected_proxy_header: AtomicU64,
     /// Closed because no backend took or answered the connection.
     pub rejected_no_backend: AtomicU64,
     /// Closed because every backend that takes connections carried its
@@ -156,6 +180,9 @@ pub struct Shared {
     /// Set when the shutdown grace period ends: every connection closes,
     /// and one that registers after that closes at once.
     pub closing_all: AtomicBool,
+    /// Cancelled with `closing_all`: ends the clients no backend's close
+    /// reaches, those still sending their PROXY header.
+    pub closing: CancellationToken,
     /// Set once shutdown has begun.
     pub shutting_down: AtomicBool,
     /// Set while this instance leaves its pair (`POST /leave`).
@@ -325,6 +352,8 @@ impl Shared {
                     route: ArcSwap::from_pointee(Route::new(Vec::new(), s.balance)),
                     counts: ServiceCounts::default(),
                     refusals: Refusals::default(),
+                    proxy_header_ms: AtomicU64::new(0),
+                    header_errors: LogThrottle::default(),
                 })
             })
             .collect();
@@ -376,6 +405,7 @@ impl Shared {
             stats: Stats::default(),
             reloads: Reloads::default(),
             closing_all: AtomicBool::new(false),
+            closing: CancellationToken::new(),
             shutting_down: AtomicBool::new(false),
             leaving: Leaving::default(),
             cluster,
@@ -399,6 +429,7 @@ impl Shared {
         let runtime = shared.runtime();
         let list = shared.backends();
         shared.set_routes(&list, &runtime.config);
+        shared.set_service_settings(&runtime.config);
         shared.restart_health_checks(&list, &runtime.config);
         // A drain the cluster agreed on runs on here: its progress too.
         for b in list.iter() {

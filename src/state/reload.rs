@@ -14,7 +14,11 @@
 //! `balance` and `affinity` and swapped whole, health
 //! checks restart, the limit is resized, and the new [`Runtime`] is
 //! swapped in for the token, the timeouts, `zero_copy` and the grace
-//! period. Admin states are kept and no live connection is cut.
+//! period. A backend's `send_proxy` and a service's `accept_proxy` and
+//! `proxy_header_timeout` apply to the connections accepted after it (and
+//! `send_proxy` to the restarted checks): a live connection keeps the
+//! header it began with. Admin states are kept and no live connection is
+//! cut.
 
 use std::fmt;
 use std::path::Path;
@@ -160,6 +164,7 @@ pub(super) fn new_backend(
     .notify_changes_to(state_changed.clone())
     .publish_to(events.clone());
     b.set_balancing(bc.slow_start, bc.max_connections, bc.backup);
+    b.set_send_proxy(bc.send_proxy);
     Arc::new(b)
 }
 
@@ -245,6 +250,9 @@ impl Shared {
                     b.set_weight(bc.weight);
                     b.set_address(bc.address.clone());
                     b.set_balancing(bc.slow_start, bc.max_connections, bc.backup);
+                    // For the connections that start after this; a live
+                    // one began with the header it needed, or none.
+                    b.set_send_proxy(bc.send_proxy);
                 }
                 None => {
                     added.push(bc.name.clone());
@@ -305,6 +313,7 @@ impl Shared {
         self.backends.store(Arc::new(list));
         let list = self.backends();
         self.set_routes(&list, &new);
+        self.set_service_settings(&new);
         self.restart_health_checks(&list, &new);
         self.limit.resize(new.max_connections);
         self.admin_limit.resize(new.admin.max_connections);
@@ -332,6 +341,15 @@ impl Shared {
             service
                 .route
                 .store(Arc::new(Route::new(members, sc.balance)));
+        }
+    }
+
+    /// Sets what each service reads of its own as a client arrives:
+    /// whether a PROXY header comes first, and how long it may take. A
+    /// client accepted before a reload keeps what it started with.
+    pub(super) fn set_service_settings(&self, config: &Config) {
+        for (service, sc) in self.services.iter().zip(&config.services) {
+            service.set_accept_proxy(sc.accept_proxy.then_some(sc.proxy_header_timeout));
         }
     }
 
@@ -415,6 +433,9 @@ fn probe(bc: &BackendConfig, config: &Config) -> Option<Probe> {
     Some(Probe {
         check: check.clone(),
         target: Target::new(&address, port),
+        // As HAProxy does: a check on a port of its own (a status port)
+        // speaks plain, one on the traffic port what the traffic speaks.
+        send_proxy: bc.send_proxy.filter(|_| explicit.is_none()),
     })
 }
 
@@ -550,6 +571,56 @@ mod tests {
         .unwrap();
         let route = s.services[0].route();
         assert_eq!(route.members()[0].1.to_string(), "127.0.0.1:8080");
+    }
+
+    #[tokio::test]
+    async fn proxy_protocol_settings_apply_and_turn_off_again() {
+        use crate::config::ProxyVersion;
+        let plain = text("", "", &[("a", 1), ("b", 1)]);
+        let s = shared(&plain);
+        assert_eq!(s.services[0].accept_proxy(), None);
+        let on = plain
+            .replacen(
+                "health_check = \"none\"\n",
+                "health_check = \"none\"\nsend_proxy = \"v2\"\n",
+                1,
+            )
+            .replace(
+                "backend_port = 80\n",
+                "backend_port = 80\naccept_proxy = true\nproxy_header_timeout = \"750ms\"\n",
+            );
+        s.reload(parse(&on)).unwrap();
+        assert_eq!(s.backend("a").unwrap().send_proxy(), Some(ProxyVersion::V2));
+        assert_eq!(s.backend("b").unwrap().send_proxy(), None);
+        assert_eq!(
+            s.services[0].accept_proxy(),
+            Some(Duration::from_millis(750))
+        );
+        s.reload(parse(&plain)).unwrap();
+        assert_eq!(s.backend("a").unwrap().send_proxy(), None);
+        assert_eq!(s.services[0].accept_proxy(), None);
+        // A backend that joins with it has it from its first connection.
+        let d = text("", "", &[("d", 1)]).replacen(
+            "health_check = \"none\"\n",
+            "health_check = \"none\"\nsend_proxy = \"v1\"\n",
+            1,
+        );
+        s.reload(parse(&d)).unwrap();
+        assert_eq!(s.backend("d").unwrap().send_proxy(), Some(ProxyVersion::V1));
+    }
+
+    #[test]
+    fn a_check_on_the_traffic_port_sends_the_header_and_one_on_its_own_port_does_not() {
+        let t = text("", "", &[("a", 1)]).replacen(
+            "health_check = \"none\"\n",
+            "send_proxy = \"v1\"\n",
+            1,
+        );
+        let c = parse(&t);
+        let p = probe(&c.backends[0], &c).unwrap();
+        assert_eq!(p.send_proxy, Some(crate::config::ProxyVersion::V1));
+        let c = parse(&t.replacen("send_proxy", "health_port = 9\nsend_proxy", 1));
+        assert_eq!(probe(&c.backends[0], &c).unwrap().send_proxy, None);
     }
 
     #[tokio::test]
