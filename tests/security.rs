@@ -37,6 +37,19 @@ async fn served(addr: SocketAddr) -> bool {
     )
 }
 
+/// How many connections wait in the accept queue of the IPv4 listener
+/// on `addr` (the kernel's `rx_queue` of a listening socket).
+fn accept_queue(addr: SocketAddr) -> u64 {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = format!(":{:04X}", addr.port());
+    tcp.lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f[1].ends_with(&port) && f[3] == "0A")
+        .map(|f| u64::from_str_radix(f[4].split(':').nth(1).unwrap(), 16).unwrap())
+        .expect("the admin listener is in /proc/net/tcp")
+}
+
 /// Opens `n` admin connections that send half a request and wait.
 async fn flood(admin: SocketAddr, n: usize) -> Vec<TcpStream> {
     let mut held = Vec::new();
@@ -66,13 +79,25 @@ async fn an_admin_flood_cannot_starve_the_data_plane() {
     );
     let (p, addr, admin, _d) = run_limited(&open, 256);
     let held = flood(admin, 300).await;
-    assert!(!served(addr).await, "the harness sees a starved data plane");
+    // The kernel completes the flood's handshakes before sluice accepts
+    // them; on a busy machine its accepts lag, so wait until they have
+    // taken the descriptors, with a deadline.
+    wait_for("the harness sees a starved data plane", || async {
+        !served(addr).await
+    })
+    .await;
     drop((held, p));
 
     // The default cap keeps the flood to a few descriptors.
     let capped = config("", slow, &[("a", a.addr)]);
     let (mut p, addr, admin, _d) = run_limited(&capped, 256);
     let held = flood(admin, 300).await;
+    // Every connection of the flood has reached sluice before clients
+    // come, so they meet the flood, not a queue it still sits in.
+    wait_for("sluice has accepted the flood", || async {
+        accept_queue(admin) == 0
+    })
+    .await;
     for _ in 0..20 {
         assert!(
             served(addr).await,
