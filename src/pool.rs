@@ -52,10 +52,26 @@ pub struct Route {
     balance: Balance,
     /// The primaries, then the backups.
     tiers: [Tier; 2],
-    /// Per member, a hash of its name, for source-hash.
-    seeds: Vec<u64>,
+    /// Per member, what source-hash ranks it by.
+    seeds: Vec<Seed>,
     /// Moved by every least-connections pick, so that ties take turns.
     ties: AtomicUsize,
+}
+
+/// Most backends a service may list (config validation enforces it): a
+/// source-hash walk marks the members it has passed in a bitset of this
+/// many bits on the stack, so it allocates nothing.
+pub const MAX_MEMBERS: usize = 1024;
+
+/// What source-hash ranks a member by besides its ramp. Weight and
+/// `backup` are taken when the route is built (a reload that changes
+/// either builds a new one), so a reload during a walk cannot reorder it.
+#[derive(Debug)]
+struct Seed {
+    /// A hash of its name.
+    name: u64,
+    weight: u32,
+    backup: bool,
 }
 
 /// The primaries or the backups of a route.
@@ -82,11 +98,22 @@ impl Tier {
 
 impl Route {
     pub fn new(members: Vec<Member>, balance: Balance) -> Route {
+        assert!(
+            members.len() <= MAX_MEMBERS,
+            "config validation keeps a service to {MAX_MEMBERS} backends"
+        );
         let (backups, primaries): (Vec<usize>, Vec<usize>) =
             (0..members.len()).partition(|&i| members[i].0.is_backup());
         Route {
             tiers: [Tier::new(&members, primaries), Tier::new(&members, backups)],
-            seeds: members.iter().map(|(b, _)| name_seed(&b.name)).collect(),
+            seeds: members
+                .iter()
+                .map(|(b, _)| Seed {
+                    name: name_seed(&b.name),
+                    weight: b.weight(),
+                    backup: b.is_backup(),
+                })
+                .collect(),
             members,
             balance,
             ties: AtomicUsize::new(0),
@@ -113,7 +140,7 @@ impl Route {
                 } else {
                     0
                 },
-                last: None,
+                passed: Passed::default(),
             },
             Balance::RoundRobin => self.first(|t| self.round_robin(t)),
             Balance::LeastConnections => self.first(|t| self.least_connections(t)),
@@ -211,20 +238,21 @@ impl Route {
     }
 
     /// Member `i`'s rank for a client's `key`: primaries above backups,
-    /// then by weighted rendezvous score, then by member order.
+    /// then by weighted rendezvous score, then by member order. Its
+    /// weight and `backup` are the route's; its ramp is read at `now`
+    /// (0: not read).
     fn rank(&self, i: usize, key: u64, now: u64) -> Rank {
-        let b = self.backend(i);
-        let w = if now != 0 && b.maybe_ramping() {
-            b.effective_weight_at(now)
-        } else {
-            b.weight() as f64
-        };
+        let seed = &self.seeds[i];
+        let mut w = seed.weight as f64;
+        if now != 0 {
+            w *= self.backend(i).ramp_fraction_at(now);
+        }
         // A uniform draw in (0, 1) from the pair's hash; -w / ln(u) is
         // the weighted rendezvous score (the largest wins), which gives
         // each backend a share of clients in proportion to its weight.
-        let h = mix(key ^ self.seeds[i]);
+        let h = mix(key ^ seed.name);
         let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        Rank(!b.is_backup(), w / -u.ln(), usize::MAX - i)
+        Rank(!seed.backup, w / -u.ln(), usize::MAX - i)
     }
 }
 
@@ -248,14 +276,31 @@ enum Order {
         first: bool,
     },
     /// Source-hash: every member by descending rank for the client's key.
+    /// Each step takes the best of the members not yet passed, so a rank
+    /// that changes between steps (a ramp that begins or ends while a
+    /// connect is pending) can neither skip a member nor repeat one.
     Rank {
         key: u64,
-        /// The clock for effective weights; 0 when none ramps.
+        /// The clock for effective weights, read at the pick; 0 when none
+        /// ramped then.
         now: u64,
-        /// The rank yielded last.
-        last: Option<Rank>,
+        passed: Passed,
     },
     Done,
+}
+
+/// The members a source-hash walk has passed, one bit each.
+#[derive(Debug, Default)]
+struct Passed([u64; MAX_MEMBERS / 64]);
+
+impl Passed {
+    fn has(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn add(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
 }
 
 /// A pick's fallback order; see [`Route::pick`].
@@ -292,14 +337,13 @@ impl<'a> Iterator for Candidates<'a> {
                     return Some(m);
                 }
             },
-            Order::Rank { key, now, last } => loop {
-                let below = |x: &Rank| last.is_none_or(|l| *x < l);
-                let next = (0..r.members.len())
+            Order::Rank { key, now, passed } => loop {
+                let (i, _) = (0..r.members.len())
+                    .filter(|&i| !passed.has(i))
                     .map(|i| (i, r.rank(i, *key, *now)))
-                    .filter(|(_, x)| below(x))
                     .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
-                *last = Some(next.1);
-                let m = &r.members[next.0];
+                passed.add(i);
+                let m = &r.members[i];
                 if m.0.takes_new_connections() {
                     return Some(m);
                 }
@@ -753,6 +797,64 @@ mod tests {
                 "its own first out: the same second choice"
             );
             first.0.start();
+        }
+    }
+
+    #[test]
+    fn a_source_hash_walk_meets_each_backend_once_whatever_changes_mid_walk() {
+        // The proxy walks the order across its connects' awaits: a ramp
+        // that begins or ends, or a reload, may land between two steps.
+        let hour = Duration::from_secs(3600);
+        let r = Route::new(
+            members(&[1, 1, 1, 1, 1]),
+            Balance::SourceHash(Affinity::ClientIp),
+        );
+        let all: Vec<String> = (0..5).map(|i| format!("b{i}")).collect();
+        for (n, &c) in clients()[..300].iter().enumerate() {
+            for m in r.members() {
+                m.0.set_weight(1);
+                m.0.set_balancing(None, None, false);
+            }
+            // One ramps half-way, so that the walk reads ramps.
+            ramp(&r.members()[n % 5].0, hour, 0.5);
+            let walk = r.pick(c);
+            let mut got = Vec::new();
+            for m in walk {
+                got.push(m.0.name.clone());
+                for m in r.members() {
+                    if got.contains(&m.0.name) {
+                        // Those met start a ramp: their rank falls.
+                        ramp(&m.0, hour, 0.0);
+                    } else {
+                        // The rest end theirs, and a reload weighs them
+                        // up: their rank rises.
+                        m.0.set_balancing(None, None, false);
+                        m.0.set_weight(1000);
+                    }
+                }
+            }
+            got.sort();
+            assert_eq!(got, all, "client {c}: each backend once");
+        }
+
+        // With no ramp, a reload mid-walk leaves the order as it was: the
+        // walk ranks by the route's weights.
+        for m in r.members() {
+            m.0.set_weight(1);
+            m.0.set_balancing(None, None, false);
+        }
+        for &c in &clients()[..100] {
+            let before = order(&r, c);
+            let mut walk = r.pick(c);
+            let first = walk.next().unwrap().0.name.clone();
+            for m in r.members() {
+                m.0.set_weight(if m.0.name == before[4] { 1000 } else { 1 });
+            }
+            let rest: Vec<String> = walk.map(|m| m.0.name.clone()).collect();
+            assert_eq!((first, rest), (before[0].clone(), before[1..].to_vec()));
+            for m in r.members() {
+                m.0.set_weight(1);
+            }
         }
     }
 

@@ -319,11 +319,13 @@ impl Backend {
 
     /// Its weight at `now` (see [`now_ms`]): lower while it slow-starts.
     pub fn effective_weight_at(&self, now: u64) -> f64 {
-        let w = self.weight() as f64;
-        match self.ramp.fraction_at(now) {
-            Some(f) => w * f,
-            None => w,
-        }
+        self.weight() as f64 * self.ramp_fraction_at(now)
+    }
+
+    /// The fraction of its weight it takes at `now`: below 1 while it
+    /// slow-starts.
+    pub fn ramp_fraction_at(&self, now: u64) -> f64 {
+        self.ramp.fraction_at(now).unwrap_or(1.0)
     }
 
     /// Its weight now while it slow-starts; `None` once it takes its own.
