@@ -48,17 +48,28 @@ impl Ramp {
     }
 
     /// The backend came back at `now`: a ramp starts, if it has a length.
-    pub fn begin(&self, now: u64) {
-        self.begin_done(now, 0);
+    /// Returns what [`Ramp::undo`] needs to take it back.
+    pub fn begin(&self, now: u64) -> Option<Begun> {
+        self.begin_done(now, 0)
     }
 
     /// As [`Ramp::begin`], as if it began `done_ms` before `now`.
-    pub fn begin_done(&self, now: u64, done_ms: u64) {
+    pub fn begin_done(&self, now: u64, done_ms: u64) -> Option<Begun> {
         let len = self.length_ms.load(Ordering::Relaxed);
-        if len > 0 {
-            self.ends_ms
-                .store(now + len.saturating_sub(done_ms), Ordering::Relaxed);
+        if len == 0 {
+            return None;
         }
+        let set = now + len.saturating_sub(done_ms);
+        let was = self.ends_ms.swap(set, Ordering::Relaxed);
+        Some(Begun { was, set })
+    }
+
+    /// Takes back a ramp that began for a start that did not happen,
+    /// unless another has begun or ended since.
+    pub fn undo(&self, b: Begun) {
+        let _ = self
+            .ends_ms
+            .compare_exchange(b.set, b.was, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// The fraction of its weight it takes at `now`: `None` when no ramp
@@ -89,6 +100,13 @@ impl Ramp {
     }
 }
 
+/// A ramp that [`Ramp::begin`] started, and the one it replaced.
+#[derive(Debug, Clone, Copy)]
+pub struct Begun {
+    was: u64,
+    set: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +132,24 @@ mod tests {
         // A reload that takes slow_start away ends the ramp at once.
         r.set_length(None);
         assert_eq!(r.fraction_at(20_001), None);
+    }
+
+    #[test]
+    fn an_undone_begin_leaves_the_ramp_as_it_was() {
+        let r = Ramp::default();
+        r.set_length(Some(Duration::from_secs(10)));
+        let b = r.begin(1000).unwrap();
+        r.undo(b);
+        assert!(!r.maybe_ramping(), "none ran before");
+        r.begin(1000);
+        let b = r.begin(6000).unwrap();
+        r.undo(b);
+        assert_eq!(r.fraction_at(6000), Some(0.5), "the earlier one goes on");
+        // One that began since is not undone.
+        let b = r.begin(7000).unwrap();
+        r.begin(8000);
+        r.undo(b);
+        assert_eq!(r.fraction_at(8000), Some(FLOOR));
     }
 
     #[test]
