@@ -864,6 +864,14 @@ mod tests {
             Some(Skip::Out)
         );
         assert_eq!(b.live(), 4, "the refused attempts gave their slots back");
+        // Full and out of rotation: out, so the refusal is not counted
+        // as every backend full.
+        b.set_balancing(None, Some(4), false);
+        assert_eq!(
+            b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into())
+                .err(),
+            Some(Skip::Out)
+        );
     }
 
     #[test]
