@@ -142,8 +142,14 @@ impl Route {
                 },
                 passed: Passed::default(),
             },
-            Balance::RoundRobin => self.first(|t| self.round_robin(t)),
-            Balance::LeastConnections => self.first(|t| self.least_connections(t)),
+            Balance::RoundRobin => {
+                let now = lazy_now();
+                self.first(|t| self.round_robin(t, &now))
+            }
+            Balance::LeastConnections => {
+                let now = lazy_now();
+                self.first(|t| self.least_connections(t, &now))
+            }
         };
         Candidates { route: self, order }
     }
@@ -182,7 +188,7 @@ impl Route {
     /// meets them, the rest keep their shares in proportion to their
     /// weights, and concurrent picks cannot use up every slot between them
     /// and come back empty while a backend takes connections.
-    fn round_robin(&self, t: usize) -> Option<usize> {
+    fn round_robin(&self, t: usize, now: &LazyNow) -> Option<usize> {
         let tier = &self.tiers[t];
         let len = tier.schedule.len();
         if len == 0 {
@@ -202,7 +208,7 @@ impl Route {
                 let k = (0..len)
                     .find(|&k| {
                         let b = slot_of(at(k));
-                        b.available() && (!b.maybe_ramping() || ramp_admits(b))
+                        b.available() && (!b.maybe_ramping() || ramp_admits(b, clock(now)))
                     })
                     .or_else(|| (0..len).find(|&k| slot_of(at(k)).available()))?;
                 first = Some(at(k));
@@ -214,14 +220,13 @@ impl Route {
     /// The position in tier `t` of the available backend with the fewest
     /// live connections, counting the new one, relative to its effective
     /// weight. The scan starts at a rotating position, so ties take turns.
-    fn least_connections(&self, t: usize) -> Option<usize> {
+    fn least_connections(&self, t: usize, now: &LazyNow) -> Option<usize> {
         let tier = &self.tiers[t];
         let len = tier.members.len();
         if len == 0 {
             return None;
         }
         let start = self.ties.fetch_add(1, Ordering::Relaxed);
-        let now = lazy_now();
         let mut best: Option<(usize, f64)> = None;
         for k in 0..len {
             let p = (start + k) % len;
@@ -229,7 +234,7 @@ impl Route {
             if !b.available() {
                 continue;
             }
-            let load = (b.live() + 1) as f64 / effective_weight(b, &now);
+            let load = (b.live() + 1) as f64 / effective_weight(b, now);
             if best.is_none_or(|(_, l)| load < l) {
                 best = Some((p, load));
             }
@@ -353,33 +358,35 @@ impl<'a> Iterator for Candidates<'a> {
     }
 }
 
-/// The clock, read once per pick and only if a backend ramps.
+/// The clock of one pick: read the first time a ramping backend is met,
+/// and never if none is. Every ramp of the pick is weighed at that one
+/// moment, however many slots it looks at and however many times its
+/// compare-and-swap retries.
 type LazyNow = Cell<Option<u64>>;
 
 fn lazy_now() -> LazyNow {
     Cell::new(None)
 }
 
+fn clock(now: &LazyNow) -> u64 {
+    now.get().unwrap_or_else(|| {
+        let t = now_ms();
+        now.set(Some(t));
+        t
+    })
+}
+
 fn effective_weight(b: &Backend, now: &LazyNow) -> f64 {
     if !b.maybe_ramping() {
         return b.weight() as f64;
     }
-    let t = now.get().unwrap_or_else(|| {
-        let t = now_ms();
-        now.set(Some(t));
-        t
-    });
-    b.effective_weight_at(t)
+    b.effective_weight_at(clock(now))
 }
 
-/// Whether a round-robin slot of a slow-starting backend is taken: with
-/// the chance of its ramp's fraction.
-fn ramp_admits(b: &Backend) -> bool {
-    let w = b.weight() as f64;
-    if w == 0.0 {
-        return false;
-    }
-    let fraction = b.effective_weight_at(now_ms()) / w;
+/// Whether a round-robin slot of a slow-starting backend is taken at
+/// `now`: with the chance of its ramp's fraction.
+fn ramp_admits(b: &Backend, now: u64) -> bool {
+    let fraction = b.ramp_fraction_at(now);
     fraction >= 1.0 || unit_random() < fraction
 }
 
