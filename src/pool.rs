@@ -255,8 +255,7 @@ impl Route {
         // A uniform draw in (0, 1) from the pair's hash; -w / ln(u) is
         // the weighted rendezvous score (the largest wins), which gives
         // each backend a share of clients in proportion to its weight.
-        let h = mix(key ^ seed.name);
-        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u = unit_open(mix(key ^ seed.name));
         Rank(!seed.backup, w / -u.ln(), usize::MAX - i)
     }
 }
@@ -409,6 +408,13 @@ fn unit_random() -> f64 {
     })
 }
 
+/// A hash as a draw in (0, 1), both ends excluded: 52 bits and a half,
+/// exact in an f64. 53 bits and a half would round the top draw to 1,
+/// whose logarithm is 0, and give that pair an infinite score.
+fn unit_open(h: u64) -> f64 {
+    ((h >> 12) as f64 + 0.5) / (1u64 << 52) as f64
+}
+
 /// What source-hash keys on: the client's address, or its /24 (IPv4) or
 /// /48 (IPv6). An IPv4 client seen on an IPv6 socket (`::ffff:a.b.c.d`)
 /// counts as the IPv4 address it is.
@@ -534,6 +540,15 @@ mod tests {
             *out.entry(p).or_default() += 1;
         }
         out
+    }
+
+    #[test]
+    fn a_hash_draw_is_never_0_or_1() {
+        for h in [0, 1, 4095, u64::MAX - 4095, u64::MAX] {
+            let u = unit_open(h);
+            assert!(u > 0.0 && u < 1.0, "{h}: {u}");
+            assert!(-u.ln() > 0.0, "{h}: a score needs a positive divisor");
+        }
     }
 
     #[test]
