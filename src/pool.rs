@@ -56,6 +56,10 @@ pub struct Route {
     seeds: Vec<Seed>,
     /// Moved by every least-connections pick, so that ties take turns.
     ties: AtomicUsize,
+    /// Moved by every round-robin or least-connections walk that goes on
+    /// from the primaries to the backups, so that the backups take turns
+    /// as the first met there, not backup 0 every time.
+    spills: AtomicUsize,
 }
 
 /// Most backends a service may list (config validation enforces it): a
@@ -117,6 +121,7 @@ impl Route {
             members,
             balance,
             ties: AtomicUsize::new(0),
+            spills: AtomicUsize::new(0),
         }
     }
 
@@ -269,7 +274,8 @@ struct Rank(bool, f64, usize);
 enum Order {
     /// Round-robin and least-connections: the first choice, at `start` in
     /// `tier`, then the rest of that tier in member order after it, then
-    /// (from the primaries) every backup.
+    /// (from the primaries) every backup, in member order from one that
+    /// turns with each walk that gets there.
     Walk {
         tier: usize,
         start: usize,
@@ -328,11 +334,14 @@ impl<'a> Iterator for Candidates<'a> {
             } => loop {
                 let members = &r.tiers[*tier].members;
                 if *step == members.len() {
-                    // From the primaries on to the backups, in order.
-                    if *tier == 1 {
+                    // From the primaries on to the backups, in order from
+                    // one that turns.
+                    let backups = r.tiers[1].members.len();
+                    if *tier == 1 || backups == 0 {
                         return None;
                     }
-                    (*tier, *start, *step) = (1, 0, 0);
+                    let turn = r.spills.fetch_add(1, Ordering::Relaxed);
+                    (*tier, *start, *step) = (1, turn % backups, 0);
                     continue;
                 }
                 let m = &r.members[members[(*start + *step) % members.len()]];
@@ -674,6 +683,21 @@ mod tests {
             assert_eq!(served(&r, CLIENT), "b2", "{balance:?}");
             drop(held);
             assert_eq!(order(&r, CLIENT), ["b1", "b2"], "{balance:?}");
+        }
+    }
+
+    #[test]
+    fn backups_take_turns_when_walks_go_on_past_the_primaries() {
+        for balance in [Balance::RoundRobin, Balance::LeastConnections] {
+            let m = members(&[1, 1, 1, 1]);
+            m[2].0.set_balancing(None, None, true);
+            m[3].0.set_balancing(None, None, true);
+            let r = Route::new(m, balance);
+            // Every primary refused the connect: the walk goes on to the
+            // backups, the first of which the client lands on.
+            let first_backup = shares((0..20).map(|_| order(&r, CLIENT)[2].clone()));
+            assert_eq!(first_backup.get("b2"), Some(&10), "{balance:?}");
+            assert_eq!(first_backup.get("b3"), Some(&10), "{balance:?}");
         }
     }
 
