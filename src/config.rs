@@ -1383,6 +1383,18 @@ fn service(
             list.get_ref().iter().map(|n| n.get_ref().clone()).collect()
         }
     };
+    if chosen.len() > crate::pool::MAX_MEMBERS {
+        let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
+        return Err(ctx.err(
+            span,
+            &field("backends"),
+            format!(
+                "service `{name}` has {} backends; a service takes at most {}",
+                chosen.len(),
+                crate::pool::MAX_MEMBERS
+            ),
+        ));
+    }
     let balance = balance(ctx, i, s)?;
     let members = || backends.iter().filter(|b| chosen.contains(&b.name));
     if !chosen.is_empty() && members().all(|b| b.backup) {
@@ -2322,6 +2334,24 @@ mod tests {
         ] {
             assert_eq!(refused(&text), want, "{text}");
         }
+        // A service's backends fit the fixed bitset a source-hash walk
+        // marks them in.
+        let many = |n: usize| {
+            let mut t = BASE.to_string();
+            for k in 3..=n {
+                t.push_str(&format!(
+                    "[[backend]]\nname = \"web{k}\"\naddress = \"10.0.{}.{}\"\n",
+                    k / 250,
+                    k % 250 + 1
+                ));
+            }
+            t
+        };
+        assert_eq!(ok(many(1024)).services[0].backends.len(), 1024);
+        assert_eq!(
+            refused(&many(1025)),
+            "sluice.toml:2: service[0].backends: service `web` has 1025 backends; a service takes at most 1024"
+        );
         // A backup that serves only some services is fine where others
         // have a primary.
         let t = on_web1("backup = true").replace(

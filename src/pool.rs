@@ -52,10 +52,30 @@ pub struct Route {
     balance: Balance,
     /// The primaries, then the backups.
     tiers: [Tier; 2],
-    /// Per member, a hash of its name, for source-hash.
-    seeds: Vec<u64>,
+    /// Per member, what source-hash ranks it by.
+    seeds: Vec<Seed>,
     /// Moved by every least-connections pick, so that ties take turns.
     ties: AtomicUsize,
+    /// Moved by every round-robin or least-connections walk that goes on
+    /// from the primaries to the backups, so that the backups take turns
+    /// as the first met there, not backup 0 every time.
+    spills: AtomicUsize,
+}
+
+/// Most backends a service may list (config validation enforces it): a
+/// source-hash walk marks the members it has passed in a bitset of this
+/// many bits on the stack, so it allocates nothing.
+pub const MAX_MEMBERS: usize = 1024;
+
+/// What source-hash ranks a member by besides its ramp. Weight and
+/// `backup` are taken when the route is built (a reload that changes
+/// either builds a new one), so a reload during a walk cannot reorder it.
+#[derive(Debug)]
+struct Seed {
+    /// A hash of its name.
+    name: u64,
+    weight: u32,
+    backup: bool,
 }
 
 /// The primaries or the backups of a route.
@@ -82,14 +102,26 @@ impl Tier {
 
 impl Route {
     pub fn new(members: Vec<Member>, balance: Balance) -> Route {
+        assert!(
+            members.len() <= MAX_MEMBERS,
+            "config validation keeps a service to {MAX_MEMBERS} backends"
+        );
         let (backups, primaries): (Vec<usize>, Vec<usize>) =
             (0..members.len()).partition(|&i| members[i].0.is_backup());
         Route {
             tiers: [Tier::new(&members, primaries), Tier::new(&members, backups)],
-            seeds: members.iter().map(|(b, _)| name_seed(&b.name)).collect(),
+            seeds: members
+                .iter()
+                .map(|(b, _)| Seed {
+                    name: name_seed(&b.name),
+                    weight: b.weight(),
+                    backup: b.is_backup(),
+                })
+                .collect(),
             members,
             balance,
             ties: AtomicUsize::new(0),
+            spills: AtomicUsize::new(0),
         }
     }
 
@@ -113,10 +145,16 @@ impl Route {
                 } else {
                     0
                 },
-                last: None,
+                passed: Passed::default(),
             },
-            Balance::RoundRobin => self.first(|t| self.round_robin(t)),
-            Balance::LeastConnections => self.first(|t| self.least_connections(t)),
+            Balance::RoundRobin => {
+                let now = lazy_now();
+                self.first(|t| self.round_robin(t, &now))
+            }
+            Balance::LeastConnections => {
+                let now = lazy_now();
+                self.first(|t| self.least_connections(t, &now))
+            }
         };
         Candidates { route: self, order }
     }
@@ -155,7 +193,7 @@ impl Route {
     /// meets them, the rest keep their shares in proportion to their
     /// weights, and concurrent picks cannot use up every slot between them
     /// and come back empty while a backend takes connections.
-    fn round_robin(&self, t: usize) -> Option<usize> {
+    fn round_robin(&self, t: usize, now: &LazyNow) -> Option<usize> {
         let tier = &self.tiers[t];
         let len = tier.schedule.len();
         if len == 0 {
@@ -175,7 +213,7 @@ impl Route {
                 let k = (0..len)
                     .find(|&k| {
                         let b = slot_of(at(k));
-                        b.available() && (!b.maybe_ramping() || ramp_admits(b))
+                        b.available() && (!b.maybe_ramping() || ramp_admits(b, clock(now)))
                     })
                     .or_else(|| (0..len).find(|&k| slot_of(at(k)).available()))?;
                 first = Some(at(k));
@@ -187,14 +225,13 @@ impl Route {
     /// The position in tier `t` of the available backend with the fewest
     /// live connections, counting the new one, relative to its effective
     /// weight. The scan starts at a rotating position, so ties take turns.
-    fn least_connections(&self, t: usize) -> Option<usize> {
+    fn least_connections(&self, t: usize, now: &LazyNow) -> Option<usize> {
         let tier = &self.tiers[t];
         let len = tier.members.len();
         if len == 0 {
             return None;
         }
         let start = self.ties.fetch_add(1, Ordering::Relaxed);
-        let now = lazy_now();
         let mut best: Option<(usize, f64)> = None;
         for k in 0..len {
             let p = (start + k) % len;
@@ -202,7 +239,7 @@ impl Route {
             if !b.available() {
                 continue;
             }
-            let load = (b.live() + 1) as f64 / effective_weight(b, &now);
+            let load = (b.live() + 1) as f64 / effective_weight(b, now);
             if best.is_none_or(|(_, l)| load < l) {
                 best = Some((p, load));
             }
@@ -211,20 +248,20 @@ impl Route {
     }
 
     /// Member `i`'s rank for a client's `key`: primaries above backups,
-    /// then by weighted rendezvous score, then by member order.
+    /// then by weighted rendezvous score, then by member order. Its
+    /// weight and `backup` are the route's; its ramp is read at `now`
+    /// (0: not read).
     fn rank(&self, i: usize, key: u64, now: u64) -> Rank {
-        let b = self.backend(i);
-        let w = if now != 0 && b.maybe_ramping() {
-            b.effective_weight_at(now)
-        } else {
-            b.weight() as f64
-        };
+        let seed = &self.seeds[i];
+        let mut w = seed.weight as f64;
+        if now != 0 {
+            w *= self.backend(i).ramp_fraction_at(now);
+        }
         // A uniform draw in (0, 1) from the pair's hash; -w / ln(u) is
         // the weighted rendezvous score (the largest wins), which gives
         // each backend a share of clients in proportion to its weight.
-        let h = mix(key ^ self.seeds[i]);
-        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        Rank(!b.is_backup(), w / -u.ln(), usize::MAX - i)
+        let u = unit_open(mix(key ^ seed.name));
+        Rank(!seed.backup, w / -u.ln(), usize::MAX - i)
     }
 }
 
@@ -237,7 +274,8 @@ struct Rank(bool, f64, usize);
 enum Order {
     /// Round-robin and least-connections: the first choice, at `start` in
     /// `tier`, then the rest of that tier in member order after it, then
-    /// (from the primaries) every backup.
+    /// (from the primaries) every backup, in member order from one that
+    /// turns with each walk that gets there.
     Walk {
         tier: usize,
         start: usize,
@@ -248,14 +286,31 @@ enum Order {
         first: bool,
     },
     /// Source-hash: every member by descending rank for the client's key.
+    /// Each step takes the best of the members not yet passed, so a rank
+    /// that changes between steps (a ramp that begins or ends while a
+    /// connect is pending) can neither skip a member nor repeat one.
     Rank {
         key: u64,
-        /// The clock for effective weights; 0 when none ramps.
+        /// The clock for effective weights, read at the pick; 0 when none
+        /// ramped then.
         now: u64,
-        /// The rank yielded last.
-        last: Option<Rank>,
+        passed: Passed,
     },
     Done,
+}
+
+/// The members a source-hash walk has passed, one bit each.
+#[derive(Debug, Default)]
+struct Passed([u64; MAX_MEMBERS / 64]);
+
+impl Passed {
+    fn has(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn add(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
 }
 
 /// A pick's fallback order; see [`Route::pick`].
@@ -279,11 +334,14 @@ impl<'a> Iterator for Candidates<'a> {
             } => loop {
                 let members = &r.tiers[*tier].members;
                 if *step == members.len() {
-                    // From the primaries on to the backups, in order.
-                    if *tier == 1 {
+                    // From the primaries on to the backups, in order from
+                    // one that turns.
+                    let backups = r.tiers[1].members.len();
+                    if *tier == 1 || backups == 0 {
                         return None;
                     }
-                    (*tier, *start, *step) = (1, 0, 0);
+                    let turn = r.spills.fetch_add(1, Ordering::Relaxed);
+                    (*tier, *start, *step) = (1, turn % backups, 0);
                     continue;
                 }
                 let m = &r.members[members[(*start + *step) % members.len()]];
@@ -292,14 +350,13 @@ impl<'a> Iterator for Candidates<'a> {
                     return Some(m);
                 }
             },
-            Order::Rank { key, now, last } => loop {
-                let below = |x: &Rank| last.is_none_or(|l| *x < l);
-                let next = (0..r.members.len())
+            Order::Rank { key, now, passed } => loop {
+                let (i, _) = (0..r.members.len())
+                    .filter(|&i| !passed.has(i))
                     .map(|i| (i, r.rank(i, *key, *now)))
-                    .filter(|(_, x)| below(x))
                     .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))?;
-                *last = Some(next.1);
-                let m = &r.members[next.0];
+                passed.add(i);
+                let m = &r.members[i];
                 if m.0.takes_new_connections() {
                     return Some(m);
                 }
@@ -309,33 +366,35 @@ impl<'a> Iterator for Candidates<'a> {
     }
 }
 
-/// The clock, read once per pick and only if a backend ramps.
+/// The clock of one pick: read the first time a ramping backend is met,
+/// and never if none is. Every ramp of the pick is weighed at that one
+/// moment, however many slots it looks at and however many times its
+/// compare-and-swap retries.
 type LazyNow = Cell<Option<u64>>;
 
 fn lazy_now() -> LazyNow {
     Cell::new(None)
 }
 
+fn clock(now: &LazyNow) -> u64 {
+    now.get().unwrap_or_else(|| {
+        let t = now_ms();
+        now.set(Some(t));
+        t
+    })
+}
+
 fn effective_weight(b: &Backend, now: &LazyNow) -> f64 {
     if !b.maybe_ramping() {
         return b.weight() as f64;
     }
-    let t = now.get().unwrap_or_else(|| {
-        let t = now_ms();
-        now.set(Some(t));
-        t
-    });
-    b.effective_weight_at(t)
+    b.effective_weight_at(clock(now))
 }
 
-/// Whether a round-robin slot of a slow-starting backend is taken: with
-/// the chance of its ramp's fraction.
-fn ramp_admits(b: &Backend) -> bool {
-    let w = b.weight() as f64;
-    if w == 0.0 {
-        return false;
-    }
-    let fraction = b.effective_weight_at(now_ms()) / w;
+/// Whether a round-robin slot of a slow-starting backend is taken at
+/// `now`: with the chance of its ramp's fraction.
+fn ramp_admits(b: &Backend, now: u64) -> bool {
+    let fraction = b.ramp_fraction_at(now);
     fraction >= 1.0 || unit_random() < fraction
 }
 
@@ -356,6 +415,13 @@ fn unit_random() -> f64 {
         s.set(x);
         (x >> 11) as f64 / (1u64 << 53) as f64
     })
+}
+
+/// A hash as a draw in (0, 1), both ends excluded: 52 bits and a half,
+/// exact in an f64. 53 bits and a half would round the top draw to 1,
+/// whose logarithm is 0, and give that pair an infinite score.
+fn unit_open(h: u64) -> f64 {
+    ((h >> 12) as f64 + 0.5) / (1u64 << 52) as f64
 }
 
 /// What source-hash keys on: the client's address, or its /24 (IPv4) or
@@ -486,6 +552,15 @@ mod tests {
     }
 
     #[test]
+    fn a_hash_draw_is_never_0_or_1() {
+        for h in [0, 1, 4095, u64::MAX - 4095, u64::MAX] {
+            let u = unit_open(h);
+            assert!(u > 0.0 && u < 1.0, "{h}: {u}");
+            assert!(-u.ln() > 0.0, "{h}: a score needs a positive divisor");
+        }
+    }
+
+    #[test]
     fn schedule_is_smooth() {
         assert_eq!(smooth_schedule(&[3, 1]), [0, 0, 1, 0]);
         assert_eq!(smooth_schedule(&[1, 1, 1]), [0, 1, 2]);
@@ -608,6 +683,21 @@ mod tests {
             assert_eq!(served(&r, CLIENT), "b2", "{balance:?}");
             drop(held);
             assert_eq!(order(&r, CLIENT), ["b1", "b2"], "{balance:?}");
+        }
+    }
+
+    #[test]
+    fn backups_take_turns_when_walks_go_on_past_the_primaries() {
+        for balance in [Balance::RoundRobin, Balance::LeastConnections] {
+            let m = members(&[1, 1, 1, 1]);
+            m[2].0.set_balancing(None, None, true);
+            m[3].0.set_balancing(None, None, true);
+            let r = Route::new(m, balance);
+            // Every primary refused the connect: the walk goes on to the
+            // backups, the first of which the client lands on.
+            let first_backup = shares((0..20).map(|_| order(&r, CLIENT)[2].clone()));
+            assert_eq!(first_backup.get("b2"), Some(&10), "{balance:?}");
+            assert_eq!(first_backup.get("b3"), Some(&10), "{balance:?}");
         }
     }
 
@@ -753,6 +843,64 @@ mod tests {
                 "its own first out: the same second choice"
             );
             first.0.start();
+        }
+    }
+
+    #[test]
+    fn a_source_hash_walk_meets_each_backend_once_whatever_changes_mid_walk() {
+        // The proxy walks the order across its connects' awaits: a ramp
+        // that begins or ends, or a reload, may land between two steps.
+        let hour = Duration::from_secs(3600);
+        let r = Route::new(
+            members(&[1, 1, 1, 1, 1]),
+            Balance::SourceHash(Affinity::ClientIp),
+        );
+        let all: Vec<String> = (0..5).map(|i| format!("b{i}")).collect();
+        for (n, &c) in clients()[..300].iter().enumerate() {
+            for m in r.members() {
+                m.0.set_weight(1);
+                m.0.set_balancing(None, None, false);
+            }
+            // One ramps half-way, so that the walk reads ramps.
+            ramp(&r.members()[n % 5].0, hour, 0.5);
+            let walk = r.pick(c);
+            let mut got = Vec::new();
+            for m in walk {
+                got.push(m.0.name.clone());
+                for m in r.members() {
+                    if got.contains(&m.0.name) {
+                        // Those met start a ramp: their rank falls.
+                        ramp(&m.0, hour, 0.0);
+                    } else {
+                        // The rest end theirs, and a reload weighs them
+                        // up: their rank rises.
+                        m.0.set_balancing(None, None, false);
+                        m.0.set_weight(1000);
+                    }
+                }
+            }
+            got.sort();
+            assert_eq!(got, all, "client {c}: each backend once");
+        }
+
+        // With no ramp, a reload mid-walk leaves the order as it was: the
+        // walk ranks by the route's weights.
+        for m in r.members() {
+            m.0.set_weight(1);
+            m.0.set_balancing(None, None, false);
+        }
+        for &c in &clients()[..100] {
+            let before = order(&r, c);
+            let mut walk = r.pick(c);
+            let first = walk.next().unwrap().0.name.clone();
+            for m in r.members() {
+                m.0.set_weight(if m.0.name == before[4] { 1000 } else { 1 });
+            }
+            let rest: Vec<String> = walk.map(|m| m.0.name.clone()).collect();
+            assert_eq!((first, rest), (before[0].clone(), before[1..].to_vec()));
+            for m in r.members() {
+                m.0.set_weight(1);
+            }
         }
     }
 

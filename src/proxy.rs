@@ -170,7 +170,10 @@ async fn handle(
             (&stats.rejected_no_backend, Some(Reason::NoBackend))
         }
         Err(Refused::Full) => {
-            warn!("every backend is at its max_connections; closing client");
+            // Not a warning: every backend full is a steady state under
+            // load, and a line per client would flood the log. The count
+            // and the once-a-second `refused` event tell it.
+            debug!("every backend is at its max_connections; closing client");
             (&stats.rejected_backend_full, Some(Reason::BackendFull))
         }
         Err(Refused::Shortage) => (&stats.rejected_resources, Some(Reason::Resources)),

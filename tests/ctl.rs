@@ -75,6 +75,82 @@ async fn status_prints_a_plain_table_when_piped_and_json_on_request() {
     lb.shutdown().await;
 }
 
+/// An admin API that answers each path in `replies` with its status and
+/// body, and 404 to any other, one request per connection.
+async fn canned_admin(replies: Vec<(&'static str, u16, String)>) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let mut s = tokio::io::BufReader::new(s);
+            let mut first = String::new();
+            if s.read_line(&mut first).await.is_err() {
+                continue;
+            }
+            // The rest of the head.
+            let mut line = String::new();
+            while s.read_line(&mut line).await.is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = first.split(' ').nth(1).unwrap_or("");
+            let path = path.split('?').next().unwrap_or("");
+            let (status, body) = replies.iter().find(|(p, _, _)| *p == path).map_or(
+                (404, r#"{"error":"not found"}"#.to_string()),
+                |(_, st, b)| (*st, b.clone()),
+            );
+            let reply = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.get_mut().write_all(reply.as_bytes()).await;
+            let _ = s.get_mut().shutdown().await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_without_the_service_list_of_an_older_sluice_prints_the_rest() {
+    // A sluice from before GET /services, as an upgrade may still run,
+    // answers it 404: the backends and the process still show.
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let (_, backends) = lb.get("/backends").await;
+    let (_, healthz) = lb.get("/healthz").await;
+    let old = canned_admin(vec![
+        ("/backends", 200, backends.to_string()),
+        ("/healthz", 200, healthz.to_string()),
+    ])
+    .await;
+    let out = within(
+        "sluice ctl",
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "--admin", &format!("http://{old}"), "status"])
+            .env_remove("SLUICE_TOKEN")
+            .output(),
+    )
+    .await
+    .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().any(|l| l.starts_with("a ")), "{t}");
+    assert!(
+        stdout.contains("sluice ") && !stdout.contains("service web"),
+        "{t}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/services"),
+        "the missing line is explained: {t}"
+    );
+    // Negative control: the same status from the sluice itself lists the
+    // service.
+    let out = ctl(&lb, &["status"]).await;
+    assert!(text(&out).contains("service web on"), "{}", text(&out));
+    lb.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_follows_the_count_down_and_exits_0() {
     let (a, b) = (Echo::start("a").await, Echo::start("b").await);

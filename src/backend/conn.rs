@@ -84,7 +84,10 @@ impl Backend {
     /// count past `max_connections`, so the limit holds exactly however
     /// many clients race for the last slot. The rule is checked after, so
     /// that a concurrent drain or stop either sees this connection or this
-    /// connection sees the new state: none slips past.
+    /// connection sees the new state: none slips past. A backend both
+    /// full and out of rotation is out: `Full` says that a client was
+    /// refused for want of room, which only one that takes connections
+    /// can lack.
     pub fn try_acquire(
         self: &Arc<Self>,
         client: SocketAddr,
@@ -98,7 +101,13 @@ impl Backend {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
                     (l < max).then_some(l + 1)
                 })
-                .map_err(|_| Skip::Full)?;
+                .map_err(|_| {
+                    if self.takes_new_connections() {
+                        Skip::Full
+                    } else {
+                        Skip::Out
+                    }
+                })?;
         }
         // The slot is held from here: the guard built below gives it back.
         let info = Arc::new(ConnInfo {

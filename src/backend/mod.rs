@@ -319,11 +319,13 @@ impl Backend {
 
     /// Its weight at `now` (see [`now_ms`]): lower while it slow-starts.
     pub fn effective_weight_at(&self, now: u64) -> f64 {
-        let w = self.weight() as f64;
-        match self.ramp.fraction_at(now) {
-            Some(f) => w * f,
-            None => w,
-        }
+        self.weight() as f64 * self.ramp_fraction_at(now)
+    }
+
+    /// The fraction of its weight it takes at `now`: below 1 while it
+    /// slow-starts.
+    pub fn ramp_fraction_at(&self, now: u64) -> f64 {
+        self.ramp.fraction_at(now).unwrap_or(1.0)
     }
 
     /// Its weight now while it slow-starts; `None` once it takes its own.
@@ -485,17 +487,21 @@ impl Backend {
             if !from.contains(&s) || s == to {
                 return false;
             }
+            // Back in rotation after carrying nothing: cold, so it
+            // slow-starts. The ramp begins before the state is stored, so
+            // no pick that sees it active sees it at full weight. A drain
+            // called off was never cold.
+            let ramp = if to == State::Active && s != State::Draining {
+                self.ramp.begin(now_ms())
+            } else {
+                None
+            };
             match self
                 .state
                 .compare_exchange(cur, to as u8, Ordering::SeqCst, Ordering::SeqCst)
             {
                 Ok(_) => {
                     self.generation.fetch_add(1, Ordering::SeqCst);
-                    if to == State::Active && s != State::Draining {
-                        // Back in rotation after carrying nothing: cold, so
-                        // it slow-starts. A drain called off was never cold.
-                        self.ramp.begin(now_ms());
-                    }
                     let now = unix_ms();
                     let since = self.state_since_ms.swap(now, Ordering::Relaxed);
                     tracing::info!(
@@ -525,7 +531,14 @@ impl Backend {
                     }
                     return true;
                 }
-                Err(actual) => cur = actual,
+                Err(actual) => {
+                    // Not moved: the ramp is taken back, so a later start
+                    // that calls off a drain finds the backend warm.
+                    if let Some(r) = ramp {
+                        self.ramp.undo(r);
+                    }
+                    cur = actual;
+                }
             }
         }
     }
@@ -851,6 +864,46 @@ mod tests {
             Some(Skip::Out)
         );
         assert_eq!(b.live(), 4, "the refused attempts gave their slots back");
+        // Full and out of rotation: out, so the refusal is not counted
+        // as every backend full.
+        b.set_balancing(None, Some(4), false);
+        assert_eq!(
+            b.try_acquire("127.0.0.1:2".parse().unwrap(), "s".into())
+                .err(),
+            Some(Skip::Out)
+        );
+    }
+
+    #[test]
+    fn a_start_is_never_seen_before_its_slow_start() {
+        // A pick that sees the backend active must see its ramp too, or
+        // least-connections floods it at full weight for that moment.
+        let b = backend();
+        b.stop();
+        let done = AtomicBool::new(false);
+        let seen_warm = std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut n = 0;
+                while !done.load(Ordering::Relaxed) {
+                    // The generation, unmoved, says the ramp read is the
+                    // one of the start the state read saw.
+                    let g = b.generation();
+                    let warm = b.state() == State::Active && !b.maybe_ramping();
+                    n += usize::from(warm && b.generation() == g);
+                }
+                n
+            });
+            for _ in 0..100_000 {
+                // Stopped: no ramp, then a length for the next start.
+                b.set_balancing(None, None, false);
+                b.set_balancing(Some(Duration::from_secs(3600)), None, false);
+                b.start();
+                b.stop();
+            }
+            done.store(true, Ordering::Relaxed);
+            watcher.join().unwrap()
+        });
+        assert_eq!(seen_warm, 0, "times seen active with no ramp");
     }
 
     #[test]
