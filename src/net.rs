@@ -129,3 +129,33 @@ pub async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream
             ))
         })
 }
+
+/// A writer whose every write fails with the OS error it holds, to test
+/// how a failed write is told apart.
+#[cfg(test)]
+pub(crate) struct FailingWriter(pub i32);
+
+#[cfg(test)]
+impl tokio::io::AsyncWrite for FailingWriter {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::task::Poll::Ready(Err(io::Error::from_raw_os_error(self.0)))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -247,13 +247,13 @@ async fn connect(
                 debug!("connected");
                 return Ok((server, guard));
             }
-            Err(e) if net::is_shortage(&e) => {
-                shared.stats.shortage.hit("connect to a backend", &e);
+            Err(e) if net::is_shortage(e.error()) => {
+                shared.stats.shortage.hit(e.step(), e.error());
                 return Err(Refused::Shortage);
             }
             Err(e) => {
-                backend.connect_failed(ConnectFailure::of(&e), settings.health);
-                warn!(backend = %backend.name, address = %target, error = %e, "backend connect failed; trying the next");
+                backend.connect_failed(ConnectFailure::of(e.error()), settings.health);
+                warn!(backend = %backend.name, address = %target, step = e.step(), error = %e.error(), "backend connect failed; trying the next");
             }
         }
     }
@@ -261,6 +261,30 @@ async fn connect(
         return Err(Refused::Full);
     }
     Err(Refused::NoBackend)
+}
+
+/// Why a backend connection could not be opened. The step is for the
+/// log; the error is kept whole, since its OS error code is what tells
+/// sluice's own shortage (ENOBUFS, ENOMEM) from the backend's fault.
+#[derive(Debug)]
+enum OpenError {
+    Connect(io::Error),
+    Header(io::Error),
+}
+
+impl OpenError {
+    fn error(&self) -> &io::Error {
+        match self {
+            OpenError::Connect(e) | OpenError::Header(e) => e,
+        }
+    }
+
+    fn step(&self) -> &'static str {
+        match self {
+            OpenError::Connect(_) => "connect to a backend",
+            OpenError::Header(_) => "send the PROXY header to a backend",
+        }
+    }
 }
 
 /// Connects to `target` and sends `header` before any byte of the client's
@@ -271,16 +295,26 @@ async fn open(
     target: &net::Target,
     header: Option<&proxy_header::Encoded>,
     timeout: Duration,
-) -> io::Result<TcpStream> {
-    let mut server = net::connect(target, timeout).await?;
+) -> Result<TcpStream, OpenError> {
+    let mut server = net::connect(target, timeout)
+        .await
+        .map_err(OpenError::Connect)?;
     if let Some(h) = header {
-        // A new connection's send buffer takes these few bytes at once.
-        server
-            .write_all(h.as_bytes())
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("sending the PROXY header: {e}")))?;
+        send_header(&mut server, h).await?;
     }
     Ok(server)
+}
+
+/// Writes `header` to a new backend connection, whose send buffer takes
+/// these few bytes at once.
+async fn send_header<W: AsyncWrite + Unpin>(
+    server: &mut W,
+    header: &proxy_header::Encoded,
+) -> Result<(), OpenError> {
+    server
+        .write_all(header.as_bytes())
+        .await
+        .map_err(OpenError::Header)
 }
 
 /// Takes the PROXY header a balancer in front sent off `client`, within
@@ -397,5 +431,23 @@ mod tests {
             let size = std::mem::size_of_val(&f);
             assert!(size <= 2048, "a connection's future is {size} bytes");
         });
+    }
+
+    /// A header write that fails for want of kernel buffers is sluice's
+    /// shortage, not the backend's fault: its OS error must survive.
+    #[tokio::test]
+    async fn a_failed_header_write_keeps_its_os_error() {
+        let header = proxy_header::encode(crate::config::ProxyVersion::V1, None);
+        for (code, shortage) in [
+            (libc::ENOBUFS, true),
+            (libc::ENOMEM, true),
+            (libc::EPIPE, false),
+        ] {
+            let mut w = net::FailingWriter(code);
+            let e = send_header(&mut w, &header).await.unwrap_err();
+            assert!(matches!(e, OpenError::Header(_)), "{e:?}");
+            assert_eq!(e.error().raw_os_error(), Some(code));
+            assert_eq!(net::is_shortage(e.error()), shortage, "{e:?}");
+        }
     }
 }
