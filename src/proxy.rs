@@ -33,6 +33,9 @@ pub async fn accept_loop(
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(5);
     let mut backoff = FIRST_BACKOFF;
+    // This loop's own child of `shared.closing`: its clients wait on it,
+    // so polls take this loop's locks, not ones every core shares.
+    let closing = shared.closing.child_token();
     loop {
         // Stop first: once shutdown begins, no client is taken in.
         let accepted = tokio::select! {
@@ -83,9 +86,9 @@ pub async fn accept_loop(
                 info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty)
             }
         };
-        let (service, shared) = (service.clone(), shared.clone());
+        let (service, shared, closing) = (service.clone(), shared.clone(), closing.clone());
         tracker.spawn(
-            async move { handle(client, peer, header, &service, &shared, permit).await }
+            async move { handle(client, peer, header, &closing, &service, &shared, permit).await }
                 .instrument(span),
         );
     }
@@ -129,11 +132,13 @@ struct Endpoints {
 
 /// One client's life. The permit is held to the end, whatever the end is.
 /// With `header` (the service's `accept_proxy`), the client's PROXY header
-/// is taken off first, within that time.
+/// is taken off first, within that time, or until `closing` (the accept
+/// loop's child of `shared.closing`) is cancelled.
 async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
     header: Option<Duration>,
+    closing: &CancellationToken,
     service: &Service,
     shared: &Shared,
     _permit: Permit,
@@ -147,7 +152,7 @@ async fn handle(
         Some(limit) => tokio::select! {
             r = take_proxy_header(&mut client, peer, limit, service) => r,
             // The end of the shutdown grace period: no backend holds it yet.
-            _ = shared.closing.cancelled() => Err(Refused::Abandoned),
+            _ = closing.cancelled() => Err(Refused::Abandoned),
         },
     };
     let settings = shared.conn_settings();
@@ -427,10 +432,48 @@ mod tests {
             let shared = Shared::new(config, &[a], &Default::default());
             let permit = shared.limit.try_acquire().unwrap();
             let header = Some(Duration::from_secs(5));
-            let f = super::handle(c, a, header, &shared.services[0], &shared, permit);
+            let closing = shared.closing.child_token();
+            let f = super::handle(c, a, header, &closing, &shared.services[0], &shared, permit);
             let size = std::mem::size_of_val(&f);
             assert!(size <= 2048, "a connection's future is {size} bytes");
         });
+    }
+
+    /// A client still sending its header is let go when the token its
+    /// accept loop gave it is cancelled, as shutdown cancels the parent.
+    #[tokio::test]
+    async fn the_header_phase_ends_with_the_loops_token() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let text = format!(
+            "[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\naccept_proxy = true\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[[backend]]\nname = \"b\"\naddress = \"{a}\"\n"
+        );
+        let config = crate::config::Config::parse("t", &text).unwrap();
+        let shared = Arc::new(Shared::new(config, &[a], &Default::default()));
+        let _c = TcpStream::connect(a).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        let permit = shared.limit.try_acquire().unwrap();
+        let closing = shared.closing.child_token();
+        let conn = {
+            let (shared, closing) = (shared.clone(), closing.clone());
+            tokio::spawn(async move {
+                let header = Some(Duration::from_secs(300));
+                handle(
+                    s,
+                    peer,
+                    header,
+                    &closing,
+                    &shared.services[0],
+                    &shared,
+                    permit,
+                )
+                .await
+            })
+        };
+        shared.closing.cancel();
+        conn.await.unwrap();
+        assert_eq!(shared.stats.abandoned.load(Ordering::Relaxed), 1);
     }
 
     /// A header write that fails for want of kernel buffers is sluice's
