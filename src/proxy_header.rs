@@ -239,15 +239,17 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, Malformed> {
 }
 
 fn parse_v1(b: &[u8]) -> Result<Parsed, Malformed> {
-    let Some(cr) = b.iter().position(|&c| c == b'\r') else {
-        if b.contains(&b'\n') {
-            return Err(Malformed("v1 header with a bare line feed"));
-        }
+    // The first line break decides, so that the verdict on a line feed
+    // before the CR does not depend on whether the CR has arrived yet.
+    let Some(cr) = b.iter().position(|&c| c == b'\r' || c == b'\n') else {
         if b.len() >= V1_MAX {
             return Err(Malformed("v1 header longer than 107 bytes"));
         }
         return Ok(Parsed::Incomplete);
     };
+    if b[cr] == b'\n' {
+        return Err(Malformed("v1 header with a bare line feed"));
+    }
     let len = cr + 2;
     if len > V1_MAX {
         return Err(Malformed("v1 header longer than 107 bytes"));
@@ -257,8 +259,11 @@ fn parse_v1(b: &[u8]) -> Result<Parsed, Malformed> {
         Some(b'\n') => {}
         Some(_) => return Err(Malformed("v1 header with a bare carriage return")),
     }
-    let line = std::str::from_utf8(&b[V1_PREFIX.len()..cr])
-        .map_err(|_| Malformed("v1 header that is not ASCII text"))?;
+    // US-ASCII, as the specification says: valid UTF-8 is not enough.
+    let line = match std::str::from_utf8(&b[V1_PREFIX.len()..cr]) {
+        Ok(line) if line.is_ascii() => line,
+        _ => return Err(Malformed("v1 header that is not ASCII text")),
+    };
     let mut fields = line.split(' ');
     let family = fields.next().unwrap_or("");
     if family == "UNKNOWN" {
@@ -546,6 +551,9 @@ mod tests {
             b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n".to_vec(),
             b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\rx".to_vec(),
             b"PROXY \xff\r\n".to_vec(),
+            "PROXY UNKNOWN \u{e9}\r\n".as_bytes().to_vec(),
+            b"PROXY UNKNOWN \n\r\n".to_vec(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n\r\n".to_vec(),
             [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 100]].concat(),
             v2(0x11, 0x11, 12),
             v2(0x22, 0x11, 12),
@@ -555,6 +563,73 @@ mod tests {
             v2(0x21, 0x21, 35),
         ] {
             assert!(parse(&bad).is_err(), "{:?}", String::from_utf8_lossy(&bad));
+        }
+    }
+
+    /// What `read` relies on, as it takes bytes off the socket on
+    /// `Incomplete`: more bytes never change a verdict already reached,
+    /// and an incomplete header never turns out to have ended earlier.
+    fn prefixes_agree(d: &[u8]) {
+        let whole = parse(d);
+        for k in 0..=d.len() {
+            let part = parse(&d[..k]);
+            let ok = match part {
+                Err(_) => whole.is_err(),
+                Ok(Parsed::Complete { .. }) => whole == part,
+                Ok(Parsed::Incomplete) => {
+                    !matches!(whole, Ok(Parsed::Complete { len, .. }) if len < k)
+                }
+            };
+            assert!(
+                ok,
+                "{:?} at {k}: {part:?}, whole: {whole:?}",
+                String::from_utf8_lossy(d)
+            );
+        }
+    }
+
+    #[test]
+    fn a_verdict_does_not_depend_on_how_the_bytes_are_split() {
+        let mut inputs: Vec<Vec<u8>> = vec![
+            b"PROXY UNKNOWN \n\r\n".to_vec(),
+            b"PROXY UNKNOWN\r\n".to_vec(),
+            b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\nGET".to_vec(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n\r\n".to_vec(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\rx\n".to_vec(),
+            b"PROXY TCP4 1.2.3.4\n 1.2.3.4 1 2\r\n".to_vec(),
+            "PROXY UNKNOWN \u{e9}\r\n".as_bytes().to_vec(),
+            [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 100], b"\r\n"].concat(),
+            [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 91], b"\r\n"].concat(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\r\n".to_vec(),
+            b"PROXY TCP6 ::1 ::2 1 2\r\n\r\n".to_vec(),
+            b"PROXY\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\n".to_vec(),
+            [&SIGNATURE[..11], b"\r\n"].concat(),
+        ];
+        for e in [
+            encode(ProxyVersion::V1, Some((a("192.0.2.1:1"), a("10.0.0.1:2")))),
+            encode(ProxyVersion::V2, Some((a("192.0.2.1:1"), a("10.0.0.1:2")))),
+            encode(ProxyVersion::V2, Some((a("[::1]:1"), a("[::1]:2")))),
+            encode(ProxyVersion::V2, None),
+        ] {
+            inputs.push(e.as_bytes().to_vec());
+            // With extensions beyond the addresses, given or not.
+            let mut h = e.as_bytes().to_vec();
+            h[15] = h[15].wrapping_add(20);
+            inputs.push(h.clone());
+            h.extend([0u8; 20]);
+            inputs.push(h);
+        }
+        for bad in [[0x11, 0x11], [0x22, 0x11], [0x21, 0x41], [0x21, 0x13]] {
+            let mut h = SIGNATURE.to_vec();
+            h.extend(bad);
+            h.extend([0, 12]);
+            h.extend([0u8; 12]);
+            inputs.push(h);
+        }
+        for d in &inputs {
+            prefixes_agree(d);
+            prefixes_agree(&[d.as_slice(), b"GET / HTTP/1.1\r\n\r\n"].concat());
         }
     }
 
