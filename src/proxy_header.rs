@@ -192,6 +192,11 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, Malformed> {
     };
     let body = u16::from_be_bytes([b[14], b[15]]) as usize;
     let len = V2_FIXED + body;
+    // LOCAL: the specification has the receiver skip the address block
+    // whatever its family says, and use the connection's own addresses.
+    if local {
+        return Ok(Parsed::Complete { len, addrs: None });
+    }
     // Addresses, by family; the transport (stream, datagram) does not
     // change their layout.
     let (family, transport) = (b[13] >> 4, b[13] & 0x0f);
@@ -207,9 +212,9 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, Malformed> {
     if body < need {
         return Err(Malformed("v2 header too short for its addresses"));
     }
-    // LOCAL, UNSPEC, unix sockets and datagrams: the connection's own
-    // addresses stand, so no need to wait for bytes that do not matter.
-    if local || transport != 1 || !(1..=2).contains(&family) {
+    // UNSPEC, unix sockets and datagrams: the connection's own addresses
+    // stand, so no need to wait for bytes that do not matter.
+    if transport != 1 || !(1..=2).contains(&family) {
         return Ok(Parsed::Complete { len, addrs: None });
     }
     if b.len() < V2_FIXED + need {
@@ -526,6 +531,28 @@ mod tests {
                 addrs: None
             })
         ));
+    }
+
+    #[test]
+    fn v2_local_skips_its_block_whatever_the_family_says() {
+        // (family and transport, length): unknown family and transport,
+        // TCP4 with no room for addresses, TCP6 with them.
+        for (ft, body) in [(0x41u8, 0u8), (0x13, 3), (0x11, 0), (0x11, 5), (0x21, 36)] {
+            let mut h = SIGNATURE.to_vec();
+            h.extend([0x20, ft, 0, body]);
+            assert_eq!(
+                parse(&h),
+                Ok(Parsed::Complete {
+                    len: 16 + body as usize,
+                    addrs: None
+                }),
+                "{ft:#x} {body}"
+            );
+        }
+        // The version and the command still count.
+        let mut h = SIGNATURE.to_vec();
+        h.extend([0x10, 0x11, 0, 0]);
+        assert!(parse(&h).is_err());
     }
 
     #[test]
