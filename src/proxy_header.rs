@@ -27,6 +27,11 @@ pub const V1_MAX: usize = 107;
 /// A version 2 header's fixed part: signature, version and command,
 /// family and transport, length.
 const V2_FIXED: usize = 16;
+/// The longest v2 header taken, extensions included. The balancers that
+/// send TLVs (AWS, Azure, GCP) send a few dozen bytes of them; a longer
+/// header is refused as malformed, so a hostile client cannot make sluice
+/// read and discard 64 KiB on every connection.
+pub const V2_MAX: usize = 4096;
 /// Room for any header sluice writes: v1 at most 107 bytes, v2 for IPv6
 /// 52.
 const ENCODED_MAX: usize = V1_MAX;
@@ -192,6 +197,9 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, Malformed> {
     };
     let body = u16::from_be_bytes([b[14], b[15]]) as usize;
     let len = V2_FIXED + body;
+    if len > V2_MAX {
+        return Err(Malformed("v2 header longer than 4096 bytes"));
+    }
     // LOCAL: the specification has the receiver skip the address block
     // whatever its family says, and use the connection's own addresses.
     if local {
@@ -336,8 +344,8 @@ pub enum ReadError {
 /// a deadline.
 pub async fn read(client: &mut TcpStream) -> Result<Option<(SocketAddr, SocketAddr)>, ReadError> {
     // Big enough for any v1 header and for the part of a v2 header that
-    // `parse` needs (52 bytes for IPv6); a v2 header's extensions beyond
-    // it are read into it and dropped.
+    // `parse` needs (52 bytes for IPv6); a v2 header's extensions are
+    // read and dropped.
     let mut buf = [0u8; V1_MAX];
     let mut have = 0;
     loop {
@@ -357,18 +365,22 @@ pub async fn read(client: &mut TcpStream) -> Result<Option<(SocketAddr, SocketAd
                 have += n;
             }
             Parsed::Complete { len, addrs } => {
-                let mut left = len - have;
-                while left > 0 {
-                    let k = left.min(buf.len());
-                    match client.read_exact(&mut buf[..k]).await {
-                        Ok(_) => left -= k,
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                            return Err(ReadError::Truncated);
-                        }
-                        Err(e) => return Err(e.into()),
+                let left = len - have;
+                // Extensions beyond the stack buffer go to the heap in one
+                // read: at most V2_MAX bytes, and not held by every idle
+                // connection's future as a bigger stack buffer would be.
+                let read = if left <= buf.len() {
+                    client.read_exact(&mut buf[..left]).await
+                } else {
+                    client.read_exact(&mut vec![0; left]).await
+                };
+                return match read {
+                    Ok(_) => Ok(addrs),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        Err(ReadError::Truncated)
                     }
-                }
-                return Ok(addrs);
+                    Err(e) => Err(e.into()),
+                };
             }
         }
     }
@@ -553,6 +565,54 @@ mod tests {
         let mut h = SIGNATURE.to_vec();
         h.extend([0x10, 0x11, 0, 0]);
         assert!(parse(&h).is_err());
+    }
+
+    #[test]
+    fn a_v2_header_longer_than_the_cap_is_refused() {
+        // PROXY and LOCAL alike.
+        for command in [0x21, 0x20] {
+            let mut h = SIGNATURE.to_vec();
+            let body = (V2_MAX - V2_FIXED) as u16;
+            h.extend([command, 0x11]);
+            h.extend(body.to_be_bytes());
+            h.extend([0u8; 12]);
+            assert!(
+                matches!(parse(&h), Ok(Parsed::Complete { len: V2_MAX, .. })),
+                "{command:#x}"
+            );
+            h[14..16].copy_from_slice(&(body + 1).to_be_bytes());
+            assert_eq!(
+                parse(&h),
+                Err(Malformed("v2 header longer than 4096 bytes")),
+                "{command:#x}"
+            );
+            h[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+            assert!(parse(&h).is_err(), "{command:#x}");
+        }
+    }
+
+    #[tokio::test]
+    async fn read_takes_extensions_longer_than_its_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut h = encode(ProxyVersion::V2, Some((a("192.0.2.1:1"), a("10.0.0.1:2"))))
+            .as_bytes()
+            .to_vec();
+        // One 1000-byte TLV of type 0xE0 (custom) after the addresses.
+        h[14..16].copy_from_slice(&(12u16 + 3 + 1000).to_be_bytes());
+        h.extend([0xe0, 0x03, 0xe8]);
+        h.extend([7u8; 1000]);
+        h.extend(b"hello");
+        c.write_all(&h).await.unwrap();
+        assert_eq!(
+            read(&mut s).await.unwrap(),
+            Some((a("192.0.2.1:1"), a("10.0.0.1:2")))
+        );
+        let mut after = [0u8; 5];
+        s.read_exact(&mut after).await.unwrap();
+        assert_eq!(&after, b"hello");
     }
 
     #[test]

@@ -534,6 +534,74 @@ async fn bad_headers_close_their_client_and_reach_no_backend() {
     lb.shutdown().await;
 }
 
+/// A v2 header for `src` to `dst` with `tlvs` (type, value) after the
+/// addresses.
+fn v2_with_tlvs(src: SocketAddr, dst: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut h = encode(ProxyVersion::V2, Some((src, dst)))
+        .as_bytes()
+        .to_vec();
+    for (t, v) in tlvs {
+        h.push(*t);
+        h.extend((v.len() as u16).to_be_bytes());
+        h.extend(*v);
+    }
+    let body = (h.len() - 16) as u16;
+    h[14..16].copy_from_slice(&body.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_extensions_are_skipped_and_an_oversized_header_refused() {
+    let backend = Echo::start("b").await;
+    let text = toml(
+        "127.0.0.1:0",
+        "accept_proxy = true",
+        &[("b", backend.addr, "")],
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let src: SocketAddr = "203.0.113.7:4242".parse().unwrap();
+    let dst: SocketAddr = "198.51.100.1:443".parse().unwrap();
+    // As AWS and GCP balancers send them (authority, an endpoint id), and
+    // one long enough to take more than the reader's stack buffer.
+    let big = vec![b'x'; 3000];
+    let header = v2_with_tlvs(
+        src,
+        dst,
+        &[
+            (0x02, b"example.com"),
+            (0xea, b"\x01vpce-0123456789abcdef0"),
+            (0xe0, &big),
+        ],
+    );
+    assert!(header.len() <= proxy_header::V2_MAX, "{}", header.len());
+    let mut c = TcpStream::connect(lb.addr).await.unwrap();
+    c.write_all(&[header.as_slice(), b"hello"].concat())
+        .await
+        .unwrap();
+    assert_eq!(within("greeting", read_line(&mut c)).await, "b");
+    // The echo gives back what the backend got, in order: "hello" first
+    // and alone, not a byte of the header before it.
+    let mut first = [0u8; 5];
+    within("echo", c.read_exact(&mut first)).await.unwrap();
+    assert_eq!(&first, b"hello");
+    echo(&mut c, b" and more").await;
+    assert_eq!(clients(&lb, "b").await, [src.to_string()]);
+
+    // One byte past the cap: refused and counted, the backend untouched.
+    let huge = vec![b'x'; proxy_header::V2_MAX - 16 - 12 - 3 + 1];
+    let header = v2_with_tlvs(src, dst, &[(0xe0, &huge)]);
+    assert_eq!(header.len(), proxy_header::V2_MAX + 1);
+    let mut bad = TcpStream::connect(lb.addr).await.unwrap();
+    bad.write_all(&header).await.unwrap();
+    assert!(closed_by_peer(&mut bad).await, "oversized header left open");
+    wait_for("the oversized header counted", || async {
+        lb.get("/stats").await.1["rejected_proxy_header"] == 1
+    })
+    .await;
+    assert_eq!(backend.accepted(), 1);
+    lb.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_services_and_backends() {
     if !ipv6("ipv6_services_and_backends") {
