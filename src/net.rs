@@ -61,10 +61,11 @@ pub fn listen(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpList
         None,
     )?;
     socket.set_reuse_address(true)?;
-    // `[::]` takes IPv4 clients too, whatever the host's default
-    // (net.ipv6.bindv6only): the config refuses `[::]:80` beside
-    // `0.0.0.0:80` as overlapping, so one listener must serve both.
-    if addr.ip().is_unspecified() && addr.is_ipv6() {
+    // Whatever the host's default (net.ipv6.bindv6only): `[::]` takes
+    // IPv4 clients too, since the config refuses `[::]:80` beside
+    // `0.0.0.0:80` as overlapping, and a v4-mapped address can be bound
+    // at all. `sluice check` binds through here too, so it agrees.
+    if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
     if reuseport {

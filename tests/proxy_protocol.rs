@@ -658,6 +658,48 @@ async fn ipv6_services_and_backends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_and_ipv6_services_share_a_port_and_mapped_addresses_bind() {
+    if !ipv6("ipv4_and_ipv6_services_share_a_port_and_mapped_addresses_bind") {
+        return;
+    }
+    let b4 = Echo::start("b4").await;
+    let b6 = Echo::start("b6").await;
+    // A port the kernel just handed out, released for sluice.
+    let port = std::net::TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // `0.0.0.0` and `[::1]` on one port do not clash; a v4-mapped
+    // address binds, and is its IPv4 address.
+    let mut text = toml(
+        "[::ffff:127.0.0.1]:0",
+        "backends = [\"b4\"]",
+        &[("b4", b4.addr, ""), ("b6", b6.addr, "")],
+    );
+    text.push_str(&format!(
+        "\n[[service]]\nname = \"four\"\nlisten = \"0.0.0.0:{port}\"\nbackends = [\"b4\"]\n\
+         \n[[service]]\nname = \"six\"\nlisten = \"[::1]:{port}\"\nbackends = [\"b6\"]\n"
+    ));
+    let lb = Sluice::from_toml(&text).await;
+    for (at, want) in [
+        (format!("127.0.0.1:{}", lb.addr.port()), "b4"),
+        (format!("127.0.0.1:{port}"), "b4"),
+        (format!("[::1]:{port}"), "b6"),
+    ] {
+        let mut c = TcpStream::connect(at.as_str()).await.unwrap();
+        assert_eq!(within("greeting", read_line(&mut c)).await, want, "{at}");
+        echo(&mut c, b"hi").await;
+        if at.starts_with("127.0.0.1") {
+            // A client of the v4-mapped listener shows as plain IPv4.
+            let me = c.local_addr().unwrap();
+            assert!(clients(&lb, "b4").await.contains(&me.to_string()), "{at}");
+        }
+    }
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_does_not_wait_for_a_header_that_never_comes() {
     let backend = Echo::start("b").await;
     // The longest header deadline there is; the grace period is 100 ms.
