@@ -67,14 +67,15 @@ pub async fn accept_loop(
             }
         };
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // A v4 client of a dual-stack `[::]` listener as plain IPv4, in
+        // every log line too.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
             service.counts.refused(Reason::Limit);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
         };
-        // A v4 client of a dual-stack `[::]` listener as plain IPv4.
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         // Read once: a reload that turns it on or off applies to the next.
         let header = service.accept_proxy();
         let span = match header {
