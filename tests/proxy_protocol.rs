@@ -10,6 +10,8 @@ mod support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice::config::ProxyVersion;
@@ -603,6 +605,54 @@ async fn v2_extensions_are_skipped_and_an_oversized_header_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_deadline_covers_the_whole_header_not_each_read() {
+    let backend = Echo::start("b").await;
+    let deadline = Duration::from_millis(400);
+    let text = toml(
+        "127.0.0.1:0",
+        "accept_proxy = true\nproxy_header_timeout = \"400ms\"",
+        &[("b", backend.addr, "")],
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let header = encode(
+        ProxyVersion::V1,
+        Some((
+            "192.0.2.1:1000".parse().unwrap(),
+            "192.0.2.2:80".parse().unwrap(),
+        )),
+    );
+    let started = Instant::now();
+    let (mut r, mut w) = TcpStream::connect(lb.addr).await.unwrap().into_split();
+    // One byte every 100 ms: each gap well within the deadline, the
+    // whole header (40 bytes, 4 s) far beyond it. The pace is what is
+    // tested, not a wait for something to happen.
+    let drip = async {
+        for b in header.as_bytes() {
+            if w.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let closed = async {
+        let mut b = [0u8; 16];
+        matches!(r.read(&mut b).await, Ok(0) | Err(_))
+    };
+    tokio::select! {
+        _ = drip => panic!("the whole header went out a byte at a time and was taken"),
+        closed = closed => assert!(closed, "the client was served"),
+    }
+    let took = started.elapsed();
+    assert!(took >= deadline, "closed after {took:?}");
+    wait_for("the slow header counted", || async {
+        lb.get("/stats").await.1["rejected_proxy_header"] == 1
+    })
+    .await;
+    assert_eq!(backend.accepted(), 0);
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_services_and_backends() {
     if !ipv6("ipv6_services_and_backends") {
         return;
@@ -708,15 +758,20 @@ async fn shutdown_does_not_wait_for_a_header_that_never_comes() {
         "accept_proxy = true\nproxy_header_timeout = \"5m\"",
         &[("b", backend.addr, "")],
     );
-    let lb = Sluice::from_toml(&text).await;
-    let mut slow = TcpStream::connect(lb.addr).await.unwrap();
+    // In-process with a handle on its counters, which outlive the admin API.
+    let (shared, addr, _, stop, task) = bound(&format!("shutdown_grace = \"100ms\"\n{text}")).await;
+    let mut slow = TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"PROXY TCP4 ").await.unwrap();
     wait_for("the client accepted", || async {
-        lb.get("/stats").await.1["accepted"] == 1
+        shared.stats.accepted.load(Ordering::SeqCst) == 1
     })
     .await;
-    // `shutdown` fails the test if it takes longer than the deadline.
-    lb.shutdown().await;
+    let _ = stop.send(());
+    // `within` fails the test if shutdown takes longer than the deadline.
+    within("sluice shutdown", task).await.unwrap().unwrap();
     assert!(closed_by_peer(&mut slow).await);
     assert_eq!(backend.accepted(), 0);
+    // Let go by shutdown, not refused: its header was not bad, only unfinished.
+    assert_eq!(shared.stats.abandoned.load(Ordering::SeqCst), 1);
+    assert_eq!(shared.stats.rejected_proxy_header.load(Ordering::SeqCst), 0);
 }
