@@ -276,6 +276,85 @@ async fn health_checks_speak_the_proxy_protocol_to_such_a_server() {
     lb.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_a_dual_stack_service_reaches_nginx_as_plain_ipv4() {
+    if !ipv6("an_ipv4_client_of_a_dual_stack_service_reaches_nginx_as_plain_ipv4") {
+        return;
+    }
+    let Some(nginx) = Nginx::start(&["127.0.0.1"]) else {
+        return;
+    };
+    nginx.listening().await;
+    for version in ["v1", "v2"] {
+        let text = toml(
+            "[::]:0",
+            "",
+            &[(
+                "web1",
+                nginx.addrs[0],
+                &format!("send_proxy = \"{version}\""),
+            )],
+        );
+        let lb = Sluice::from_toml(&text).await;
+        let n = nginx.log(0).len();
+        // To the `[::]` listener over IPv4: accepted as ::ffff:127.0.0.1.
+        let at: SocketAddr = format!("127.0.0.1:{}", lb.addr.port()).parse().unwrap();
+        let (me, reply) = get(at, b"").await;
+        assert!(reply.ends_with("pp\n"), "{version}: {reply:?}");
+        // TCP4 with the plain address: a mapped one would log as
+        // ::ffff:127.0.0.1.
+        assert_eq!(
+            logged(&nginx, 0, n).await,
+            format!("{} {}", me.ip(), me.port()),
+            "{version}"
+        );
+        lb.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_checks_send_a_header_such_a_server_takes() {
+    let Some(nginx) = Nginx::start(&["127.0.0.1"]) else {
+        return;
+    };
+    nginx.listening().await;
+    let web = nginx.addrs[0];
+    let text = toml(
+        "127.0.0.1:0",
+        "",
+        &[
+            ("v1", web, "health_check = \"tcp\"\nsend_proxy = \"v1\""),
+            ("v2", web, "health_check = \"tcp\"\nsend_proxy = \"v2\""),
+        ],
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let last_ok = |name: &'static str| {
+        let lb = &lb;
+        async move { lb.backend(name).await["last_ok_check_ms"].as_u64().unwrap() }
+    };
+    for name in ["v1", "v2"] {
+        wait_for("a passing check", || async { last_ok(name).await > 0 }).await;
+        // And one more, so nginx has had a whole check to read.
+        let first = last_ok(name).await;
+        wait_for("another passing check", || async {
+            last_ok(name).await > first
+        })
+        .await;
+        let b = lb.backend(name).await;
+        assert_eq!(b["healthy"], true, "{b}");
+    }
+    lb.shutdown().await;
+    // nginx took every header the checks sent.
+    let errors = || std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
+    assert!(!errors().contains("broken header"), "{}", errors());
+    // Negative control: a connection without one is logged as broken.
+    let _ = get(web, b"").await;
+    wait_for("nginx logs the broken header", || async {
+        errors().contains("broken header")
+    })
+    .await;
+}
+
 /// A backend that reads the PROXY header sluice sends with sluice's own
 /// parser, answers with the addresses it names, then echoes every byte.
 struct HeaderEcho {
