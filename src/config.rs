@@ -582,11 +582,23 @@ impl Ctx<'_> {
     }
 }
 
-/// Whether two listening addresses would fight over one port.
+/// Whether two listening addresses would fight over one port, as
+/// `net::listen` binds them. `[::]` is dual-stack there, so it holds the
+/// port on every address of both families; `0.0.0.0` holds it on every
+/// IPv4 address, v4-mapped IPv6 ones included; any other address holds
+/// only itself, a v4-mapped one being its IPv4 address.
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let dual_stack = |ip: IpAddr| ip.is_ipv6() && ip.is_unspecified();
+    if dual_stack(a.ip()) || dual_stack(b.ip()) {
+        return true;
+    }
+    match (a.ip().to_canonical(), b.ip().to_canonical()) {
+        (IpAddr::V4(x), IpAddr::V4(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (x, y) => x == y,
+    }
 }
 
 /// The keys of the file's top level, which a `[table]` above them would
@@ -2359,5 +2371,37 @@ mod tests {
             "listen = \"127.0.0.1:8080\"\nbackends = [\"web1\", \"web2\"]\n",
         );
         assert!(ok(t).backends[0].backup);
+    }
+
+    #[test]
+    fn listen_addresses_overlap_by_family() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (x, y, clash) in [
+            // Each family's wildcard holds its own family only...
+            ("0.0.0.0:80", "[::1]:80", false),
+            ("0.0.0.0:80", "[2001:db8::1]:80", false),
+            ("0.0.0.0:80", "127.0.0.1:80", true),
+            // ...v4-mapped addresses being IPv4 ones.
+            ("0.0.0.0:80", "[::ffff:127.0.0.1]:80", true),
+            ("[::ffff:127.0.0.1]:80", "127.0.0.1:80", true),
+            ("[::ffff:127.0.0.1]:80", "127.0.0.2:80", false),
+            ("[::ffff:0.0.0.0]:80", "127.0.0.1:80", true),
+            // ...but `[::]` is dual-stack: it holds the port everywhere.
+            ("[::]:80", "0.0.0.0:80", true),
+            ("[::]:80", "127.0.0.1:80", true),
+            ("[::]:80", "[::1]:80", true),
+            ("[::]:80", "[::ffff:10.0.0.1]:80", true),
+            // Specific addresses clash only with themselves.
+            ("127.0.0.1:80", "127.0.0.2:80", false),
+            ("[::1]:80", "[::1]:80", true),
+            ("[::1]:80", "[2001:db8::1]:80", false),
+            ("[::1]:80", "127.0.0.1:80", false),
+            // Other ports, and port 0 (each picks its own), never.
+            ("[::]:80", "0.0.0.0:81", false),
+            ("0.0.0.0:0", "0.0.0.0:0", false),
+        ] {
+            assert_eq!(overlaps(a(x), a(y)), clash, "{x} {y}");
+            assert_eq!(overlaps(a(y), a(x)), clash, "{y} {x}");
+        }
     }
 }

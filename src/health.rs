@@ -231,6 +231,18 @@ enum Failure {
     Shortage(std::io::Error),
 }
 
+impl Failure {
+    /// A failed connect or write: sluice's shortage (its OS error says
+    /// so), or else the backend's, told with `what` was done.
+    fn of(e: std::io::Error, what: impl FnOnce() -> String) -> Failure {
+        if crate::net::is_shortage(&e) {
+            Failure::Shortage(e)
+        } else {
+            Failure::Backend(format!("{}: {e}", what()))
+        }
+    }
+}
+
 impl From<String> for Failure {
     fn from(e: String) -> Failure {
         Failure::Backend(e)
@@ -239,16 +251,11 @@ impl From<String> for Failure {
 
 /// One check; the caller bounds the whole of it by `timeout` as well.
 async fn check_once(probe: &Probe, timeout: Duration) -> Result<(), Failure> {
-    let mut stream = match crate::net::connect(&probe.target, timeout).await {
-        Ok(s) => s,
-        Err(e) if crate::net::is_shortage(&e) => return Err(Failure::Shortage(e)),
-        Err(e) => return Err(format!("connect to {}: {e}", probe.target).into()),
-    };
+    let mut stream = crate::net::connect(&probe.target, timeout)
+        .await
+        .map_err(|e| Failure::of(e, || format!("connect to {}", probe.target)))?;
     if let Some(v) = probe.send_proxy {
-        let header = crate::proxy_header::encode(v, None);
-        tokio::io::AsyncWriteExt::write_all(&mut stream, header.as_bytes())
-            .await
-            .map_err(|e| format!("send the PROXY header to {}: {e}", probe.target))?;
+        send_header(&mut stream, v, &probe.target).await?;
     }
     let HealthCheck::Http { path, status, .. } = &probe.check else {
         return Ok(());
@@ -272,6 +279,18 @@ async fn check_once(probe: &Probe, timeout: Duration) -> Result<(), Failure> {
     } else {
         Err(format!("GET {path} answered {}, expected {status}", code.as_u16()).into())
     }
+}
+
+/// Writes the header that says the connection is the checker's own.
+async fn send_header<W: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut W,
+    version: ProxyVersion,
+    target: &Target,
+) -> Result<(), Failure> {
+    let header = crate::proxy_header::encode(version, None);
+    tokio::io::AsyncWriteExt::write_all(stream, header.as_bytes())
+        .await
+        .map_err(|e| Failure::of(e, || format!("send the PROXY header to {target}")))
 }
 
 #[cfg(test)]
@@ -346,6 +365,21 @@ mod tests {
         h.record(&Event::ConnectSucceeded, RULES, 2);
         assert_eq!(h.record(&Event::ConnectFailed, RULES, 3), None);
         assert!(h.up);
+    }
+
+    /// A header write that fails for want of buffers skips the check, as
+    /// a connect that does: it says nothing of the backend.
+    #[tokio::test]
+    async fn a_header_write_short_of_buffers_is_no_backend_failure() {
+        let target = Target::Host("b".into(), 80);
+        let mut w = crate::net::FailingWriter(libc::ENOBUFS);
+        let r = send_header(&mut w, ProxyVersion::V2, &target).await;
+        assert!(matches!(r, Err(Failure::Shortage(e)) if e.raw_os_error() == Some(libc::ENOBUFS)));
+        let mut w = crate::net::FailingWriter(libc::EPIPE);
+        let r = send_header(&mut w, ProxyVersion::V2, &target).await;
+        assert!(
+            matches!(r, Err(Failure::Backend(e)) if e.starts_with("send the PROXY header to b:80: "))
+        );
     }
 
     #[test]

@@ -61,10 +61,11 @@ pub fn listen(addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpList
         None,
     )?;
     socket.set_reuse_address(true)?;
-    // `[::]` takes IPv4 clients too, whatever the host's default
-    // (net.ipv6.bindv6only): the config refuses `[::]:80` beside
-    // `0.0.0.0:80` as overlapping, so one listener must serve both.
-    if addr.ip().is_unspecified() && addr.is_ipv6() {
+    // Whatever the host's default (net.ipv6.bindv6only): `[::]` takes
+    // IPv4 clients too, since the config refuses `[::]:80` beside
+    // `0.0.0.0:80` as overlapping, and a v4-mapped address can be bound
+    // at all. `sluice check` binds through here too, so it agrees.
+    if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
     if reuseport {
@@ -128,4 +129,34 @@ pub async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream
                 format!("no answer within {}", format_duration(timeout)),
             ))
         })
+}
+
+/// A writer whose every write fails with the OS error it holds, to test
+/// how a failed write is told apart.
+#[cfg(test)]
+pub(crate) struct FailingWriter(pub i32);
+
+#[cfg(test)]
+impl tokio::io::AsyncWrite for FailingWriter {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::task::Poll::Ready(Err(io::Error::from_raw_os_error(self.0)))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +33,9 @@ pub async fn accept_loop(
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(5);
     let mut backoff = FIRST_BACKOFF;
+    // This loop's own child of `shared.closing`: its clients wait on it,
+    // so polls take this loop's locks, not ones every core shares.
+    let closing = shared.closing.child_token();
     loop {
         // Stop first: once shutdown begins, no client is taken in.
         let accepted = tokio::select! {
@@ -64,14 +67,15 @@ pub async fn accept_loop(
             }
         };
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // A v4 client of a dual-stack `[::]` listener as plain IPv4, in
+        // every log line too.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let Some(permit) = shared.limit.try_acquire() else {
             shared.stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
             service.counts.refused(Reason::Limit);
             warn!(service = %service.name, client = %peer, "connection limit reached; closing client");
             continue;
         };
-        // A v4 client of a dual-stack `[::]` listener as plain IPv4.
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         // Read once: a reload that turns it on or off applies to the next.
         let header = service.accept_proxy();
         let span = match header {
@@ -83,9 +87,9 @@ pub async fn accept_loop(
                 info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty)
             }
         };
-        let (service, shared) = (service.clone(), shared.clone());
+        let (service, shared, closing) = (service.clone(), shared.clone(), closing.clone());
         tracker.spawn(
-            async move { handle(client, peer, header, &service, &shared, permit).await }
+            async move { handle(client, peer, header, &closing, &service, &shared, permit).await }
                 .instrument(span),
         );
     }
@@ -129,11 +133,13 @@ struct Endpoints {
 
 /// One client's life. The permit is held to the end, whatever the end is.
 /// With `header` (the service's `accept_proxy`), the client's PROXY header
-/// is taken off first, within that time.
+/// is taken off first, within that time, or until `closing` (the accept
+/// loop's child of `shared.closing`) is cancelled.
 async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
     header: Option<Duration>,
+    closing: &CancellationToken,
     service: &Service,
     shared: &Shared,
     _permit: Permit,
@@ -147,7 +153,7 @@ async fn handle(
         Some(limit) => tokio::select! {
             r = take_proxy_header(&mut client, peer, limit, service) => r,
             // The end of the shutdown grace period: no backend holds it yet.
-            _ = shared.closing.cancelled() => Err(Refused::Abandoned),
+            _ = closing.cancelled() => Err(Refused::Abandoned),
         },
     };
     let settings = shared.conn_settings();
@@ -250,13 +256,13 @@ async fn connect(
                 debug!("connected");
                 return Ok((server, guard));
             }
-            Err(e) if net::is_shortage(&e) => {
-                shared.stats.shortage.hit("connect to a backend", &e);
+            Err(e) if net::is_shortage(e.error()) => {
+                shared.stats.shortage.hit(e.step(), e.error());
                 return Err(Refused::Shortage);
             }
             Err(e) => {
-                backend.connect_failed(ConnectFailure::of(&e), settings.health);
-                warn!(backend = %backend.name, address = %target, error = %e, "backend connect failed; trying the next");
+                backend.connect_failed(ConnectFailure::of(e.error()), settings.health);
+                warn!(backend = %backend.name, address = %target, step = e.step(), error = %e.error(), "backend connect failed; trying the next");
             }
         }
     }
@@ -264,6 +270,30 @@ async fn connect(
         return Err(Refused::Full);
     }
     Err(Refused::NoBackend)
+}
+
+/// Why a backend connection could not be opened. The step is for the
+/// log; the error is kept whole, since its OS error code is what tells
+/// sluice's own shortage (ENOBUFS, ENOMEM) from the backend's fault.
+#[derive(Debug)]
+enum OpenError {
+    Connect(io::Error),
+    Header(io::Error),
+}
+
+impl OpenError {
+    fn error(&self) -> &io::Error {
+        match self {
+            OpenError::Connect(e) | OpenError::Header(e) => e,
+        }
+    }
+
+    fn step(&self) -> &'static str {
+        match self {
+            OpenError::Connect(_) => "connect to a backend",
+            OpenError::Header(_) => "send the PROXY header to a backend",
+        }
+    }
 }
 
 /// Connects to `target` and sends `header` before any byte of the client's
@@ -274,16 +304,26 @@ async fn open(
     target: &net::Target,
     header: Option<&proxy_header::Encoded>,
     timeout: Duration,
-) -> io::Result<TcpStream> {
-    let mut server = net::connect(target, timeout).await?;
+) -> Result<TcpStream, OpenError> {
+    let mut server = net::connect(target, timeout)
+        .await
+        .map_err(OpenError::Connect)?;
     if let Some(h) = header {
-        // A new connection's send buffer takes these few bytes at once.
-        server
-            .write_all(h.as_bytes())
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("sending the PROXY header: {e}")))?;
+        send_header(&mut server, h).await?;
     }
     Ok(server)
+}
+
+/// Writes `header` to a new backend connection, whose send buffer takes
+/// these few bytes at once.
+async fn send_header<W: AsyncWrite + Unpin>(
+    server: &mut W,
+    header: &proxy_header::Encoded,
+) -> Result<(), OpenError> {
+    server
+        .write_all(header.as_bytes())
+        .await
+        .map_err(OpenError::Header)
 }
 
 /// Takes the PROXY header a balancer in front sent off `client`, within
@@ -396,9 +436,65 @@ mod tests {
             let shared = Shared::new(config, &[a], &Default::default());
             let permit = shared.limit.try_acquire().unwrap();
             let header = Some(Duration::from_secs(5));
-            let f = super::handle(c, a, header, &shared.services[0], &shared, permit);
+            let closing = shared.closing.child_token();
+            let f = super::handle(c, a, header, &closing, &shared.services[0], &shared, permit);
             let size = std::mem::size_of_val(&f);
             assert!(size <= 2048, "a connection's future is {size} bytes");
         });
+    }
+
+    /// A client still sending its header is let go when the token its
+    /// accept loop gave it is cancelled, as shutdown cancels the parent.
+    #[tokio::test]
+    async fn the_header_phase_ends_with_the_loops_token() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let text = format!(
+            "[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\naccept_proxy = true\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[[backend]]\nname = \"b\"\naddress = \"{a}\"\n"
+        );
+        let config = crate::config::Config::parse("t", &text).unwrap();
+        let shared = Arc::new(Shared::new(config, &[a], &Default::default()));
+        let _c = TcpStream::connect(a).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        let permit = shared.limit.try_acquire().unwrap();
+        let closing = shared.closing.child_token();
+        let conn = {
+            let (shared, closing) = (shared.clone(), closing.clone());
+            tokio::spawn(async move {
+                let header = Some(Duration::from_secs(300));
+                handle(
+                    s,
+                    peer,
+                    header,
+                    &closing,
+                    &shared.services[0],
+                    &shared,
+                    permit,
+                )
+                .await
+            })
+        };
+        shared.closing.cancel();
+        conn.await.unwrap();
+        assert_eq!(shared.stats.abandoned.load(Ordering::Relaxed), 1);
+    }
+
+    /// A header write that fails for want of kernel buffers is sluice's
+    /// shortage, not the backend's fault: its OS error must survive.
+    #[tokio::test]
+    async fn a_failed_header_write_keeps_its_os_error() {
+        let header = proxy_header::encode(crate::config::ProxyVersion::V1, None);
+        for (code, shortage) in [
+            (libc::ENOBUFS, true),
+            (libc::ENOMEM, true),
+            (libc::EPIPE, false),
+        ] {
+            let mut w = net::FailingWriter(code);
+            let e = send_header(&mut w, &header).await.unwrap_err();
+            assert!(matches!(e, OpenError::Header(_)), "{e:?}");
+            assert_eq!(e.error().raw_os_error(), Some(code));
+            assert_eq!(net::is_shortage(e.error()), shortage, "{e:?}");
+        }
     }
 }

@@ -27,6 +27,11 @@ pub const V1_MAX: usize = 107;
 /// A version 2 header's fixed part: signature, version and command,
 /// family and transport, length.
 const V2_FIXED: usize = 16;
+/// The longest v2 header taken, extensions included. The balancers that
+/// send TLVs (AWS, Azure, GCP) send a few dozen bytes of them; a longer
+/// header is refused as malformed, so a hostile client cannot make sluice
+/// read and discard 64 KiB on every connection.
+pub const V2_MAX: usize = 4096;
 /// Room for any header sluice writes: v1 at most 107 bytes, v2 for IPv6
 /// 52.
 const ENCODED_MAX: usize = V1_MAX;
@@ -192,6 +197,14 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, Malformed> {
     };
     let body = u16::from_be_bytes([b[14], b[15]]) as usize;
     let len = V2_FIXED + body;
+    if len > V2_MAX {
+        return Err(Malformed("v2 header longer than 4096 bytes"));
+    }
+    // LOCAL: the specification has the receiver skip the address block
+    // whatever its family says, and use the connection's own addresses.
+    if local {
+        return Ok(Parsed::Complete { len, addrs: None });
+    }
     // Addresses, by family; the transport (stream, datagram) does not
     // change their layout.
     let (family, transport) = (b[13] >> 4, b[13] & 0x0f);
@@ -207,9 +220,9 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, Malformed> {
     if body < need {
         return Err(Malformed("v2 header too short for its addresses"));
     }
-    // LOCAL, UNSPEC, unix sockets and datagrams: the connection's own
-    // addresses stand, so no need to wait for bytes that do not matter.
-    if local || transport != 1 || !(1..=2).contains(&family) {
+    // UNSPEC, unix sockets and datagrams: the connection's own addresses
+    // stand, so no need to wait for bytes that do not matter.
+    if transport != 1 || !(1..=2).contains(&family) {
         return Ok(Parsed::Complete { len, addrs: None });
     }
     if b.len() < V2_FIXED + need {
@@ -239,15 +252,17 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, Malformed> {
 }
 
 fn parse_v1(b: &[u8]) -> Result<Parsed, Malformed> {
-    let Some(cr) = b.iter().position(|&c| c == b'\r') else {
-        if b.contains(&b'\n') {
-            return Err(Malformed("v1 header with a bare line feed"));
-        }
+    // The first line break decides, so that the verdict on a line feed
+    // before the CR does not depend on whether the CR has arrived yet.
+    let Some(cr) = b.iter().position(|&c| c == b'\r' || c == b'\n') else {
         if b.len() >= V1_MAX {
             return Err(Malformed("v1 header longer than 107 bytes"));
         }
         return Ok(Parsed::Incomplete);
     };
+    if b[cr] == b'\n' {
+        return Err(Malformed("v1 header with a bare line feed"));
+    }
     let len = cr + 2;
     if len > V1_MAX {
         return Err(Malformed("v1 header longer than 107 bytes"));
@@ -257,8 +272,11 @@ fn parse_v1(b: &[u8]) -> Result<Parsed, Malformed> {
         Some(b'\n') => {}
         Some(_) => return Err(Malformed("v1 header with a bare carriage return")),
     }
-    let line = std::str::from_utf8(&b[V1_PREFIX.len()..cr])
-        .map_err(|_| Malformed("v1 header that is not ASCII text"))?;
+    // US-ASCII, as the specification says: valid UTF-8 is not enough.
+    let line = match std::str::from_utf8(&b[V1_PREFIX.len()..cr]) {
+        Ok(line) if line.is_ascii() => line,
+        _ => return Err(Malformed("v1 header that is not ASCII text")),
+    };
     let mut fields = line.split(' ');
     let family = fields.next().unwrap_or("");
     if family == "UNKNOWN" {
@@ -326,8 +344,8 @@ pub enum ReadError {
 /// a deadline.
 pub async fn read(client: &mut TcpStream) -> Result<Option<(SocketAddr, SocketAddr)>, ReadError> {
     // Big enough for any v1 header and for the part of a v2 header that
-    // `parse` needs (52 bytes for IPv6); a v2 header's extensions beyond
-    // it are read into it and dropped.
+    // `parse` needs (52 bytes for IPv6); a v2 header's extensions are
+    // read and dropped.
     let mut buf = [0u8; V1_MAX];
     let mut have = 0;
     loop {
@@ -347,18 +365,22 @@ pub async fn read(client: &mut TcpStream) -> Result<Option<(SocketAddr, SocketAd
                 have += n;
             }
             Parsed::Complete { len, addrs } => {
-                let mut left = len - have;
-                while left > 0 {
-                    let k = left.min(buf.len());
-                    match client.read_exact(&mut buf[..k]).await {
-                        Ok(_) => left -= k,
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                            return Err(ReadError::Truncated);
-                        }
-                        Err(e) => return Err(e.into()),
+                let left = len - have;
+                // Extensions beyond the stack buffer go to the heap in one
+                // read: at most V2_MAX bytes, and not held by every idle
+                // connection's future as a bigger stack buffer would be.
+                let read = if left <= buf.len() {
+                    client.read_exact(&mut buf[..left]).await
+                } else {
+                    client.read_exact(&mut vec![0; left]).await
+                };
+                return match read {
+                    Ok(_) => Ok(addrs),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        Err(ReadError::Truncated)
                     }
-                }
-                return Ok(addrs);
+                    Err(e) => Err(e.into()),
+                };
             }
         }
     }
@@ -524,6 +546,76 @@ mod tests {
     }
 
     #[test]
+    fn v2_local_skips_its_block_whatever_the_family_says() {
+        // (family and transport, length): unknown family and transport,
+        // TCP4 with no room for addresses, TCP6 with them.
+        for (ft, body) in [(0x41u8, 0u8), (0x13, 3), (0x11, 0), (0x11, 5), (0x21, 36)] {
+            let mut h = SIGNATURE.to_vec();
+            h.extend([0x20, ft, 0, body]);
+            assert_eq!(
+                parse(&h),
+                Ok(Parsed::Complete {
+                    len: 16 + body as usize,
+                    addrs: None
+                }),
+                "{ft:#x} {body}"
+            );
+        }
+        // The version and the command still count.
+        let mut h = SIGNATURE.to_vec();
+        h.extend([0x10, 0x11, 0, 0]);
+        assert!(parse(&h).is_err());
+    }
+
+    #[test]
+    fn a_v2_header_longer_than_the_cap_is_refused() {
+        // PROXY and LOCAL alike.
+        for command in [0x21, 0x20] {
+            let mut h = SIGNATURE.to_vec();
+            let body = (V2_MAX - V2_FIXED) as u16;
+            h.extend([command, 0x11]);
+            h.extend(body.to_be_bytes());
+            h.extend([0u8; 12]);
+            assert!(
+                matches!(parse(&h), Ok(Parsed::Complete { len: V2_MAX, .. })),
+                "{command:#x}"
+            );
+            h[14..16].copy_from_slice(&(body + 1).to_be_bytes());
+            assert_eq!(
+                parse(&h),
+                Err(Malformed("v2 header longer than 4096 bytes")),
+                "{command:#x}"
+            );
+            h[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+            assert!(parse(&h).is_err(), "{command:#x}");
+        }
+    }
+
+    #[tokio::test]
+    async fn read_takes_extensions_longer_than_its_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut h = encode(ProxyVersion::V2, Some((a("192.0.2.1:1"), a("10.0.0.1:2"))))
+            .as_bytes()
+            .to_vec();
+        // One 1000-byte TLV of type 0xE0 (custom) after the addresses.
+        h[14..16].copy_from_slice(&(12u16 + 3 + 1000).to_be_bytes());
+        h.extend([0xe0, 0x03, 0xe8]);
+        h.extend([7u8; 1000]);
+        h.extend(b"hello");
+        c.write_all(&h).await.unwrap();
+        assert_eq!(
+            read(&mut s).await.unwrap(),
+            Some((a("192.0.2.1:1"), a("10.0.0.1:2")))
+        );
+        let mut after = [0u8; 5];
+        s.read_exact(&mut after).await.unwrap();
+        assert_eq!(&after, b"hello");
+    }
+
+    #[test]
     fn malformed_headers_are_refused() {
         let v2 = |b12: u8, b13: u8, len: u8| {
             let mut h = SIGNATURE.to_vec();
@@ -546,6 +638,9 @@ mod tests {
             b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n".to_vec(),
             b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\rx".to_vec(),
             b"PROXY \xff\r\n".to_vec(),
+            "PROXY UNKNOWN \u{e9}\r\n".as_bytes().to_vec(),
+            b"PROXY UNKNOWN \n\r\n".to_vec(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n\r\n".to_vec(),
             [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 100]].concat(),
             v2(0x11, 0x11, 12),
             v2(0x22, 0x11, 12),
@@ -555,6 +650,73 @@ mod tests {
             v2(0x21, 0x21, 35),
         ] {
             assert!(parse(&bad).is_err(), "{:?}", String::from_utf8_lossy(&bad));
+        }
+    }
+
+    /// What `read` relies on, as it takes bytes off the socket on
+    /// `Incomplete`: more bytes never change a verdict already reached,
+    /// and an incomplete header never turns out to have ended earlier.
+    fn prefixes_agree(d: &[u8]) {
+        let whole = parse(d);
+        for k in 0..=d.len() {
+            let part = parse(&d[..k]);
+            let ok = match part {
+                Err(_) => whole.is_err(),
+                Ok(Parsed::Complete { .. }) => whole == part,
+                Ok(Parsed::Incomplete) => {
+                    !matches!(whole, Ok(Parsed::Complete { len, .. }) if len < k)
+                }
+            };
+            assert!(
+                ok,
+                "{:?} at {k}: {part:?}, whole: {whole:?}",
+                String::from_utf8_lossy(d)
+            );
+        }
+    }
+
+    #[test]
+    fn a_verdict_does_not_depend_on_how_the_bytes_are_split() {
+        let mut inputs: Vec<Vec<u8>> = vec![
+            b"PROXY UNKNOWN \n\r\n".to_vec(),
+            b"PROXY UNKNOWN\r\n".to_vec(),
+            b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\nGET".to_vec(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n\r\n".to_vec(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\rx\n".to_vec(),
+            b"PROXY TCP4 1.2.3.4\n 1.2.3.4 1 2\r\n".to_vec(),
+            "PROXY UNKNOWN \u{e9}\r\n".as_bytes().to_vec(),
+            [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 100], b"\r\n"].concat(),
+            [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 91], b"\r\n"].concat(),
+            b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\r\n".to_vec(),
+            b"PROXY TCP6 ::1 ::2 1 2\r\n\r\n".to_vec(),
+            b"PROXY\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\n".to_vec(),
+            [&SIGNATURE[..11], b"\r\n"].concat(),
+        ];
+        for e in [
+            encode(ProxyVersion::V1, Some((a("192.0.2.1:1"), a("10.0.0.1:2")))),
+            encode(ProxyVersion::V2, Some((a("192.0.2.1:1"), a("10.0.0.1:2")))),
+            encode(ProxyVersion::V2, Some((a("[::1]:1"), a("[::1]:2")))),
+            encode(ProxyVersion::V2, None),
+        ] {
+            inputs.push(e.as_bytes().to_vec());
+            // With extensions beyond the addresses, given or not.
+            let mut h = e.as_bytes().to_vec();
+            h[15] = h[15].wrapping_add(20);
+            inputs.push(h.clone());
+            h.extend([0u8; 20]);
+            inputs.push(h);
+        }
+        for bad in [[0x11, 0x11], [0x22, 0x11], [0x21, 0x41], [0x21, 0x13]] {
+            let mut h = SIGNATURE.to_vec();
+            h.extend(bad);
+            h.extend([0, 12]);
+            h.extend([0u8; 12]);
+            inputs.push(h);
+        }
+        for d in &inputs {
+            prefixes_agree(d);
+            prefixes_agree(&[d.as_slice(), b"GET / HTTP/1.1\r\n\r\n"].concat());
         }
     }
 

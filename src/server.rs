@@ -750,15 +750,22 @@ pub fn preflight(config: &Config) -> Preflight {
             )),
         }
     }
-    let mut wanted: Vec<(String, SocketAddr)> = config
+    // Each bound as `run` binds it: a service through `net::listen`, whose
+    // options (IPV6_V6ONLY off) decide what else the port clashes with.
+    let mut wanted: Vec<(String, SocketAddr, bool)> = config
         .services
         .iter()
-        .map(|s| (format!("service `{}`", s.name), s.listen))
+        .map(|s| (format!("service `{}`", s.name), s.listen, true))
         .collect();
-    wanted.push(("admin API".into(), config.admin.listen));
+    wanted.push(("admin API".into(), config.admin.listen, false));
     let mut in_use = Vec::new();
-    for (what, addr) in wanted {
-        match std::net::TcpListener::bind(addr) {
+    for (what, addr, service) in wanted {
+        let bound = if service {
+            crate::net::listen(addr, false)
+        } else {
+            std::net::TcpListener::bind(addr)
+        };
+        match bound {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => in_use.push((what, addr)),
             Err(e) => found

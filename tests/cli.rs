@@ -533,6 +533,17 @@ fn check_catches_what_run_would_refuse_on_this_machine() {
         err.contains("already in use") && err.contains(&port.to_string()),
         "{err}"
     );
+    // The same port, as `run` would bind it: v4-mapped, and dual-stack.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        for listen in [format!("[::ffff:127.0.0.1]:{port}"), format!("[::]:{port}")] {
+            let text = GOOD
+                .replace("127.0.0.1:8080", &listen)
+                .replace(":9000", ":0");
+            let (ok, _, err) = check_with(&text, &[]);
+            assert!(!ok, "{listen}");
+            assert!(err.contains("already in use"), "{listen}: {err}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

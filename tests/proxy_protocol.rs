@@ -10,6 +10,8 @@ mod support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice::config::ProxyVersion;
@@ -274,6 +276,85 @@ async fn health_checks_speak_the_proxy_protocol_to_such_a_server() {
     lb.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_a_dual_stack_service_reaches_nginx_as_plain_ipv4() {
+    if !ipv6("an_ipv4_client_of_a_dual_stack_service_reaches_nginx_as_plain_ipv4") {
+        return;
+    }
+    let Some(nginx) = Nginx::start(&["127.0.0.1"]) else {
+        return;
+    };
+    nginx.listening().await;
+    for version in ["v1", "v2"] {
+        let text = toml(
+            "[::]:0",
+            "",
+            &[(
+                "web1",
+                nginx.addrs[0],
+                &format!("send_proxy = \"{version}\""),
+            )],
+        );
+        let lb = Sluice::from_toml(&text).await;
+        let n = nginx.log(0).len();
+        // To the `[::]` listener over IPv4: accepted as ::ffff:127.0.0.1.
+        let at: SocketAddr = format!("127.0.0.1:{}", lb.addr.port()).parse().unwrap();
+        let (me, reply) = get(at, b"").await;
+        assert!(reply.ends_with("pp\n"), "{version}: {reply:?}");
+        // TCP4 with the plain address: a mapped one would log as
+        // ::ffff:127.0.0.1.
+        assert_eq!(
+            logged(&nginx, 0, n).await,
+            format!("{} {}", me.ip(), me.port()),
+            "{version}"
+        );
+        lb.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_checks_send_a_header_such_a_server_takes() {
+    let Some(nginx) = Nginx::start(&["127.0.0.1"]) else {
+        return;
+    };
+    nginx.listening().await;
+    let web = nginx.addrs[0];
+    let text = toml(
+        "127.0.0.1:0",
+        "",
+        &[
+            ("v1", web, "health_check = \"tcp\"\nsend_proxy = \"v1\""),
+            ("v2", web, "health_check = \"tcp\"\nsend_proxy = \"v2\""),
+        ],
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let last_ok = |name: &'static str| {
+        let lb = &lb;
+        async move { lb.backend(name).await["last_ok_check_ms"].as_u64().unwrap() }
+    };
+    for name in ["v1", "v2"] {
+        wait_for("a passing check", || async { last_ok(name).await > 0 }).await;
+        // And one more, so nginx has had a whole check to read.
+        let first = last_ok(name).await;
+        wait_for("another passing check", || async {
+            last_ok(name).await > first
+        })
+        .await;
+        let b = lb.backend(name).await;
+        assert_eq!(b["healthy"], true, "{b}");
+    }
+    lb.shutdown().await;
+    // nginx took every header the checks sent.
+    let errors = || std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
+    assert!(!errors().contains("broken header"), "{}", errors());
+    // Negative control: a connection without one is logged as broken.
+    let _ = get(web, b"").await;
+    wait_for("nginx logs the broken header", || async {
+        errors().contains("broken header")
+    })
+    .await;
+}
+
 /// A backend that reads the PROXY header sluice sends with sluice's own
 /// parser, answers with the addresses it names, then echoes every byte.
 struct HeaderEcho {
@@ -412,6 +493,9 @@ async fn accept_proxy_takes_the_address_a_balancer_in_front_sends() {
             format!("{me} {}", lb.addr)
         );
         assert_eq!(clients(&lb, "b").await, [me.to_string()]);
+        // Gone before the next is listed, as in the loop above.
+        drop(c);
+        wait_for("connection gone", || async { lb.live("b").await == 0 }).await;
     }
     let (_, stats) = lb.get("/stats").await;
     assert_eq!(stats["established"], 6, "{stats}");
@@ -534,6 +618,122 @@ async fn bad_headers_close_their_client_and_reach_no_backend() {
     lb.shutdown().await;
 }
 
+/// A v2 header for `src` to `dst` with `tlvs` (type, value) after the
+/// addresses.
+fn v2_with_tlvs(src: SocketAddr, dst: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut h = encode(ProxyVersion::V2, Some((src, dst)))
+        .as_bytes()
+        .to_vec();
+    for (t, v) in tlvs {
+        h.push(*t);
+        h.extend((v.len() as u16).to_be_bytes());
+        h.extend(*v);
+    }
+    let body = (h.len() - 16) as u16;
+    h[14..16].copy_from_slice(&body.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_extensions_are_skipped_and_an_oversized_header_refused() {
+    let backend = Echo::start("b").await;
+    let text = toml(
+        "127.0.0.1:0",
+        "accept_proxy = true",
+        &[("b", backend.addr, "")],
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let src: SocketAddr = "203.0.113.7:4242".parse().unwrap();
+    let dst: SocketAddr = "198.51.100.1:443".parse().unwrap();
+    // As AWS and GCP balancers send them (authority, an endpoint id), and
+    // one long enough to take more than the reader's stack buffer.
+    let big = vec![b'x'; 3000];
+    let header = v2_with_tlvs(
+        src,
+        dst,
+        &[
+            (0x02, b"example.com"),
+            (0xea, b"\x01vpce-0123456789abcdef0"),
+            (0xe0, &big),
+        ],
+    );
+    assert!(header.len() <= proxy_header::V2_MAX, "{}", header.len());
+    let mut c = TcpStream::connect(lb.addr).await.unwrap();
+    c.write_all(&[header.as_slice(), b"hello"].concat())
+        .await
+        .unwrap();
+    assert_eq!(within("greeting", read_line(&mut c)).await, "b");
+    // The echo gives back what the backend got, in order: "hello" first
+    // and alone, not a byte of the header before it.
+    let mut first = [0u8; 5];
+    within("echo", c.read_exact(&mut first)).await.unwrap();
+    assert_eq!(&first, b"hello");
+    echo(&mut c, b" and more").await;
+    assert_eq!(clients(&lb, "b").await, [src.to_string()]);
+
+    // One byte past the cap: refused and counted, the backend untouched.
+    let huge = vec![b'x'; proxy_header::V2_MAX - 16 - 12 - 3 + 1];
+    let header = v2_with_tlvs(src, dst, &[(0xe0, &huge)]);
+    assert_eq!(header.len(), proxy_header::V2_MAX + 1);
+    let mut bad = TcpStream::connect(lb.addr).await.unwrap();
+    bad.write_all(&header).await.unwrap();
+    assert!(closed_by_peer(&mut bad).await, "oversized header left open");
+    wait_for("the oversized header counted", || async {
+        lb.get("/stats").await.1["rejected_proxy_header"] == 1
+    })
+    .await;
+    assert_eq!(backend.accepted(), 1);
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_deadline_covers_the_whole_header_not_each_read() {
+    let backend = Echo::start("b").await;
+    let deadline = Duration::from_millis(400);
+    let text = toml(
+        "127.0.0.1:0",
+        "accept_proxy = true\nproxy_header_timeout = \"400ms\"",
+        &[("b", backend.addr, "")],
+    );
+    let lb = Sluice::from_toml(&text).await;
+    let header = encode(
+        ProxyVersion::V1,
+        Some((
+            "192.0.2.1:1000".parse().unwrap(),
+            "192.0.2.2:80".parse().unwrap(),
+        )),
+    );
+    let started = Instant::now();
+    let (mut r, mut w) = TcpStream::connect(lb.addr).await.unwrap().into_split();
+    // One byte every 100 ms: each gap well within the deadline, the
+    // whole header (40 bytes, 4 s) far beyond it. The pace is what is
+    // tested, not a wait for something to happen.
+    let drip = async {
+        for b in header.as_bytes() {
+            if w.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let closed = async {
+        let mut b = [0u8; 16];
+        matches!(r.read(&mut b).await, Ok(0) | Err(_))
+    };
+    tokio::select! {
+        _ = drip => panic!("the whole header went out a byte at a time and was taken"),
+        closed = closed => assert!(closed, "the client was served"),
+    }
+    let took = started.elapsed();
+    assert!(took >= deadline, "closed after {took:?}");
+    wait_for("the slow header counted", || async {
+        lb.get("/stats").await.1["rejected_proxy_header"] == 1
+    })
+    .await;
+    assert_eq!(backend.accepted(), 0);
+    lb.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_services_and_backends() {
     if !ipv6("ipv6_services_and_backends") {
@@ -590,6 +790,48 @@ async fn ipv6_services_and_backends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_and_ipv6_services_share_a_port_and_mapped_addresses_bind() {
+    if !ipv6("ipv4_and_ipv6_services_share_a_port_and_mapped_addresses_bind") {
+        return;
+    }
+    let b4 = Echo::start("b4").await;
+    let b6 = Echo::start("b6").await;
+    // A port the kernel just handed out, released for sluice.
+    let port = std::net::TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // `0.0.0.0` and `[::1]` on one port do not clash; a v4-mapped
+    // address binds, and is its IPv4 address.
+    let mut text = toml(
+        "[::ffff:127.0.0.1]:0",
+        "backends = [\"b4\"]",
+        &[("b4", b4.addr, ""), ("b6", b6.addr, "")],
+    );
+    text.push_str(&format!(
+        "\n[[service]]\nname = \"four\"\nlisten = \"0.0.0.0:{port}\"\nbackends = [\"b4\"]\n\
+         \n[[service]]\nname = \"six\"\nlisten = \"[::1]:{port}\"\nbackends = [\"b6\"]\n"
+    ));
+    let lb = Sluice::from_toml(&text).await;
+    for (at, want) in [
+        (format!("127.0.0.1:{}", lb.addr.port()), "b4"),
+        (format!("127.0.0.1:{port}"), "b4"),
+        (format!("[::1]:{port}"), "b6"),
+    ] {
+        let mut c = TcpStream::connect(at.as_str()).await.unwrap();
+        assert_eq!(within("greeting", read_line(&mut c)).await, want, "{at}");
+        echo(&mut c, b"hi").await;
+        if at.starts_with("127.0.0.1") {
+            // A client of the v4-mapped listener shows as plain IPv4.
+            let me = c.local_addr().unwrap();
+            assert!(clients(&lb, "b4").await.contains(&me.to_string()), "{at}");
+        }
+    }
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_does_not_wait_for_a_header_that_never_comes() {
     let backend = Echo::start("b").await;
     // The longest header deadline there is; the grace period is 100 ms.
@@ -598,15 +840,20 @@ async fn shutdown_does_not_wait_for_a_header_that_never_comes() {
         "accept_proxy = true\nproxy_header_timeout = \"5m\"",
         &[("b", backend.addr, "")],
     );
-    let lb = Sluice::from_toml(&text).await;
-    let mut slow = TcpStream::connect(lb.addr).await.unwrap();
+    // In-process with a handle on its counters, which outlive the admin API.
+    let (shared, addr, _, stop, task) = bound(&format!("shutdown_grace = \"100ms\"\n{text}")).await;
+    let mut slow = TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"PROXY TCP4 ").await.unwrap();
     wait_for("the client accepted", || async {
-        lb.get("/stats").await.1["accepted"] == 1
+        shared.stats.accepted.load(Ordering::SeqCst) == 1
     })
     .await;
-    // `shutdown` fails the test if it takes longer than the deadline.
-    lb.shutdown().await;
+    let _ = stop.send(());
+    // `within` fails the test if shutdown takes longer than the deadline.
+    within("sluice shutdown", task).await.unwrap().unwrap();
     assert!(closed_by_peer(&mut slow).await);
     assert_eq!(backend.accepted(), 0);
+    // Let go by shutdown, not refused: its header was not bad, only unfinished.
+    assert_eq!(shared.stats.abandoned.load(Ordering::SeqCst), 1);
+    assert_eq!(shared.stats.rejected_proxy_header.load(Ordering::SeqCst), 0);
 }

@@ -4,6 +4,11 @@
 //! from unless it is v2 (whose extensions may follow); a header found in a
 //! prefix is found alike in the whole; and what parses as addresses
 //! encodes back into a header that parses to the same addresses.
+//!
+//! And the prefix property `read` depends on, since it consumes the bytes
+//! of an incomplete header: for every prefix, an error stays an error, a
+//! whole header stays the same header, and an incomplete one never turns
+//! out to have ended within the bytes already taken.
 
 #![no_main]
 
@@ -12,7 +17,20 @@ use sluice::config::ProxyVersion;
 use sluice::proxy_header::{Parsed, encode, parse};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(Parsed::Complete { len, addrs }) = parse(data) else {
+    let whole = parse(data);
+    for k in 0..=data.len() {
+        match parse(&data[..k]) {
+            Err(e) => assert!(whole.is_err(), "{e} at {k}, whole {whole:?}"),
+            Ok(Parsed::Complete { len, addrs }) => {
+                assert_eq!(whole, Ok(Parsed::Complete { len, addrs }), "at {k}")
+            }
+            Ok(Parsed::Incomplete) => assert!(
+                !matches!(whole, Ok(Parsed::Complete { len, .. }) if len < k),
+                "incomplete at {k}, whole {whole:?}"
+            ),
+        }
+    }
+    let Ok(Parsed::Complete { len, addrs }) = whole else {
         return;
     };
     let v2 = data.first() == Some(&b'\r');

@@ -181,7 +181,8 @@ pub struct Shared {
     /// and one that registers after that closes at once.
     pub closing_all: AtomicBool,
     /// Cancelled with `closing_all`: ends the clients no backend's close
-    /// reaches, those still sending their PROXY header.
+    /// reaches, those still sending their PROXY header. Clients wait on
+    /// their accept loop's child of it, never on it directly.
     pub closing: CancellationToken,
     /// Set once shutdown has begun.
     pub shutting_down: AtomicBool,
