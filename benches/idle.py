@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Idle-connection helper for benches/run.sh.
 
-  idle.py hold --port P --status FILE [--max-seconds S]
-      Accepts connections on 127.0.0.1:P and holds them open, sending
-      nothing. Writes "live=N accepted=M" to FILE whenever it changes.
+  idle.py hold --port P --status FILE [--host H ...] [--max-seconds S]
+      Accepts connections on 127.0.0.1:P (or on port P of each --host)
+      and holds them open, sending nothing. Writes "live=N accepted=M"
+      to FILE whenever it changes.
 
-  idle.py open --port P --count N --status FILE [--max-seconds S]
+  idle.py open --port P --count N --status FILE [--source A ...] [--max-seconds S]
       Opens N connections to 127.0.0.1:P (--concurrency connects in flight
       at once, 100 by default), sends nothing, and holds them until SIGTERM or S seconds.
+      With --source, the connections take turns among those local
+      addresses (such as 127.0.0.2 to 127.0.0.5), so more than one
+      address's ephemeral ports are used: about 28,000 each.
       Writes "open=N failed=F closed=C done=0|1" to FILE as it goes.
 
 Both end by themselves after --max-seconds, so no run is unbounded.
@@ -79,12 +83,16 @@ async def hold(args):
             conns.discard(writer)
             writer.close()
 
-    server = await asyncio.start_server(
-        on_conn, "127.0.0.1", args.port, backlog=4096, reuse_address=True
-    )
+    servers = [
+        await asyncio.start_server(
+            on_conn, host, args.port, backlog=4096, reuse_address=True
+        )
+        for host in (args.host or ["127.0.0.1"])
+    ]
     stop = stop_event(args.max_seconds)
-    async with server:
-        await st.run(stop)
+    await st.run(stop)
+    for server in servers:
+        server.close()
     for w in list(conns):
         w.close()
 
@@ -110,13 +118,21 @@ async def open_conns(args):
         st.c["open"] -= 1
         st.c["closed"] += 1
 
-    async def one():
+    sources = args.source or [None]
+
+    async def one(i):
         async with sem:
             if stop.is_set():
                 return
+            src = sources[i % len(sources)]
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", args.port), 10
+                    asyncio.open_connection(
+                        "127.0.0.1",
+                        args.port,
+                        local_addr=(src, 0) if src else None,
+                    ),
+                    10,
                 )
             except (OSError, asyncio.TimeoutError) as e:
                 st.c["failed"] += 1
@@ -127,7 +143,7 @@ async def open_conns(args):
             watchers.append(loop.create_task(watch(reader)))
 
     status_task = loop.create_task(st.run(stop))
-    await asyncio.gather(*(one() for _ in range(args.count)))
+    await asyncio.gather(*(one(i) for i in range(args.count)))
     st.c["done"] = 1
     if last_error:
         print(f"idle.py: last connect error: {last_error[0]}", file=sys.stderr)
@@ -148,6 +164,8 @@ def main():
         a.add_argument("--port", type=int, required=True)
         a.add_argument("--status", required=True)
         a.add_argument("--max-seconds", type=float, default=600)
+    h.add_argument("--host", action="append", help="address to listen on (repeatable)")
+    o.add_argument("--source", action="append", help="local address to connect from (repeatable)")
     o.add_argument("--count", type=int, required=True)
     o.add_argument("--concurrency", type=int, default=100)
     args = p.parse_args()

@@ -49,6 +49,8 @@ cleanup() {
   for ((p = ${#PIDS[@]} - 1; p >= 0; p--)); do
     stop_pid "${PIDS[p]}"
   done
+  # The script's own teardown (such as a cgroup), once nothing runs in it.
+  if declare -F on_cleanup >/dev/null; then on_cleanup || true; fi
   if [[ ${KEEP_WORK:-0} == 1 ]]; then
     log "logs kept in $WORK"
   else

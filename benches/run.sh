@@ -2,7 +2,10 @@
 # Benchmark sluice side by side with HAProxy (with and without splice),
 # nginx stream and a direct connection. See benches/README.md.
 #
-#   benches/run.sh               full run (~5 min)
+#   CAP=30 benches/run.sh        capped run: each proxy limited to 30% of
+#                                CPU 0 by a cgroup, the load on CPU 1, five
+#                                alternating rounds (~15 min)
+#   benches/run.sh               uncapped run (~5 min)
 #   QUICK=1 benches/run.sh       smoke run (~1 min)
 #
 # Knobs (environment): DURATION (s per wrk run), IPERF_TIME (s per iperf3
@@ -22,8 +25,24 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/benches"
 RESULTS=${RESULTS_DIR:-"$BENCH/results"}
 SLUICE="$ROOT/target/release/sluice"
+RATE_GEN="$ROOT/target/release/examples/rate"
 
 QUICK=${QUICK:-0}
+# CAP: percent of one CPU each proxy may use (cgroup CPU quota), so that
+# the proxy, not wrk and the backends, sets the pace; empty: no cap.
+CAP=${CAP:-}
+if [[ -n $CAP ]]; then
+  [[ $CAP =~ ^[0-9]+$ ]] && ((CAP >= 1 && CAP <= 100)) || {
+    echo "benches/run.sh: CAP=$CAP is not a percent of one CPU (1 to 100)" >&2
+    exit 1
+  }
+  # The same cap, pinning and single worker for every proxy; more rounds,
+  # since a capped run's noise is its own.
+  ROUNDS=${ROUNDS:-5}
+  PROXY_CPU=${PROXY_CPU:-0}
+  LOAD_CPU=${LOAD_CPU:-1}
+  SLUICE_CONFIG_EXTRA=${SLUICE_CONFIG_EXTRA:-workers = 1}
+fi
 # Top-level sluice config lines, such as 'runtime = "multi-thread"'.
 SLUICE_CONFIG_EXTRA=${SLUICE_CONFIG_EXTRA:-}
 if [[ $QUICK == 1 ]]; then
@@ -94,6 +113,52 @@ CLK_TCK=$(getconf CLK_TCK)
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
+# ---------------------------------------------------------------- CPU cap
+# A cgroup with a CPU quota of CAP% of one CPU: cgroup v2's cpu.max where
+# the unified hierarchy has the cpu controller, else v1's cfs quota.
+
+CGROUP=""
+cap_setup() {
+  local v2=/sys/fs/cgroup
+  if [[ -f $v2/cgroup.controllers ]] && grep -qw cpu "$v2/cgroup.controllers"; then
+    CGROUP=$v2/sluice-bench.$$
+    echo "+cpu" >"$v2/cgroup.subtree_control" 2>/dev/null || true
+    mkdir "$CGROUP" || return 1
+    echo "$((CAP * 1000)) 100000" >"$CGROUP/cpu.max" || return 1
+  elif [[ -d /sys/fs/cgroup/cpu ]]; then
+    CGROUP=/sys/fs/cgroup/cpu/sluice-bench.$$
+    mkdir "$CGROUP" || return 1
+    echo 100000 >"$CGROUP/cpu.cfs_period_us" || return 1
+    echo $((CAP * 1000)) >"$CGROUP/cpu.cfs_quota_us" || return 1
+  else
+    return 1
+  fi
+}
+
+# cap_pid PID: moves a process (every thread, and its later children)
+# under the quota.
+cap_pid() {
+  [[ -n $CGROUP && -n $1 ]] || return 0
+  echo "$1" >"$CGROUP/cgroup.procs"
+}
+
+# The throttled periods so far, to say whether the cap bit.
+cap_throttled() {
+  [[ -n $CGROUP ]] || { echo 0; return; }
+  awk '$1 == "nr_throttled" {print $2}' "$CGROUP/cpu.stat" 2>/dev/null || echo 0
+}
+
+# Called by procs.sh's cleanup once every process is stopped.
+on_cleanup() { cap_teardown; }
+
+cap_teardown() {
+  [[ -n $CGROUP && -d $CGROUP ]] || return 0
+  # Whatever is left goes back to the root before the group goes.
+  local root=${CGROUP%/*} p
+  while read -r p; do echo "$p" >"$root/cgroup.procs" 2>/dev/null || true; done <"$CGROUP/cgroup.procs"
+  rmdir "$CGROUP" 2>/dev/null || true
+}
+
 # ---------------------------------------------------------------- preflight
 
 for t in python3 taskset ss cargo git; do
@@ -125,10 +190,15 @@ if ((HAVE_NGINX)) && [[ ! -f $NGINX_STREAM_MODULE ]]; then
 fi
 have haproxy || { HAVE_HAPROXY=0; note "haproxy not installed: apt-get install haproxy"; }
 
+if [[ -n $CAP ]]; then
+  cap_setup || die "CAP=$CAP needs a writable cgroup CPU controller (cgroup v2 cpu.max or v1 /sys/fs/cgroup/cpu), as root"
+  log "each proxy capped at $CAP% of CPU $PROXY_CPU ($CGROUP)"
+fi
+
 # ---------------------------------------------------------------- build
 
-log "building sluice (cargo build --release)"
-if ! (cd "$ROOT" && cargo build --release) >"$WORK/build.log" 2>&1; then
+log "building sluice and the constant-rate load generator (cargo build --release)"
+if ! (cd "$ROOT" && cargo build --release && cargo build --release --example rate) >"$WORK/build.log" 2>&1; then
   tail -n 30 "$WORK/build.log" >&2
   die "cargo build --release failed"
 fi
@@ -394,8 +464,12 @@ start_target() { # target
     nginx) start_nginx_stream ;;
     direct)
       P_WEB=$BE_WEB1 P_BULK=$BE_IPERF P_IDLE=""
+      return 0
       ;;
-  esac
+  esac || return 1
+  # Under the cap from here on: the process that moves the bytes, and
+  # its supervisor where there is one.
+  cap_pid "$PROXY_MAIN" && cap_pid "$PROXY_PID"
 }
 
 stop_target() {
@@ -617,13 +691,14 @@ bench_idle() { # target; the proxy was started fresh for this test
 
 # run_load TARGET: one round of the load runs (HTTP, bulk) on a fresh proxy.
 run_load() {
-  local t=$1 ovf0
+  local t=$1 ovf0 th0
   case $t in
     haproxy | haproxy_splice) ((HAVE_HAPROXY)) || { mark "$t" "skipped"; return 0; } ;;
     nginx) ((HAVE_STREAM)) || { mark "$t" "skipped"; return 0; } ;;
   esac
   log "=== ${LABEL[$t]}, round $ROUND of $ROUNDS"
   ovf0=$(listen_overflows)
+  th0=$(cap_throttled)
   if ! start_target "$t"; then
     note "${LABEL[$t]} did not start: $(tail -n 3 "$PROXY_LOG" 2>/dev/null | tr '\n' ' ')"
     stop_target
@@ -636,6 +711,37 @@ run_load() {
   proxy_ok "$t" || true
   stop_target
   OVF[$t]=$((${OVF[$t]:-0} + $(listen_overflows) - ovf0))
+  THROTTLED[$t]=$((${THROTTLED[$t]:-0} + $(cap_throttled) - th0))
+}
+
+# run_latency TARGET RATE: latency at a fixed request rate on a fresh
+# proxy (examples/rate.rs: requests go out on schedule and latency counts
+# from when each was due, so a stall is not hidden by a slower load).
+run_latency() {
+  local t=$1 rate=$2 out
+  R[$t:lp50]=skipped R[$t:lp99]=skipped R[$t:lp999]=skipped
+  ((HAVE_NGINX)) || return 0
+  [[ ${R[$t:rps]} == skipped || ${R[$t:rps]} == failed ]] && return 0
+  if ! start_target "$t"; then
+    stop_target
+    R[$t:lp50]=failed R[$t:lp99]=failed R[$t:lp999]=failed
+    return 0
+  fi
+  log "${LABEL[$t]}: fixed rate $rate requests/s, ${DURATION}s"
+  out="$WORK/rate.$t.txt"
+  if timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" "$RATE_GEN" "127.0.0.1:$P_WEB" "$rate" "$DURATION" "$CONNS" >"$out" 2>&1; then
+    R[$t:lp50]=$(sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p' "$out")
+    R[$t:lp99]=$(sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' "$out")
+    R[$t:lp999]=$(sed -n 's/.*p999_ms=\([0-9.]*\).*/\1/p' "$out")
+    local errs
+    errs=$(sed -n 's/.*errors=\([0-9]*\).*/\1/p' "$out")
+    ((${errs:-0} > 0)) && note "${LABEL[$t]}: $errs errors at the fixed rate ($(cat "$out"))"
+  else
+    note "${LABEL[$t]}: the fixed-rate run failed: $(tail -n 2 "$out" | tr '\n' ' ')"
+    R[$t:lp50]=error R[$t:lp99]=error R[$t:lp999]=error
+  fi
+  proxy_ok "$t" || true
+  stop_target
 }
 
 # run_idle TARGET: memory on a fresh process, so load does not blur it.
@@ -679,6 +785,8 @@ settle() {
       R[$1:$m]=$word
     else
       R[$1:$m]=$(tr ' ' '\n' <<<"$vals" | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}')
+      # The spread over the rounds, lowest to highest.
+      SPREAD[$1:$m]=$(tr ' ' '\n' <<<"$vals" | grep -v '^$' | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {if (NR > 1) printf "%s–%s", lo, hi}')
     fi
   done
   # Errors: the sum over the rounds, keep-alive / close.
@@ -706,14 +814,14 @@ scan_log() {
 
 mark() { # target word: every metric of a target
   local m
-  for m in rps p50 p99 cps errs gbps1 gbps4 cpugb1 cpugb4 rss0 idle ovf usreq uscon pbusy lbusy pbusyc lbusyc; do
+  for m in rps p50 p99 cps errs gbps1 gbps4 cpugb1 cpugb4 rss0 idle ovf lp50 lp99 lp999 usreq uscon pbusy lbusy pbusyc lbusyc; do
     R[$1:$m]=$2
   done
 }
 
 # ---------------------------------------------------------------- run
 
-declare -A V E OVF
+declare -A V E OVF SPREAD THROTTLED
 SELECTED=()
 for t in "${ALL_TARGETS[@]}"; do
   if [[ " $TARGETS " == *" $t "* ]]; then
@@ -734,6 +842,17 @@ for t in "${SELECTED[@]}"; do
   run_idle "$t"
   record_overflows "$t"
 done
+# The fixed rate: 70% of HAProxy's keep-alive capacity in this run (of
+# sluice's when HAProxy did not run), the same for every proxy.
+RATE_BASE=${R[haproxy:rps]:-}
+[[ $RATE_BASE =~ ^[0-9.]+$ ]] || RATE_BASE=${R[sluice:rps]:-}
+FIXED_RATE=""
+if [[ $RATE_BASE =~ ^[0-9.]+$ ]]; then
+  FIXED_RATE=$(awk -v r="$RATE_BASE" 'BEGIN {printf "%d", r * 0.7}')
+  for t in "${SELECTED[@]}"; do
+    run_latency "$t" "$FIXED_RATE"
+  done
+fi
 
 # ---------------------------------------------------------------- report
 
@@ -746,6 +865,9 @@ ROWS=(
   "rps|keep-alive HTTP requests/s ↑"
   "p50|keep-alive p50 latency, ms ↓"
   "p99|keep-alive p99 latency, ms ↓"
+  "lp50|fixed-rate p50 latency, ms ↓ (${FIXED_RATE:-—} requests/s)"
+  "lp99|fixed-rate p99 latency, ms ↓"
+  "lp999|fixed-rate p99.9 latency, ms ↓"
   "cps|new connections/s (Connection: close) ↑"
   "errs|wrk errors (keep-alive / close)"
   "usreq|proxy CPU-µs per keep-alive request ↓"
@@ -760,7 +882,8 @@ ROWS=(
   "idle|RSS per idle connection, KiB ↓ ($IDLE_N conns)"
 )
 
-mode="full, median of $ROUNDS rounds"
+mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
+[[ -n $CAP ]] && mode="capped at $CAP% of one CPU, median of $ROUNDS alternating rounds (lowest–highest in brackets)"
 [[ $QUICK == 1 ]] && mode="QUICK=1, $ROUNDS round(s)"
 {
   echo "# sluice benchmark"
@@ -775,6 +898,11 @@ mode="full, median of $ROUNDS rounds"
   echo "| load average | $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end (other work on the machine skews the numbers) |"
   echo "| sluice settings | ${SLUICE_CONFIG_EXTRA:-defaults} (with one CPU: one worker) |"
   echo "| pinning | proxy alone on CPU $PROXY_CPU (taskset -c $PROXY_CPU, one thread/worker); backends, wrk, iperf3 and idle client on CPU $LOAD_CPU |"
+  if [[ -n $CAP ]]; then
+    th=""
+    for t in "${SELECTED[@]}"; do [[ $t == direct ]] || th+="${LABEL[$t]} ${THROTTLED[$t]:-0}, "; done
+    echo "| CPU cap | each proxy in a cgroup with a quota of $CAP% of one CPU ($((CAP * 1000)) µs per 100 ms); periods it was throttled in the load runs: ${th%, } (throttling in every run means the cap, not the load side, set the pace) |"
+  fi
   echo
   echo "| metric | sluice | HAProxy | HAProxy splice | nginx stream | direct | sluice ÷ HAProxy | sluice ÷ HAProxy splice | sluice ÷ direct |"
   echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
@@ -782,7 +910,11 @@ mode="full, median of $ROUNDS rounds"
     m=${row%%|*}
     line="| ${row#*|} "
     for t in "${ALL_TARGETS[@]}"; do
-      line+="| ${R[$t:$m]:-—} "
+      if [[ -n ${SPREAD[$t:$m]:-} && " rps cps p99 gbps1 gbps4 " == *" $m "* ]]; then
+        line+="| ${R[$t:$m]:-—} (${SPREAD[$t:$m]}) "
+      else
+        line+="| ${R[$t:$m]:-—} "
+      fi
     done
     if [[ $m == busy || $m == busyc ]]; then
       line="| ${row#*|} "
@@ -803,6 +935,7 @@ mode="full, median of $ROUNDS rounds"
   echo
   echo "↑ higher is better, ↓ lower is better; a ratio is sluice's value divided by the peer's."
   echo "Direct is wrk or iperf3 straight to one backend, with no proxy: the limit of this machine."
+  echo "The fixed-rate rows send requests on a schedule (examples/rate.rs, $CONNS keep-alive connections) at 70% of HAProxy's keep-alive requests/s in this run, and count each latency from when the request was due."
   echo "CPU busy % shows which side limits a row: a load core near 100% means wrk and the backends, not the proxy, set the pace."
   if ((${#NOTES[@]})); then
     echo
