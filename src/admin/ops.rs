@@ -461,8 +461,8 @@ fn connections_page(b: &Backend, shared: &Shared, page: Page) -> Reply {
     // pid) or into the previous process's.
     let (mine, previous) = match page.after {
         None => (Some(None), None),
-        Some((pid, id)) if pid.is_none_or(|p| p == me) => (Some(Some(id)), None),
-        Some((pid, id)) => (None, Some((pid.unwrap_or(0), id))),
+        Some((Some(pid), id)) if pid != me => (None, Some((pid, id))),
+        Some((_, id)) => (Some(Some(id)), None),
     };
     let mut rows = Vec::new();
     let mut more = false;
