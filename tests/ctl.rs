@@ -93,9 +93,11 @@ async fn canned_admin(replies: Vec<(&'static str, u16, String)>) -> std::net::So
             while s.read_line(&mut line).await.is_ok_and(|n| n > 2) {
                 line.clear();
             }
-            let path = first.split(' ').nth(1).unwrap_or("");
-            let path = path.split('?').next().unwrap_or("");
-            let (status, body) = replies.iter().find(|(p, _, _)| *p == path).map_or(
+            // The whole target if it is listed, else its path.
+            let target = first.split(' ').nth(1).unwrap_or("");
+            let path = target.split('?').next().unwrap_or("");
+            let listed = |t: &str| replies.iter().find(|(p, _, _)| *p == t);
+            let (status, body) = listed(target).or_else(|| listed(path)).map_or(
                 (404, r#"{"error":"not found"}"#.to_string()),
                 |(_, st, b)| (*st, b.clone()),
             );
@@ -869,6 +871,35 @@ async fn conns_follows_the_pages_or_stops_at_its_limit() {
     );
     let out = ctl(&lb, &["conns", "a", "--limit", "0"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // A sluice from before pages refuses `limit` and lists them all.
+    let (_, rows) = lb.get("/backends/a/connections?limit=3").await;
+    let old = canned_admin(vec![
+        (
+            "/backends/a/connections?limit=1000",
+            400,
+            r#"{"error":"unknown parameter `limit` (accepted: none)"}"#.into(),
+        ),
+        ("/backends/a/connections", 200, rows.to_string()),
+    ])
+    .await;
+    let out = within(
+        "sluice ctl",
+        tokio::process::Command::new(BIN)
+            .args([
+                "ctl",
+                "--admin",
+                &format!("http://{old}"),
+                "conns",
+                "a",
+                "--json",
+            ])
+            .env_remove("SLUICE_TOKEN")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&out), all[..3]);
     drop(clients);
     lb.shutdown().await;
 }

@@ -368,11 +368,23 @@ impl Client {
         max: Option<usize>,
     ) -> Result<Vec<ConnView>, CtlError> {
         let limit = max.map_or(PAGE, |m| m.clamp(1, PAGE));
-        let mut path = format!("/backends/{name}/connections?limit={limit}");
+        let whole = format!("/backends/{name}/connections");
+        let mut path = format!("{whole}?limit={limit}");
         let mut all: Vec<ConnView> = Vec::new();
         loop {
             let (status, body, next) = self.call_linked(Method::GET, &path).await?;
-            all.extend(self.decode::<Vec<ConnView>>(status, &body)?);
+            let page = match self.decode::<Vec<ConnView>>(status, &body) {
+                // A sluice from before pages lists them all in one reply.
+                Err(CtlError::Api {
+                    status: 400,
+                    message,
+                }) if all.is_empty() && message.starts_with("unknown parameter `limit`") => {
+                    path = whole.clone();
+                    continue;
+                }
+                page => page?,
+            };
+            all.extend(page);
             if let Some(m) = max
                 && all.len() >= m
             {
@@ -380,7 +392,14 @@ impl Client {
                 return Ok(all);
             }
             match next {
-                Some(next) => path = next,
+                // Only a path on this API: the client knows no other host.
+                Some(next) if next.starts_with('/') => path = next,
+                Some(next) => {
+                    return Err(CtlError::Http {
+                        url: self.url.clone(),
+                        message: format!("unexpected next page: {next}"),
+                    });
+                }
                 None => return Ok(all),
             }
         }
@@ -487,7 +506,6 @@ impl EventStream {
     }
 }
 
-/// `path` with the durations that are given as its query.
 /// The target of one `Link` header value's `rel="next"` link (RFC 8288),
 /// if it has one.
 fn next_link(value: &str) -> Option<String> {
@@ -507,6 +525,7 @@ fn next_link(value: &str) -> Option<String> {
     })
 }
 
+/// `path` with the durations that are given as its query.
 fn with_query(path: &str, query: &[(&str, Option<Duration>)]) -> String {
     let q: Vec<String> = query
         .iter()
