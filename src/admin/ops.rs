@@ -555,7 +555,91 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::config::BackendAddress;
+    use crate::config::{BackendAddress, Config};
+
+    /// Walks every page from the first, following each `Link` through the
+    /// router as a client's next request would go; returns each page's
+    /// rows as (pid, id).
+    fn walk(b: &Backend, shared: &Shared, limit: usize) -> Vec<Vec<(u32, u64)>> {
+        let mut pages = Vec::new();
+        let mut target = format!("/backends/a/connections?limit={limit}");
+        loop {
+            let (path, query) = target.split_once('?').unwrap();
+            let page =
+                match super::super::route::route(&hyper::Method::GET, path, query, |n| n == "a") {
+                    Ok(Op::Connections { page, .. }) => page,
+                    other => panic!("{target}: {other:?}"),
+                };
+            let r = connections_page(b, shared, page);
+            let next = r.headers().get(header::LINK).map(|v| {
+                let v = v.to_str().unwrap();
+                v[1..v.find('>').unwrap()].to_string()
+            });
+            let body = body_of(r);
+            let rows: Vec<ConnView> = serde_json::from_slice(&body).unwrap();
+            pages.push(rows.iter().map(|c| (c.pid, c.id)).collect());
+            match next {
+                Some(n) => target = n,
+                None => return pages,
+            }
+        }
+    }
+
+    /// A reply's whole body; it is one buffer.
+    fn body_of(r: Reply) -> Bytes {
+        use hyper::body::Body;
+        let mut body = r.into_body();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let frame = std::pin::Pin::new(&mut body).poll_frame(&mut cx);
+        match frame {
+            std::task::Poll::Ready(Some(Ok(f))) => f.into_data().unwrap(),
+            _ => Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_previous_process_s_connections_follow_this_process_s_by_pid_and_id() {
+        let text = "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+                    [[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nhealth_check = \"none\"\n";
+        let config = Config::parse("t.toml", text).unwrap();
+        let listens: Vec<_> = config.services.iter().map(|s| s.listen).collect();
+        let shared = Shared::new(config, &listens, &Default::default());
+        let b = shared.backend("a").unwrap();
+        let client = "127.0.0.1:2".parse().unwrap();
+        let guards: Vec<_> = (0..3)
+            .map(|_| b.try_acquire(client, "web".into()).unwrap())
+            .collect();
+        let me = std::process::id();
+        let mine: Vec<_> = guards.iter().map(|g| (me, g.info().id)).collect();
+        // Two earlier processes (one took over from the other), whose ids
+        // are this process's too.
+        let held = |pid: u32, id: u64| ConnView {
+            id,
+            pid,
+            client: "127.0.0.1:3".into(),
+            service: "web".into(),
+            age_ms: 0,
+            idle_ms: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        let (p1, p2) = (1, 2);
+        assert!(me > p2);
+        let rows = vec![held(p2, 1), held(p1, 9), held(p2, mine[2].1), held(p1, 1)];
+        shared.previous_started(p1, "0.0.0".into());
+        shared.previous_holds([("a".to_string(), rows)].into());
+
+        let mut want = mine.clone();
+        want.extend([(p1, 1), (p1, 9), (p2, 1), (p2, mine[2].1)]);
+        want[3..].sort();
+        for limit in [1, 2, 3, 4, 7, 8] {
+            let pages = walk(&b, &shared, limit);
+            let all: Vec<_> = pages.concat();
+            assert_eq!(all, want, "limit {limit}: {pages:?}");
+            assert!(pages.iter().all(|p| p.len() <= limit));
+            assert!(pages[..pages.len() - 1].iter().all(|p| p.len() == limit));
+        }
+    }
 
     /// What one page costs with 100,000 live connections: picking it from
     /// the table, the views and the JSON. A measurement, so run it in a
