@@ -660,6 +660,12 @@ mod tests {
             .map(|_| b.try_acquire(client, "s".into()).unwrap())
             .collect();
         let first = guards[0].info().id;
+        // For comparison: the whole list in one reply, as before pages.
+        let t = Instant::now();
+        let views: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
+        let body = json(StatusCode::OK, &views);
+        let bytes = hyper::body::Body::size_hint(body.body()).exact();
+        eprintln!("the whole list: {:?}, {bytes:?} bytes", t.elapsed());
         for (what, after) in [
             ("first", None),
             ("middle", Some(first + N / 2)),
