@@ -243,6 +243,10 @@ enum CtlCommand {
         /// The API's JSON, for scripts.
         #[arg(long)]
         json: bool,
+        /// Show only the first N connections (in id order); without it,
+        /// every page is read and all are shown.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
     },
     /// Print what happens as it happens (state, health, drain progress,
     /// reloads, refused clients), one line each; Ctrl-C ends it (exit 0).
@@ -467,7 +471,10 @@ async fn run_ctl(
         CtlCommand::Join => ctl::join(c).await?,
         CtlCommand::Reload { json } => ctl::reload(c, json).await?,
         CtlCommand::Start { name, wait_healthy } => ctl::start(c, &name, wait_healthy).await?,
-        CtlCommand::Conns { name, json } => ctl::conns(c, &name, json).await?,
+        CtlCommand::Conns { name, json, limit } => {
+            let limit = limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            ctl::conns(c, &name, json, limit).await?
+        }
         CtlCommand::Events { json } => ctl::events(c, json).await?,
         CtlCommand::Rollout {
             exec,

@@ -215,3 +215,152 @@ async fn a_client_that_shuts_its_side_after_the_request_still_gets_the_reply() {
     assert_eq!(lb.state("a").await, "drained");
     lb.shutdown().await;
 }
+
+/// One page of `GET /backends/{name}/connections`: its rows as (id,
+/// client), and the target of its `Link: <...>; rel="next"`.
+async fn conns_page(lb: &Sluice, target: &str) -> (Vec<(u64, String)>, Option<String>) {
+    let (status, head, body) = http_raw(lb.admin, "GET", target, "").await;
+    assert_eq!(status, 200, "{target}: {head}{body}");
+    let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().unwrap(),
+                c["client"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let next = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("link:"))
+        .map(|l| {
+            let (target, rel) = l["link:".len()..].trim().split_once('>').unwrap();
+            assert_eq!(rel, "; rel=\"next\"", "{l}");
+            target.trim_start_matches('<').to_string()
+        });
+    (rows, next)
+}
+
+/// The rows of a walk, checked as a client must be able to rely on:
+/// each page no longer than `limit` and full unless it is the last, ids
+/// ascending across pages, none twice. Returns the clients seen.
+fn check_walk(
+    pages: &[(Vec<(u64, String)>, bool)],
+    limit: usize,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    let mut last = None;
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, (rows, more)) in pages.iter().enumerate() {
+        if rows.len() > limit || (*more && rows.len() < limit) {
+            return Err(format!(
+                "page {i}: {} rows (limit {limit}, more: {more})",
+                rows.len()
+            ));
+        }
+        if *more != (i + 1 < pages.len()) {
+            return Err(format!("page {i}: a next page is {more}, but it is not"));
+        }
+        for (id, client) in rows {
+            if last.is_some_and(|l| *id <= l) {
+                return Err(format!("page {i}: id {id} after {last:?}"));
+            }
+            last = Some(*id);
+            if !seen.insert(client.clone()) {
+                return Err(format!("page {i}: {client} listed twice"));
+            }
+        }
+    }
+    Ok(seen)
+}
+
+#[test]
+fn the_walk_check_catches_broken_pages() {
+    let row = |id: u64| (id, format!("127.0.0.1:{id}"));
+    let good = [(vec![row(1), row(2)], true), (vec![row(5)], false)];
+    assert_eq!(check_walk(&good, 2).unwrap().len(), 3);
+    // The same row on two pages.
+    let repeated = [(vec![row(1), row(2)], true), (vec![row(2)], false)];
+    assert!(check_walk(&repeated, 2).is_err());
+    // Out of order.
+    let unordered = [(vec![row(2), row(1)], false)];
+    assert!(check_walk(&unordered, 2).is_err());
+    // A next page announced on the last one, or a short page that is not.
+    assert!(check_walk(&[(vec![row(1), row(2)], true)], 2).is_err());
+    assert!(check_walk(&[(vec![row(1)], true), (vec![row(2)], false)], 2).is_err());
+    // Too many rows.
+    assert!(check_walk(&[(vec![row(1), row(2), row(3)], false)], 2).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_list_comes_in_pages_that_cover_every_connection_once() {
+    const N: usize = 2500;
+    let (_a, lb) = one().await;
+    let mut clients = Vec::with_capacity(N);
+    for _ in 0..N {
+        let (s, _) = lb.connect().await;
+        clients.push(s);
+    }
+    let mut want: std::collections::BTreeSet<String> = clients
+        .iter()
+        .map(|s| s.local_addr().unwrap().to_string())
+        .collect();
+    assert_eq!(lb.live("a").await, N as u64);
+
+    let mut pages = Vec::new();
+    let (rows, next) = conns_page(&lb, "/backends/a/connections?limit=1000").await;
+    let mut next = next.expect("a second page");
+    pages.push((rows, true));
+    // Between pages: one client already listed leaves, and so does the
+    // last one opened, which has the highest id and is not listed yet.
+    let listed = clients.remove(0);
+    let unlisted = clients.pop().unwrap();
+    want.remove(&unlisted.local_addr().unwrap().to_string());
+    drop((listed, unlisted));
+    wait_for("two connections closed", || async {
+        lb.live("a").await == N as u64 - 2
+    })
+    .await;
+    loop {
+        assert!(next.contains("limit=1000"), "{next}");
+        let (rows, following) = conns_page(&lb, &next).await;
+        pages.push((rows, following.is_some()));
+        match following {
+            Some(f) => next = f,
+            None => break,
+        }
+    }
+    let seen = check_walk(&pages, 1000).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        seen, want,
+        "every connection, listed or closed after its page, once"
+    );
+    let sizes: Vec<usize> = pages.iter().map(|p| p.0.len()).collect();
+    assert_eq!(sizes, [1000, 1000, 499]);
+
+    // The default page, and a page past the end.
+    let (rows, next) = conns_page(&lb, "/backends/a/connections").await;
+    assert_eq!((rows.len(), next.is_some()), (1000, true));
+    let last = pages[2].0.last().unwrap().0;
+    let (rows, next) = conns_page(&lb, &format!("/backends/a/connections?after={last}")).await;
+    assert_eq!((rows.len(), next), (0, None));
+
+    // Parameters out of range are refused, each by name.
+    for (query, name) in [
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("limit=many", "limit"),
+        ("after=-1", "after"),
+        ("after=x", "after"),
+        ("pid=x", "pid"),
+    ] {
+        let (status, v) = lb.get(&format!("/backends/a/connections?{query}")).await;
+        let error = v["error"].as_str().unwrap_or_default();
+        assert_eq!(status, 400, "{query}: {v}");
+        assert!(error.starts_with(&format!("{name}: ")), "{query}: {error}");
+    }
+    drop(clients);
+    lb.shutdown().await;
+}

@@ -93,9 +93,11 @@ async fn canned_admin(replies: Vec<(&'static str, u16, String)>) -> std::net::So
             while s.read_line(&mut line).await.is_ok_and(|n| n > 2) {
                 line.clear();
             }
-            let path = first.split(' ').nth(1).unwrap_or("");
-            let path = path.split('?').next().unwrap_or("");
-            let (status, body) = replies.iter().find(|(p, _, _)| *p == path).map_or(
+            // The whole target if it is listed, else its path.
+            let target = first.split(' ').nth(1).unwrap_or("");
+            let path = target.split('?').next().unwrap_or("");
+            let listed = |t: &str| replies.iter().find(|(p, _, _)| *p == t);
+            let (status, body) = listed(target).or_else(|| listed(path)).map_or(
                 (404, r#"{"error":"not found"}"#.to_string()),
                 |(_, st, b)| (*st, b.clone()),
             );
@@ -830,5 +832,74 @@ async fn a_quiet_drain_prints_a_heartbeat_with_the_oldest_connection() {
     })
     .await;
     assert!(within("ctl exit", child.wait()).await.unwrap().success());
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conns_follows_the_pages_or_stops_at_its_limit() {
+    // More than ctl's page of 1000, so that it must follow a Link.
+    const N: usize = 1005;
+    let a = Echo::start("a").await;
+    let lb = Sluice::start("", &[("a", a.addr)]).await;
+    let mut clients = Vec::with_capacity(N);
+    for _ in 0..N {
+        clients.push(lb.connect().await.0);
+    }
+    let ids = |out: &Output| -> Vec<u64> {
+        assert!(out.status.success(), "{}", text(out));
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_u64().unwrap())
+            .collect()
+    };
+    let all = ids(&ctl(&lb, &["conns", "a", "--json"]).await);
+    assert_eq!(all.len(), N);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "ascending, none twice");
+    let first = ids(&ctl(&lb, &["conns", "a", "--json", "--limit", "3"]).await);
+    assert_eq!(first, all[..3]);
+    let out = ctl(&lb, &["conns", "a", "--limit", "2"]).await;
+    assert_eq!(
+        text(&out)
+            .lines()
+            .filter(|l| l.contains("127.0.0.1:"))
+            .count(),
+        2,
+        "{}",
+        text(&out)
+    );
+    let out = ctl(&lb, &["conns", "a", "--limit", "0"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // A sluice from before pages refuses `limit` and lists them all.
+    let (_, rows) = lb.get("/backends/a/connections?limit=3").await;
+    let old = canned_admin(vec![
+        (
+            "/backends/a/connections?limit=1000",
+            400,
+            r#"{"error":"unknown parameter `limit` (accepted: none)"}"#.into(),
+        ),
+        ("/backends/a/connections", 200, rows.to_string()),
+    ])
+    .await;
+    let out = within(
+        "sluice ctl",
+        tokio::process::Command::new(BIN)
+            .args([
+                "ctl",
+                "--admin",
+                &format!("http://{old}"),
+                "conns",
+                "a",
+                "--json",
+            ])
+            .env_remove("SLUICE_TOKEN")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&out), all[..3]);
+    drop(clients);
     lb.shutdown().await;
 }

@@ -4,7 +4,8 @@
 //! backends; a drain of the backend that holds a long connection turns it
 //! yellow with 1 live connection and its connection list shows the client;
 //! the client leaves and the card turns red without the page reloading; a
-//! start turns it green. A screenshot of each step goes to
+//! start turns it green. A list longer than a page shows its first page
+//! and says how many there are. A screenshot of each step goes to
 //! target/dashboard/. Needs Debian's chromium and chromium-driver, which
 //! scripts/test.sh installs.
 
@@ -280,5 +281,52 @@ async fn drain_and_start_a_backend_from_the_dashboard() {
     .await;
     shot(&c, "4-green-again").await;
     c.close().await.unwrap();
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_connection_list_shows_its_first_page_and_says_so() {
+    if !browser_available() {
+        return;
+    }
+    // One more than the page the dashboard asks for.
+    const N: usize = 1001;
+    let web1 = Echo::start("web1").await;
+    let lb = Sluice::start("", &[("web1", web1.addr)]).await;
+    let mut clients = Vec::with_capacity(N);
+    for _ in 0..N {
+        clients.push(lb.connect().await.0);
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let (_driver, c) = browser(profile.path()).await;
+    c.goto(&format!("http://{}/", lb.admin)).await.unwrap();
+    wait_page("the backend's card with its count", || async {
+        text(&c, "[data-backend=\"web1\"] [data-role=\"live\"]").await == N.to_string()
+    })
+    .await;
+    click(&c, "[data-backend=\"web1\"] h2 a").await;
+    let rows = || async {
+        c.execute(
+            "return document.querySelectorAll('#conns-rows tr').length;",
+            vec![],
+        )
+        .await
+        .unwrap()
+    };
+    wait_page("the first page, and how many there are", || async {
+        text(&c, "#conns-count").await == format!("(first 1000 of {N})")
+    })
+    .await;
+    assert_eq!(rows().await, serde_json::json!(1000));
+    shot(&c, "5-first-page").await;
+    // One leaves: the page holds them all, and says nothing more.
+    drop(clients.pop());
+    wait_page("no count once one page holds them all", || async {
+        text(&c, "#conns-count").await.is_empty()
+    })
+    .await;
+    assert_eq!(rows().await, serde_json::json!(1000));
+    c.close().await.unwrap();
+    drop(clients);
     lb.shutdown().await;
 }

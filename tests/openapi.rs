@@ -248,6 +248,13 @@ impl Checker {
             )
         });
         self.check_body(response, &reply, &what);
+        // A Link header must be documented, and look as documented.
+        if let Some(link) = reply.header("link") {
+            let schema = &response["headers"]["Link"]["schema"];
+            assert!(schema.is_object(), "{what}: Link is not documented");
+            let link = Value::String(link.to_string());
+            assert_valid(&self.doc, schema, &link, &format!("{what} Link"));
+        }
         self.seen
             .entry(key.clone())
             .or_default()
@@ -848,6 +855,24 @@ async fn every_operation_answers_as_documented() {
         .await;
     let listed: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{name}: {listed}");
+    // A second client: a page of one names the next page, the last none.
+    let mut second = loop {
+        let (s, name) = lb.connect().await;
+        if name == "web2" {
+            break s;
+        }
+    };
+    echo(&mut second, b"hello").await;
+    let r = c
+        .call(admin, &conns, "/backends/web2/connections?limit=1", &[], "")
+        .await;
+    let next = r.header("link").expect("a next page").to_string();
+    let next = next[1..next.find('>').unwrap()].to_string();
+    let r = c.call(admin, &conns, &next, &[], "").await;
+    assert_eq!(r.header("link"), None, "{r:?}");
+    let listed: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    drop(second);
     // Leaving with a client open: 202, and /healthz answers 503 `leaving`
     // until the join.
     let leave = c.key("POST", "/leave");

@@ -10,7 +10,7 @@ use hyper::StatusCode;
 use hyper::body::Bytes;
 use hyper::header::{self, HeaderValue};
 
-use super::route::Op;
+use super::route::{Op, Page};
 use super::{DASHBOARD, OPENAPI, Peer, Plane, Refusal, Reply, Who, json};
 use crate::api::{
     BackendView, ConnView, HealthzView, InstanceCount, LeaveView, ReloadView, RestartView,
@@ -191,11 +191,8 @@ pub(super) async fn execute(op: Op, plane: &Plane, caller: Caller<'_>) -> Reply 
         Op::Backend(name) => with(backend(&name), &name, |b| {
             json(StatusCode::OK, &backend_view(&b, shared))
         }),
-        Op::Connections(name) => with(backend(&name), &name, |b| {
-            // This process's, then those the previous one still holds.
-            let mut v: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
-            v.extend(shared.previous_connections(&name));
-            json(StatusCode::OK, &v)
+        Op::Connections { name, page } => with(backend(&name), &name, |b| {
+            connections_page(&b, shared, page)
         }),
         Op::Drain { name, wait, policy } => {
             let Some(b) = backend(&name) else {
@@ -455,6 +452,66 @@ fn backend_view(b: &Backend, shared: &Shared) -> BackendView {
     }
 }
 
+/// One page of a backend's connections: this process's in id order, then
+/// those a previous process still holds, in pid and id order. A `Link`
+/// header names the next page; the last page has none.
+fn connections_page(b: &Backend, shared: &Shared, page: Page) -> Reply {
+    let me = std::process::id();
+    // Where the cursor points: into this process's rows (no pid, or this
+    // pid) or into the previous process's.
+    let (mine, previous) = match page.after {
+        None => (Some(None), None),
+        Some((Some(pid), id)) if pid != me => (None, Some((pid, id))),
+        Some((_, id)) => (Some(Some(id)), None),
+    };
+    let mut rows = Vec::new();
+    let mut more = false;
+    if let Some(after) = mine {
+        let (conns, m) = b.connections_page(after, page.limit);
+        rows.extend(conns.iter().map(|c| conn_view(c)));
+        more = m;
+    }
+    if !more {
+        // With no room left this still says whether any follow.
+        let room = page.limit - rows.len();
+        let (held, m) = shared.previous_connections_page(&b.name, previous, room);
+        rows.extend(held);
+        more = m;
+    }
+    let mut r = json(StatusCode::OK, &rows);
+    if let Some(last) = rows.last().filter(|_| more) {
+        let pid = if last.pid == me {
+            String::new()
+        } else {
+            format!("&pid={}", last.pid)
+        };
+        let next = format!(
+            "</backends/{}/connections?after={}{pid}&limit={}>; rel=\"next\"",
+            path_segment(&b.name),
+            last.id,
+            page.limit
+        );
+        if let Ok(v) = HeaderValue::from_str(&next) {
+            r.headers_mut().insert(header::LINK, v);
+        }
+    }
+    r
+}
+
+/// A backend's name as one segment of a path: `.` stays as it is unless
+/// the name is only dots, which clients would resolve away.
+fn path_segment(name: &str) -> String {
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
+    const KEEP_DOTS: &AsciiSet = &KEEP.remove(b'.');
+    let set = if name.chars().all(|c| c == '.') {
+        KEEP
+    } else {
+        KEEP_DOTS
+    };
+    utf8_percent_encode(name, set).to_string()
+}
+
 /// One live connection as the API shows it.
 fn conn_view(c: &ConnInfo) -> ConnView {
     ConnView::of(c, std::process::id())
@@ -490,5 +547,143 @@ fn whoami(shared: &Shared) -> HealthzView {
         leaving_since_ms: shared.leaving.since_ms(),
         left: shared.leaving.is_on().then(|| shared.has_left()),
         cluster: shared.cluster().map(|c| c.view()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::config::{BackendAddress, Config};
+
+    /// Walks every page from the first, following each `Link` through the
+    /// router as a client's next request would go; returns each page's
+    /// rows as (pid, id).
+    fn walk(b: &Backend, shared: &Shared, limit: usize) -> Vec<Vec<(u32, u64)>> {
+        let mut pages = Vec::new();
+        let mut target = format!("/backends/a/connections?limit={limit}");
+        loop {
+            let (path, query) = target.split_once('?').unwrap();
+            let page =
+                match super::super::route::route(&hyper::Method::GET, path, query, |n| n == "a") {
+                    Ok(Op::Connections { page, .. }) => page,
+                    other => panic!("{target}: {other:?}"),
+                };
+            let r = connections_page(b, shared, page);
+            let next = r.headers().get(header::LINK).map(|v| {
+                let v = v.to_str().unwrap();
+                v[1..v.find('>').unwrap()].to_string()
+            });
+            let body = body_of(r);
+            let rows: Vec<ConnView> = serde_json::from_slice(&body).unwrap();
+            pages.push(rows.iter().map(|c| (c.pid, c.id)).collect());
+            match next {
+                Some(n) => target = n,
+                None => return pages,
+            }
+        }
+    }
+
+    /// A reply's whole body; it is one buffer.
+    fn body_of(r: Reply) -> Bytes {
+        use hyper::body::Body;
+        let mut body = r.into_body();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let frame = std::pin::Pin::new(&mut body).poll_frame(&mut cx);
+        match frame {
+            std::task::Poll::Ready(Some(Ok(f))) => f.into_data().unwrap(),
+            _ => Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_previous_process_s_connections_follow_this_process_s_by_pid_and_id() {
+        let text = "[admin]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+                    [[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nhealth_check = \"none\"\n";
+        let config = Config::parse("t.toml", text).unwrap();
+        let listens: Vec<_> = config.services.iter().map(|s| s.listen).collect();
+        let shared = Shared::new(config, &listens, &Default::default());
+        let b = shared.backend("a").unwrap();
+        let client = "127.0.0.1:2".parse().unwrap();
+        let guards: Vec<_> = (0..3)
+            .map(|_| b.try_acquire(client, "web".into()).unwrap())
+            .collect();
+        let me = std::process::id();
+        let mine: Vec<_> = guards.iter().map(|g| (me, g.info().id)).collect();
+        // Two earlier processes (one took over from the other), whose ids
+        // are this process's too.
+        let held = |pid: u32, id: u64| ConnView {
+            id,
+            pid,
+            client: "127.0.0.1:3".into(),
+            service: "web".into(),
+            age_ms: 0,
+            idle_ms: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        let (p1, p2) = (1, 2);
+        assert!(me > p2);
+        let rows = vec![held(p2, 1), held(p1, 9), held(p2, mine[2].1), held(p1, 1)];
+        shared.previous_started(p1, "0.0.0".into());
+        shared.previous_holds([("a".to_string(), rows)].into());
+
+        let mut want = mine.clone();
+        want.extend([(p1, 1), (p1, 9), (p2, 1), (p2, mine[2].1)]);
+        want[3..].sort();
+        for limit in [1, 2, 3, 4, 7, 8] {
+            let pages = walk(&b, &shared, limit);
+            let all: Vec<_> = pages.concat();
+            assert_eq!(all, want, "limit {limit}: {pages:?}");
+            assert!(pages.iter().all(|p| p.len() <= limit));
+            assert!(pages[..pages.len() - 1].iter().all(|p| p.len() == limit));
+        }
+    }
+
+    /// What one page costs with 100,000 live connections: picking it from
+    /// the table, the views and the JSON. A measurement, so run it in a
+    /// release build:
+    /// `cargo test --release --lib -- --ignored --nocapture a_page_of_100k`.
+    #[test]
+    #[ignore = "a measurement, for a release build"]
+    fn a_page_of_100k_connections() {
+        const N: u64 = 100_000;
+        let b = Arc::new(Backend::new(
+            "b".into(),
+            BackendAddress::parse("127.0.0.1:1").unwrap(),
+            1,
+            State::Active,
+        ));
+        let client = "127.0.0.1:2".parse().unwrap();
+        let guards: Vec<_> = (0..N)
+            .map(|_| b.try_acquire(client, "s".into()).unwrap())
+            .collect();
+        let first = guards[0].info().id;
+        // For comparison: the whole list in one reply, as before pages.
+        let t = Instant::now();
+        let views: Vec<_> = b.connections().iter().map(|c| conn_view(c)).collect();
+        let body = json(StatusCode::OK, &views);
+        let bytes = hyper::body::Body::size_hint(body.body()).exact();
+        eprintln!("the whole list: {:?}, {bytes:?} bytes", t.elapsed());
+        for (what, after) in [
+            ("first", None),
+            ("middle", Some(first + N / 2)),
+            ("last", Some(first + N - 500)),
+        ] {
+            for limit in [1000, crate::admin::route::MAX_PAGE] {
+                let t = Instant::now();
+                let (page, more) = b.connections_page(after, limit);
+                let picked = t.elapsed();
+                let views: Vec<_> = page.iter().map(|c| conn_view(c)).collect();
+                let body = json(StatusCode::OK, &views);
+                let all = t.elapsed();
+                let bytes = hyper::body::Body::size_hint(body.body()).exact();
+                eprintln!(
+                    "{what} page, limit {limit}: {} rows (more: {more}), picked in {picked:?}, with views and JSON {all:?}, {bytes:?} bytes",
+                    page.len(),
+                );
+            }
+        }
     }
 }

@@ -41,6 +41,35 @@ const DRAIN_PARAMS: &[&str] = &["wait", "force_after", "close_idle"];
 /// The query parameters of `leave`, in the order their values are read.
 const LEAVE_PARAMS: &[&str] = &["wait", "force_after"];
 
+/// The query parameters of the connection list.
+const PAGE_PARAMS: &[&str] = &["limit", "after", "pid"];
+
+/// Rows in a page of connections when `limit` is not given.
+pub(crate) const DEFAULT_PAGE: usize = 1000;
+
+/// The largest `limit`: a page's reply is built in one buffer.
+pub(crate) const MAX_PAGE: usize = 10_000;
+
+/// Which page of a backend's connections: rows after the cursor, in the
+/// list's order (this process's by id, then a previous process's by pid
+/// and id).
+#[derive(Debug, PartialEq, Clone, Copy)]
+pub(super) struct Page {
+    pub limit: usize,
+    /// The last row of the page before: its process (this one when
+    /// `None`) and its id. `None` starts at the top.
+    pub after: Option<(Option<u32>, u64)>,
+}
+
+impl Default for Page {
+    fn default() -> Page {
+        Page {
+            limit: DEFAULT_PAGE,
+            after: None,
+        }
+    }
+}
+
 /// What a request asks for, once routed and its parameters read.
 #[derive(Debug, PartialEq)]
 pub(super) enum Op {
@@ -53,7 +82,10 @@ pub(super) enum Op {
     Services,
     Backends,
     Backend(String),
-    Connections(String),
+    Connections {
+        name: String,
+        page: Page,
+    },
     Drain {
         name: String,
         wait: Option<Duration>,
@@ -145,6 +177,7 @@ pub(super) fn route(
         "/leave" => LEAVE_PARAMS,
         "/upgrade" => &["binary"],
         "/events" => &["last_event_id"],
+        "/backends/{name}/connections" => PAGE_PARAMS,
         _ => &[],
     };
     if let Some((k, _)) = params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
@@ -171,7 +204,10 @@ pub(super) fn route(
         "/services" => Op::Services,
         "/backends" => Op::Backends,
         "/backends/{name}" => Op::Backend(name()),
-        "/backends/{name}/connections" => Op::Connections(name()),
+        "/backends/{name}/connections" => Op::Connections {
+            name: name(),
+            page: parse_page(&params).map_err(bad)?,
+        },
         "/backends/{name}/stop" => Op::Stop(name()),
         "/backends/{name}/start" => Op::Start(name()),
         "/upgrade" => {
@@ -212,6 +248,38 @@ pub(super) fn route(
     })
 }
 
+/// `limit`, `after` and `pid` of the connection list, each named in its
+/// error.
+fn parse_page(params: &[(String, String)]) -> Result<Page, String> {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.trim());
+    let limit = match get("limit") {
+        None => DEFAULT_PAGE,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| format!("limit: `{v}` is not a whole number from 1 to {MAX_PAGE}"))?,
+    };
+    let after = get("after")
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| format!("after: `{v}` is not a connection id (a whole number)"))
+        })
+        .transpose()?;
+    let pid = get("pid")
+        .map(|v| {
+            v.parse::<u32>()
+                .map_err(|_| format!("pid: `{v}` is not a process id (a whole number)"))
+        })
+        .transpose()?;
+    // A pid alone starts at that process's first row.
+    let after = match (pid, after) {
+        (None, None) => None,
+        (pid, after) => Some((pid, after.unwrap_or(0))),
+    };
+    Ok(Page { limit, after })
+}
+
 /// An event id, as `Last-Event-ID` or `?last_event_id=` gives it.
 pub(super) fn parse_event_id(v: &str) -> Result<u64, String> {
     v.trim()
@@ -246,7 +314,7 @@ mod tests {
             Op::Services => ("GET", "/services"),
             Op::Backends => ("GET", "/backends"),
             Op::Backend(_) => ("GET", "/backends/{name}"),
-            Op::Connections(_) => ("GET", "/backends/{name}/connections"),
+            Op::Connections { .. } => ("GET", "/backends/{name}/connections"),
             Op::Drain { .. } => ("POST", "/backends/{name}/drain"),
             Op::Stop(_) => ("POST", "/backends/{name}/stop"),
             Op::Start(_) => ("POST", "/backends/{name}/start"),
@@ -298,7 +366,10 @@ mod tests {
         );
         assert_eq!(
             at(Method::GET, "/backends/web1/connections"),
-            Ok(Op::Connections("web1".into()))
+            Ok(Op::Connections {
+                name: "web1".into(),
+                page: Page::default(),
+            })
         );
         assert_eq!(
             at(Method::POST, "/backends/web1/stop"),
@@ -330,6 +401,73 @@ mod tests {
                 400,
                 "last_event_id: `x` is not an event id (a whole number)".into()
             )
+        );
+    }
+
+    #[test]
+    fn connections_come_in_pages() {
+        let page = |q: &str| match at(Method::GET, &format!("/backends/web1/connections?{q}")) {
+            Ok(Op::Connections { page, .. }) => Ok(page),
+            Ok(op) => panic!("{op:?}"),
+            Err(r) => Err((r.status.as_u16(), r.message)),
+        };
+        assert_eq!(
+            page("limit=5&after=42"),
+            Ok(Page {
+                limit: 5,
+                after: Some((None, 42)),
+            })
+        );
+        assert_eq!(
+            page("after=7&limit=10000&pid=4121"),
+            Ok(Page {
+                limit: MAX_PAGE,
+                after: Some((Some(4121), 7)),
+            })
+        );
+        assert_eq!(
+            page("pid=4121"),
+            Ok(Page {
+                limit: DEFAULT_PAGE,
+                after: Some((Some(4121), 0)),
+            })
+        );
+        let limit = "limit: `{}` is not a whole number from 1 to 10000";
+        for bad in ["0", "10001", "-1", "ten", ""] {
+            assert_eq!(
+                page(&format!("limit={bad}")),
+                Err((400, limit.replace("{}", bad))),
+                "limit={bad}"
+            );
+        }
+        assert_eq!(
+            page("after=x"),
+            Err((
+                400,
+                "after: `x` is not a connection id (a whole number)".into()
+            ))
+        );
+        assert_eq!(
+            page("after=-3"),
+            Err((
+                400,
+                "after: `-3` is not a connection id (a whole number)".into()
+            ))
+        );
+        assert_eq!(
+            page("pid=me"),
+            Err((400, "pid: `me` is not a process id (a whole number)".into()))
+        );
+        assert_eq!(
+            page("offset=3"),
+            Err((
+                400,
+                "unknown parameter `offset` (accepted: limit, after, pid)".into()
+            ))
+        );
+        assert_eq!(
+            page("limit=1&limit=2"),
+            Err((400, "parameter `limit` is given twice".into()))
         );
     }
 

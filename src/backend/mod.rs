@@ -17,6 +17,7 @@
 
 mod conn;
 mod drain;
+mod page;
 mod ramp;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -32,6 +33,7 @@ use crate::health::{Event, Health, Rules, unix_ms};
 
 pub use conn::{ConnGuard, ConnInfo, Skip};
 pub use drain::{Drain, DrainPolicy};
+pub use page::{Pager, page_of};
 pub use ramp::now_ms;
 
 /// How long a connection must move no byte to count as idle, in the API's
@@ -467,6 +469,18 @@ impl Backend {
         let mut v: Vec<_> = self.conns.iter().map(|e| e.value().clone()).collect();
         v.sort_by_key(|c| c.id);
         v
+    }
+
+    /// One page of the live connections: those with an id above `after`,
+    /// at most `limit` in ascending id order, and whether more follow.
+    /// One walk of the table with `O(limit)` memory; nothing is sorted
+    /// but the page.
+    pub fn connections_page(&self, after: Option<u64>, limit: usize) -> (Vec<Arc<ConnInfo>>, bool) {
+        let mut pager = Pager::new(after, limit);
+        for e in self.conns.iter() {
+            pager.offer(*e.key(), || e.value().clone());
+        }
+        pager.finish()
     }
 
     /// Live connections that have been idle for at least `d`.

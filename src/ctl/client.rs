@@ -15,6 +15,9 @@ use super::CtlError;
 use crate::api::{BackendView, ConnView};
 use crate::config::format_duration;
 
+/// Rows asked for in each page of connections.
+const PAGE: usize = 1000;
+
 /// The longest wait for one admin API reply.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -151,6 +154,17 @@ impl Client {
     /// silent server is given up on after [`REQUEST_TIMEOUT`], so that a
     /// wedged admin API cannot hang a rollout.
     async fn call(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), CtlError> {
+        let (status, body, _) = self.call_linked(method, path).await?;
+        Ok((status, body))
+    }
+
+    /// As [`Client::call`], with the target of the reply's `Link: <...>;
+    /// rel="next"`, if it has one.
+    async fn call_linked(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<(StatusCode, Bytes, Option<String>), CtlError> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.call_once(method, path))
             .await
             .unwrap_or_else(|_| {
@@ -161,16 +175,26 @@ impl Client {
             })
     }
 
-    async fn call_once(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), CtlError> {
+    async fn call_once(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<(StatusCode, Bytes, Option<String>), CtlError> {
         let resp = self.send(method, path, None).await?;
         let status = resp.status();
+        let next = resp
+            .headers()
+            .get_all(hyper::header::LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(next_link);
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| self.http_error(e))?
             .to_bytes();
-        Ok((status, body))
+        Ok((status, body, next))
     }
 
     fn http_error(&self, e: hyper::Error) -> CtlError {
@@ -336,11 +360,49 @@ impl Client {
             .1)
     }
 
-    pub async fn connections(&self, name: &str) -> Result<Vec<ConnView>, CtlError> {
-        Ok(self
-            .json(Method::GET, &format!("/backends/{name}/connections"))
-            .await?
-            .1)
+    /// A backend's live connections, page after page as the `Link`
+    /// headers lead, until the last page or `max` rows.
+    pub async fn connections(
+        &self,
+        name: &str,
+        max: Option<usize>,
+    ) -> Result<Vec<ConnView>, CtlError> {
+        let limit = max.map_or(PAGE, |m| m.clamp(1, PAGE));
+        let whole = format!("/backends/{name}/connections");
+        let mut path = format!("{whole}?limit={limit}");
+        let mut all: Vec<ConnView> = Vec::new();
+        loop {
+            let (status, body, next) = self.call_linked(Method::GET, &path).await?;
+            let page = match self.decode::<Vec<ConnView>>(status, &body) {
+                // A sluice from before pages lists them all in one reply.
+                Err(CtlError::Api {
+                    status: 400,
+                    message,
+                }) if all.is_empty() && message.starts_with("unknown parameter `limit`") => {
+                    path = whole.clone();
+                    continue;
+                }
+                page => page?,
+            };
+            all.extend(page);
+            if let Some(m) = max
+                && all.len() >= m
+            {
+                all.truncate(m);
+                return Ok(all);
+            }
+            match next {
+                // Only a path on this API: the client knows no other host.
+                Some(next) if next.starts_with('/') => path = next,
+                Some(next) => {
+                    return Err(CtlError::Http {
+                        url: self.url.clone(),
+                        message: format!("unexpected next page: {next}"),
+                    });
+                }
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Asks the running sluice to hand over to a new process of `binary`
@@ -444,6 +506,25 @@ impl EventStream {
     }
 }
 
+/// The target of one `Link` header value's `rel="next"` link (RFC 8288),
+/// if it has one.
+fn next_link(value: &str) -> Option<String> {
+    value.split(',').find_map(|link| {
+        let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+        params
+            .split(';')
+            .filter_map(|p| p.trim().split_once('='))
+            .any(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("rel")
+                    && v.trim()
+                        .trim_matches('"')
+                        .split_ascii_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
+            })
+            .then(|| target.to_string())
+    })
+}
+
 /// `path` with the durations that are given as its query.
 fn with_query(path: &str, query: &[(&str, Option<Duration>)]) -> String {
     let q: Vec<String> = query
@@ -460,6 +541,21 @@ fn with_query(path: &str, query: &[(&str, Option<Duration>)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_page_is_read_from_the_link_header() {
+        assert_eq!(
+            next_link(r#"</backends/web1/connections?after=9&limit=2>; rel="next""#),
+            Some("/backends/web1/connections?after=9&limit=2".into())
+        );
+        assert_eq!(
+            next_link(r#"</a>; rel="prev", </b>; title="x"; rel="last next""#),
+            Some("/b".into())
+        );
+        assert_eq!(next_link("</c>; rel=next"), Some("/c".into()));
+        assert_eq!(next_link(r#"</a>; rel="prev""#), None);
+        assert_eq!(next_link("garbage"), None);
+    }
 
     #[test]
     fn urls() {

@@ -160,12 +160,26 @@ pub async fn stats(c: &Client, json: bool) -> Result<Outcome, CtlError> {
     Ok(Outcome::Done)
 }
 
-pub async fn conns(c: &Client, name: &str, json: bool) -> Result<Outcome, CtlError> {
-    let list = c.connections(name).await?;
+/// A backend's live connections: every page, or the first `limit` rows.
+pub async fn conns(
+    c: &Client,
+    name: &str,
+    json: bool,
+    limit: Option<usize>,
+) -> Result<Outcome, CtlError> {
+    let list = c.connections(name, limit).await?;
     if json {
         print_json(&list);
     } else {
         out(&conns_table(&list, name));
+        if limit.is_some_and(|l| list.len() >= l) {
+            // The count line above is the rows shown; say what was left out.
+            let all = c.backend(name).await?.active_connections;
+            out(&format!(
+                "the first {} by id (--limit); {all} live in all\n",
+                list.len()
+            ));
+        }
     }
     Ok(Outcome::Done)
 }
@@ -245,7 +259,7 @@ pub async fn drain(
             // In a log, a line every few seconds that says who holds the
             // drain open.
             let oldest = c
-                .connections(name)
+                .connections(name, None)
                 .await
                 .ok()
                 .and_then(|l| l.iter().map(|x| x.age_ms).max())

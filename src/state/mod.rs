@@ -296,6 +296,24 @@ impl Shared {
         let _ = tokio::time::timeout(grace, gone).await;
     }
 
+    /// One page of the previous process's connections of `backend`, in
+    /// the order of their pid and id (a process it took over from may
+    /// hold some too, and ids of two processes can be equal): those after
+    /// `after`, at most `limit`, and whether more follow.
+    pub fn previous_connections_page(
+        &self,
+        backend: &str,
+        after: Option<(u32, u64)>,
+        limit: usize,
+    ) -> (Vec<ConnView>, bool) {
+        let p = self.previous.lock().expect("previous lock");
+        let mut pager = crate::backend::Pager::new(after, limit);
+        for c in p.iter().flat_map(|p| p.held.get(backend)).flatten() {
+            pager.offer((c.pid, c.id), || c.clone());
+        }
+        pager.finish()
+    }
+
     /// The previous process's connections of `backend`.
     pub fn previous_connections(&self, backend: &str) -> Vec<ConnView> {
         let p = self.previous.lock().expect("previous lock");
