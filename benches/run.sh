@@ -303,6 +303,8 @@ sluice_config() { # file
   local f=$1 hc='health_check = "none"'
   cat >"$f" <<EOF
 $SLUICE_CONFIG_EXTRA
+# What this machine's open-file limit allows (two descriptors each).
+max_connections = $(((NOFILE - 200) / 2))
 [admin]
 listen = "127.0.0.1:$(free_port)"
 
