@@ -200,6 +200,11 @@ impl Affinity {
     }
 }
 
+/// Most backends a service may list: a source-hash walk (`pool.rs`)
+/// marks the members it has passed in a bitset of this many bits on the
+/// stack, so it allocates nothing.
+pub const MAX_MEMBERS: usize = 1024;
+
 /// The time a client has to send its PROXY header when the file says
 /// nothing.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1395,7 +1400,7 @@ fn service(
             list.get_ref().iter().map(|n| n.get_ref().clone()).collect()
         }
     };
-    if chosen.len() > crate::pool::MAX_MEMBERS {
+    if chosen.len() > MAX_MEMBERS {
         let span = s.backends.as_ref().map_or(s.name.span(), |b| b.span());
         return Err(ctx.err(
             span,
@@ -1403,7 +1408,7 @@ fn service(
             format!(
                 "service `{name}` has {} backends; a service takes at most {}",
                 chosen.len(),
-                crate::pool::MAX_MEMBERS
+                MAX_MEMBERS
             ),
         ));
     }

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::backend::{Backend, now_ms};
-use crate::config::{Affinity, Balance};
+use crate::config::{Affinity, Balance, MAX_MEMBERS};
 use crate::net::Target;
 
 /// A backend of a service, and where that service reaches it.
@@ -61,11 +61,6 @@ pub struct Route {
     /// as the first met there, not backup 0 every time.
     spills: AtomicUsize,
 }
-
-/// Most backends a service may list (config validation enforces it): a
-/// source-hash walk marks the members it has passed in a bitset of this
-/// many bits on the stack, so it allocates nothing.
-pub const MAX_MEMBERS: usize = 1024;
 
 /// What source-hash ranks a member by besides its ramp. Weight and
 /// `backup` are taken when the route is built (a reload that changes
