@@ -31,6 +31,9 @@ QUICK=${QUICK:-0}
 # CAP: percent of one CPU each proxy may use (cgroup CPU quota), so that
 # the proxy, not wrk and the backends, sets the pace; empty: no cap.
 CAP=${CAP:-}
+# The quota's period: the cap holds over each period, so a throttled
+# proxy can wait up to the rest of one (shorter is smoother, costs more).
+CAP_PERIOD_US=${CAP_PERIOD_US:-100000}
 if [[ -n $CAP ]]; then
   [[ $CAP =~ ^[0-9]+$ ]] && ((CAP >= 1 && CAP <= 100)) || {
     echo "benches/run.sh: CAP=$CAP is not a percent of one CPU (1 to 100)" >&2
@@ -124,12 +127,12 @@ cap_setup() {
     CGROUP=$v2/sluice-bench.$$
     echo "+cpu" >"$v2/cgroup.subtree_control" 2>/dev/null || true
     mkdir "$CGROUP" || return 1
-    echo "$((CAP * 1000)) 100000" >"$CGROUP/cpu.max" || return 1
+    echo "$((CAP * CAP_PERIOD_US / 100)) $CAP_PERIOD_US" >"$CGROUP/cpu.max" || return 1
   elif [[ -d /sys/fs/cgroup/cpu ]]; then
     CGROUP=/sys/fs/cgroup/cpu/sluice-bench.$$
     mkdir "$CGROUP" || return 1
-    echo 100000 >"$CGROUP/cpu.cfs_period_us" || return 1
-    echo $((CAP * 1000)) >"$CGROUP/cpu.cfs_quota_us" || return 1
+    echo "$CAP_PERIOD_US" >"$CGROUP/cpu.cfs_period_us" || return 1
+    echo $((CAP * CAP_PERIOD_US / 100)) >"$CGROUP/cpu.cfs_quota_us" || return 1
   else
     return 1
   fi
@@ -903,7 +906,7 @@ mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
   if [[ -n $CAP ]]; then
     th=""
     for t in "${SELECTED[@]}"; do [[ $t == direct ]] || th+="${LABEL[$t]} ${THROTTLED[$t]:-0}, "; done
-    echo "| CPU cap | each proxy in a cgroup with a quota of $CAP% of one CPU ($((CAP * 1000)) µs per 100 ms); periods it was throttled in the load runs: ${th%, } (throttling in every run means the cap, not the load side, set the pace) |"
+    echo "| CPU cap | each proxy in a cgroup with a quota of $CAP% of one CPU ($((CAP * CAP_PERIOD_US / 100)) µs per $((CAP_PERIOD_US / 1000)) ms); periods it was throttled in the load runs: ${th%, } (throttling in every run means the cap, not the load side, set the pace) |"
   fi
   echo
   echo "| metric | sluice | HAProxy | HAProxy splice | nginx stream | direct | sluice ÷ HAProxy | sluice ÷ HAProxy splice | sluice ÷ direct |"
