@@ -10,6 +10,7 @@ last reply). Exits 1 on any status other than 200.
 
 import argparse
 import http.client
+import math
 import sys
 import time
 
@@ -36,7 +37,8 @@ def main():
             sys.exit(1)
         size = len(body)
     times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]
+    # The nearest-rank percentile: with 100 samples, p99 is the 99th.
+    pick = lambda q: times[max(0, math.ceil(q * len(times)) - 1)]
     print(f"{pick(0.5):.2f} {pick(0.99):.2f} {times[-1]:.2f} {size}")
 
 

@@ -41,7 +41,7 @@ if [[ -n $CAP ]]; then
   }
   # The same cap, pinning and single worker for every proxy; more rounds,
   # since a capped run's noise is its own.
-  ROUNDS=${ROUNDS:-5}
+  [[ $QUICK == 1 ]] || ROUNDS=${ROUNDS:-5}
   PROXY_CPU=${PROXY_CPU:-0}
   LOAD_CPU=${LOAD_CPU:-1}
   SLUICE_CONFIG_EXTRA=${SLUICE_CONFIG_EXTRA:-workers = 1}
@@ -738,8 +738,10 @@ run_latency() {
     R[$t:lp50]=$(sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p' "$out")
     R[$t:lp99]=$(sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' "$out")
     R[$t:lp999]=$(sed -n 's/.*p999_ms=\([0-9.]*\).*/\1/p' "$out")
-    local errs
+    local errs late
     errs=$(sed -n 's/.*errors=\([0-9]*\).*/\1/p' "$out")
+    late=$(sed -n 's/.*late_p99_ms=\([0-9.]*\).*/\1/p' "$out")
+    LATE+="${LABEL[$t]} ${late:-?} ms, "
     ((${errs:-0} > 0)) && note "${LABEL[$t]}: $errs errors at the fixed rate ($(cat "$out"))"
   else
     note "${LABEL[$t]}: the fixed-rate run failed: $(tail -n 2 "$out" | tr '\n' ' ')"
@@ -849,9 +851,9 @@ for t in "${SELECTED[@]}"; do
 done
 # The fixed rate: 70% of HAProxy's keep-alive capacity in this run (of
 # sluice's when HAProxy did not run), the same for every proxy.
-RATE_BASE=${R[haproxy:rps]:-}
-[[ $RATE_BASE =~ ^[0-9.]+$ ]] || RATE_BASE=${R[sluice:rps]:-}
-FIXED_RATE=""
+RATE_BASE=${R[haproxy:rps]:-} RATE_FROM="HAProxy's"
+[[ $RATE_BASE =~ ^[0-9.]+$ ]] || RATE_BASE=${R[sluice:rps]:-} RATE_FROM="sluice's"
+FIXED_RATE="" LATE=""
 if [[ $RATE_BASE =~ ^[0-9.]+$ ]]; then
   FIXED_RATE=$(awk -v r="$RATE_BASE" 'BEGIN {printf "%d", r * 0.7}')
   for t in "${SELECTED[@]}"; do
@@ -940,7 +942,7 @@ mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
   echo
   echo "↑ higher is better, ↓ lower is better; a ratio is sluice's value divided by the peer's."
   echo "Direct is wrk or iperf3 straight to one backend, with no proxy: the limit of this machine."
-  echo "The fixed-rate rows send requests on a schedule (examples/rate.rs, $CONNS keep-alive connections) at 70% of HAProxy's keep-alive requests/s in this run, and count each latency from when the request was due."
+  echo "The fixed-rate rows send requests on a schedule (examples/rate.rs, $CONNS keep-alive connections) at 70% of $RATE_FROM keep-alive requests/s in this run, and count each latency from when the request was due; a single run each, not a median. How late the generator itself sent (p99): ${LATE%, }."
   echo "CPU busy % shows which side limits a row: a load core near 100% means wrk and the backends, not the proxy, set the pace."
   if ((${#NOTES[@]})); then
     echo

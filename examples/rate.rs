@@ -6,7 +6,12 @@
 //!
 //!   cargo run --release --example rate -- ADDR RATE SECONDS CONNS
 //!
-//! prints one line: `sent=N errors=E rate=R p50_ms=.. p99_ms=.. p999_ms=.. max_ms=..`.
+//! prints one line: `sent=N errors=E rate=R p50_ms=.. p99_ms=.. p999_ms=..
+//! max_ms=.. late_p99_ms=..`, where `late` is how long after its due time
+//! a request left (the generator's own delay, which the latencies
+//! include). It exits 1 when more than 1% of the requests failed: a
+//! failed request has no latency, and the percentiles of the rest would
+//! read better than the run was.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,11 +50,23 @@ fn args() -> Result<Args, String> {
     })
 }
 
-/// Reads one response off `s` into `buf` (what follows it stays there).
+/// How long one response may take before the request counts as failed.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn bad(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// Reads one 2xx response with a Content-Length off `s` into `buf` (what
+/// follows it stays there); anything else is an error, since a body of
+/// unknown length would put the next response out of step.
 async fn response(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = std::str::from_utf8(&buf[..end]).unwrap_or("");
+            let head = std::str::from_utf8(&buf[..end]).map_err(|_| bad("head not UTF-8"))?;
+            if !head.starts_with("HTTP/1.1 2") && !head.starts_with("HTTP/1.0 2") {
+                return Err(bad("not a 2xx response"));
+            }
             let len = head
                 .lines()
                 .find_map(|l| {
@@ -57,7 +74,7 @@ async fn response(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
                     k.eq_ignore_ascii_case("content-length")
                         .then(|| v.trim().parse::<usize>().ok())?
                 })
-                .unwrap_or(0);
+                .ok_or_else(|| bad("no Content-Length"))?;
             let total = end + 4 + len;
             if buf.len() >= total {
                 buf.drain(..total);
@@ -73,18 +90,49 @@ async fn response(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
     }
 }
 
+/// Waits until `due`. tokio's timer has millisecond ticks and rounds a
+/// deadline up, so it sleeps to a tick before and yields the rest of
+/// the way: a request leaves within microseconds of its due time.
+async fn until(due: Instant) {
+    if let Some(early) = due.checked_sub(Duration::from_millis(2))
+        && early > Instant::now()
+    {
+        tokio::time::sleep_until(early.into()).await;
+    }
+    while Instant::now() < due {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// What one connection measured.
+struct Measured {
+    latency: Histogram<u64>,
+    late: Histogram<u64>,
+    sent: u64,
+    errors: u64,
+}
+
 /// Connection `k` of `n` sends requests k, k+n, k+2n, ... each at its
-/// due time, and records each latency from that due time.
-async fn worker(a: &Args, k: usize, start: Instant) -> (Histogram<u64>, u64, u64) {
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    let (mut sent, mut errors) = (0u64, 0u64);
+/// due time, and records each latency from that due time. The connection
+/// is made before the first is due, so no latency holds a handshake.
+async fn worker(a: &Args, k: usize, start: Instant) -> Measured {
+    let mut m = Measured {
+        latency: Histogram::<u64>::new(3).expect("histogram"),
+        late: Histogram::<u64>::new(3).expect("histogram"),
+        sent: 0,
+        errors: 0,
+    };
     let total = (a.rate * a.seconds) as u64;
-    let mut stream: Option<TcpStream> = None;
+    let mut stream: Option<TcpStream> = TcpStream::connect(a.addr).await.ok();
+    if let Some(s) = &stream {
+        let _ = s.set_nodelay(true);
+    }
     let mut buf = Vec::with_capacity(8192);
     let mut i = k as u64;
     while i < total {
         let due = start + Duration::from_secs_f64(i as f64 / a.rate);
-        tokio::time::sleep_until(due.into()).await;
+        until(due).await;
+        let _ = m.late.record((due.elapsed().as_micros() as u64).max(1));
         if stream.is_none() {
             match TcpStream::connect(a.addr).await {
                 Ok(s) => {
@@ -93,25 +141,30 @@ async fn worker(a: &Args, k: usize, start: Instant) -> (Histogram<u64>, u64, u64
                     buf.clear();
                 }
                 Err(_) => {
-                    errors += 1;
+                    m.sent += 1;
+                    m.errors += 1;
                     i += a.conns as u64;
                     continue;
                 }
             }
         }
         let s = stream.as_mut().expect("connected");
-        let ok = s.write_all(REQUEST).await.is_ok() && response(s, &mut buf).await.is_ok();
-        sent += 1;
+        let exchange =
+            async { s.write_all(REQUEST).await.is_ok() && response(s, &mut buf).await.is_ok() };
+        let ok = tokio::time::timeout(RESPONSE_TIMEOUT, exchange)
+            .await
+            .unwrap_or(false);
+        m.sent += 1;
         if ok {
             let us = due.elapsed().as_micros() as u64;
-            let _ = h.record(us.max(1));
+            let _ = m.latency.record(us.max(1));
         } else {
-            errors += 1;
+            m.errors += 1;
             stream = None;
         }
         i += a.conns as u64;
     }
-    (h, sent, errors)
+    m
 }
 
 fn main() {
@@ -128,29 +181,45 @@ fn main() {
         .expect("runtime");
     let a: &'static Args = Box::leak(Box::new(a));
     let began = Instant::now();
-    let (h, sent, errors) = rt.block_on(async move {
-        // A moment for every connection task to start before the first is due.
-        let start = Instant::now() + Duration::from_millis(50);
+    let all = rt.block_on(async move {
+        // Time for every connection to be made before the first is due.
+        let start = Instant::now() + Duration::from_millis(500);
         let tasks: Vec<_> = (0..a.conns)
             .map(|k| tokio::spawn(worker(a, k, start)))
             .collect();
-        let mut all = Histogram::<u64>::new(3).expect("histogram");
-        let (mut sent, mut errors) = (0, 0);
+        let mut all = Measured {
+            latency: Histogram::<u64>::new(3).expect("histogram"),
+            late: Histogram::<u64>::new(3).expect("histogram"),
+            sent: 0,
+            errors: 0,
+        };
         for t in tasks {
-            let (h, s, e) = t.await.expect("worker");
-            all.add(h).expect("same bounds");
-            sent += s;
-            errors += e;
+            let m = t.await.expect("worker");
+            all.latency.add(m.latency).expect("same bounds");
+            all.late.add(m.late).expect("same bounds");
+            all.sent += m.sent;
+            all.errors += m.errors;
         }
-        (all, sent, errors)
+        all
     });
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let h = &all.latency;
     println!(
-        "sent={sent} errors={errors} rate={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3}",
-        sent as f64 / began.elapsed().as_secs_f64(),
-        ms(0.5),
-        ms(0.99),
-        ms(0.999),
-        h.max() as f64 / 1000.0
+        "sent={} errors={} rate={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} late_p99_ms={:.3}",
+        all.sent,
+        all.errors,
+        all.sent as f64 / (began.elapsed().as_secs_f64() - 0.5),
+        ms(h, 0.5),
+        ms(h, 0.99),
+        ms(h, 0.999),
+        h.max() as f64 / 1000.0,
+        ms(&all.late, 0.99)
     );
+    if all.sent == 0 || all.errors * 100 > all.sent {
+        eprintln!(
+            "rate: {} of {} requests failed: the percentiles above leave them out",
+            all.errors, all.sent
+        );
+        std::process::exit(1);
+    }
 }

@@ -480,15 +480,13 @@ fn connections_page(b: &Backend, shared: &Shared, page: Page) -> Reply {
     }
     let mut r = json(StatusCode::OK, &rows);
     if let Some(last) = rows.last().filter(|_| more) {
-        let pid = if last.pid == me {
-            String::new()
-        } else {
-            format!("&pid={}", last.pid)
-        };
+        // Always with the row's pid: after an upgrade the cursor reaches
+        // the new process, which must not read it as one of its own ids.
         let next = format!(
-            "</backends/{}/connections?after={}{pid}&limit={}>; rel=\"next\"",
+            "</backends/{}/connections?after={}&pid={}&limit={}>; rel=\"next\"",
             path_segment(&b.name),
             last.id,
+            last.pid,
             page.limit
         );
         if let Ok(v) = HeaderValue::from_str(&next) {

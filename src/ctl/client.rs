@@ -392,6 +392,13 @@ impl Client {
                 return Ok(all);
             }
             match next {
+                // A server naming the page it just gave would loop.
+                Some(next) if next == path => {
+                    return Err(CtlError::Http {
+                        url: self.url.clone(),
+                        message: format!("the next page is the same page: {next}"),
+                    });
+                }
                 // Only a path on this API: the client knows no other host.
                 Some(next) if next.starts_with('/') => path = next,
                 Some(next) => {
