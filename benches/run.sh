@@ -735,9 +735,9 @@ run_latency() {
   log "${LABEL[$t]}: fixed rate $rate requests/s, ${DURATION}s"
   out="$WORK/rate.$t.txt"
   if timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" "$RATE_GEN" "127.0.0.1:$P_WEB" "$rate" "$DURATION" "$CONNS" >"$out" 2>&1; then
-    R[$t:lp50]=$(sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p' "$out")
-    R[$t:lp99]=$(sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' "$out")
-    R[$t:lp999]=$(sed -n 's/.*p999_ms=\([0-9.]*\).*/\1/p' "$out")
+    R[$t:lp50]=$(sed -n 's/.* p50_ms=\([0-9.]*\).*/\1/p' "$out")
+    R[$t:lp99]=$(sed -n 's/.* p99_ms=\([0-9.]*\).*/\1/p' "$out")
+    R[$t:lp999]=$(sed -n 's/.* p999_ms=\([0-9.]*\).*/\1/p' "$out")
     local errs late
     errs=$(sed -n 's/.*errors=\([0-9]*\).*/\1/p' "$out")
     late=$(sed -n 's/.*late_p99_ms=\([0-9.]*\).*/\1/p' "$out")
@@ -942,7 +942,7 @@ mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
   echo
   echo "↑ higher is better, ↓ lower is better; a ratio is sluice's value divided by the peer's."
   echo "Direct is wrk or iperf3 straight to one backend, with no proxy: the limit of this machine."
-  echo "The fixed-rate rows send requests on a schedule (examples/rate.rs, $CONNS keep-alive connections) at 70% of $RATE_FROM keep-alive requests/s in this run, and count each latency from when the request was due; a single run each, not a median. How late the generator itself sent (p99): ${LATE%, }."
+  echo "The fixed-rate rows send requests on a schedule (examples/rate.rs, $CONNS keep-alive connections) at 70% of $RATE_FROM keep-alive requests/s in this run, and count each latency from when the request was due; a single run each, not a median. How late requests left their connection (p99; a connection sends its next request only after the last reply, so a stalled proxy makes them late, and direct shows the generator's own precision): ${LATE%, }."
   echo "CPU busy % shows which side limits a row: a load core near 100% means wrk and the backends, not the proxy, set the pace."
   if ((${#NOTES[@]})); then
     echo
