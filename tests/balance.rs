@@ -58,25 +58,6 @@ async fn spread(lb: &Sluice, n: usize) -> HashMap<String, usize> {
     out
 }
 
-/// Every accepted client is in exactly one of these once it is settled.
-fn settled(stats: &Value) -> u64 {
-    [
-        "established",
-        "rejected_limit",
-        "rejected_no_backend",
-        "rejected_backend_full",
-        "rejected_resources",
-        "abandoned",
-    ]
-    .iter()
-    .map(|k| {
-        stats[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {stats}"))
-    })
-    .sum()
-}
-
 async fn service(lb: &Sluice) -> Value {
     let (status, v) = lb.get("/services").await;
     assert_eq!(status, 200, "{v}");

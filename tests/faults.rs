@@ -11,26 +11,6 @@ use serde_json::Value;
 use support::*;
 use tokio::net::TcpStream;
 
-/// Every accepted client is in exactly one of these once it is settled.
-fn settled(stats: &Value) -> u64 {
-    [
-        "established",
-        "rejected_limit",
-        "rejected_proxy_header",
-        "rejected_no_backend",
-        "rejected_backend_full",
-        "rejected_resources",
-        "abandoned",
-    ]
-    .iter()
-    .map(|k| {
-        stats[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {stats}"))
-    })
-    .sum()
-}
-
 /// Connects `n` clients, `parallel` at a time, and returns how many were
 /// refused (closed without a greeting).
 async fn refusals(addr: SocketAddr, n: usize, parallel: usize) -> usize {

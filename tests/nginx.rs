@@ -21,17 +21,7 @@ impl Nginx {
     /// `None` when nginx is not installed and this is not CI, where
     /// `.ci/run` installs it and its absence is a failure.
     fn start() -> Option<Nginx> {
-        let Some(bin) = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-        else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "nginx is not installed: `apt-get install nginx` (.ci/run does this)"
-            );
-            eprintln!("skipped: nginx is not installed (apt-get install nginx)");
-            return None;
-        };
+        let bin = nginx_bin()?;
         let dir = std::env::temp_dir().join(format!("sluice-nginx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // Ports the kernel just handed out, released for nginx to bind.

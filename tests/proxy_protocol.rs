@@ -42,17 +42,7 @@ impl Nginx {
     /// One server per address family asked for (`"127.0.0.1"`, `"::1"`).
     /// `None` when nginx is missing outside CI.
     fn start(hosts: &[&str]) -> Option<Nginx> {
-        let Some(bin) = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-        else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "nginx is not installed: `apt-get install nginx`"
-            );
-            eprintln!("skipped: nginx is not installed (apt-get install nginx)");
-            return None;
-        };
+        let bin = nginx_bin()?;
         let dir = tempfile::tempdir().unwrap().keep();
         let d = dir.display();
         let mut servers = String::new();
@@ -527,25 +517,6 @@ async fn accept_proxy_passes_the_address_on_to_nginx() {
         );
     }
     lb.shutdown().await;
-}
-
-/// Every accepted client is in exactly one of these once it is settled.
-fn settled(stats: &Value) -> u64 {
-    [
-        "established",
-        "rejected_limit",
-        "rejected_proxy_header",
-        "rejected_no_backend",
-        "rejected_resources",
-        "abandoned",
-    ]
-    .iter()
-    .map(|k| {
-        stats[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {stats}"))
-    })
-    .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

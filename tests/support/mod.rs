@@ -500,3 +500,40 @@ pub async fn bound(
     }));
     (shared, addr, admin, stop, task)
 }
+
+/// Every accepted client is in exactly one of these once its connect
+/// phase is over (`/stats`); their sum, for checks that none is lost.
+pub fn settled(stats: &Value) -> u64 {
+    [
+        "established",
+        "rejected_limit",
+        "rejected_proxy_header",
+        "rejected_no_backend",
+        "rejected_backend_full",
+        "rejected_resources",
+        "abandoned",
+    ]
+    .iter()
+    .map(|k| {
+        stats[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {stats}"))
+    })
+    .sum()
+}
+
+/// The nginx binary; `None` when it is missing outside CI (the test then
+/// says it skips), a failure in CI, whose script installs it.
+pub fn nginx_bin() -> Option<&'static str> {
+    let found = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nginx is not installed: `apt-get install nginx` (scripts/test.sh does this)"
+        );
+        eprintln!("skipped: nginx is not installed (apt-get install nginx)");
+    }
+    found
+}
