@@ -432,8 +432,20 @@ impl Client {
     /// The process answering, and the one it took over from. A 503 that
     /// says why (leaving, shutting down) is an answer too.
     pub async fn healthz(&self) -> Result<crate::api::HealthzView, CtlError> {
-        let (status, body) = self.call(Method::GET, "/healthz").await?;
-        if status == StatusCode::SERVICE_UNAVAILABLE
+        self.answer_even_if(Method::GET, "/healthz", StatusCode::SERVICE_UNAVAILABLE)
+            .await
+    }
+
+    /// The reply of `method path` as `T`, also when its status is `also`
+    /// (an error status whose body still has that shape).
+    async fn answer_even_if<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        also: StatusCode,
+    ) -> Result<T, CtlError> {
+        let (status, body) = self.call(method, path).await?;
+        if status == also
             && let Ok(v) = serde_json::from_slice(&body)
         {
             return Ok(v);
@@ -444,13 +456,8 @@ impl Client {
     /// `POST /reload`: applied, or refused with why (a 422 is an answer
     /// too, with the fields at fault).
     pub async fn reload(&self) -> Result<crate::api::ReloadView, CtlError> {
-        let (status, body) = self.call(Method::POST, "/reload").await?;
-        if status == StatusCode::UNPROCESSABLE_ENTITY
-            && let Ok(v) = serde_json::from_slice(&body)
-        {
-            return Ok(v);
-        }
-        self.decode(status, &body)
+        self.answer_even_if(Method::POST, "/reload", StatusCode::UNPROCESSABLE_ENTITY)
+            .await
     }
 
     /// `POST /leave` or `POST /join`, with optional query.
