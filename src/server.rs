@@ -500,6 +500,7 @@ impl Sluice {
             c.stop().await;
         }
         shared.save_states();
+        shared.finish_saving();
         if let Some(path) = &pidfile {
             remove_pidfile(path);
         }

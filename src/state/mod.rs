@@ -338,6 +338,8 @@ pub struct Persist {
     pub failures: AtomicU64,
     /// Set once a new process took over: the file is its to write.
     handed_over: AtomicBool,
+    /// Set after the last write at shutdown.
+    finished: AtomicBool,
 }
 
 impl Persist {
@@ -535,7 +537,9 @@ impl Shared {
         let _one_writer = self.persist.writing.lock().expect("persist lock");
         // Under the lock: once `stop_saving` returns, no write of this
         // process can land on the new one's file.
-        if self.persist.handed_over.load(Ordering::SeqCst) {
+        if self.persist.handed_over.load(Ordering::SeqCst)
+            || self.persist.finished.load(Ordering::SeqCst)
+        {
             return None;
         }
         let saved = Saved {
@@ -577,6 +581,14 @@ impl Shared {
         let failing = self.persist.failing.lock().expect("persist lock");
         let cluster = self.cluster.as_ref().and_then(ClusterState::problem);
         failing.iter().cloned().chain(cluster).collect()
+    }
+
+    /// After the last write at shutdown: a write the writer had queued in
+    /// the blocking pool must not land after the process is done, on a
+    /// file the next process (or an admin) may own by then.
+    pub fn finish_saving(&self) {
+        let _one_writer = self.persist.writing.lock().expect("persist lock");
+        self.persist.finished.store(true, Ordering::SeqCst);
     }
 
     /// Whether a new process took over (an upgrade) and serves now.
