@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::config::{BackendAddress, format_duration};
@@ -87,18 +88,43 @@ pub fn is_shortage(e: &io::Error) -> bool {
     )
 }
 
-/// One connect, with the socket options set before it.
+/// One connect, with the socket options set before it. Written out rather
+/// than tokio's `TcpSocket::connect` for two reasons: its wait keeps no
+/// waiter in the connection's future (the connect state is part of every
+/// connection's memory), and the connect's outcome is read from the
+/// readiness epoll already gave, so a connect that succeeded costs no
+/// `getsockopt(SO_ERROR)`.
 async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
-    let socket = match a {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(a),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
     // Fewer options than on the listener, each one a syscall per connect:
     // the kernel's probe interval and count stand for the backend side.
-    socket.set_nodelay(true)?;
-    socket2::SockRef::from(&socket)
-        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)))?;
-    socket.connect(a).await
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)))?;
+    match socket.connect(&a.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let failed = std::future::poll_fn(|cx| {
+        std::task::ready!(stream.poll_write_ready(cx))?;
+        // The bits are set, so this `ready()` is ready at its first poll.
+        let bits = std::pin::pin!(stream.ready(Interest::WRITABLE | Interest::ERROR));
+        std::task::Poll::Ready(io::Result::Ok(match bits.poll(cx) {
+            std::task::Poll::Ready(r) => r.map_or(true, |r| r.is_error() || r.is_write_closed()),
+            std::task::Poll::Pending => true,
+        }))
+    })
+    .await?;
+    // A failed connect raises EPOLLERR; only then is its error fetched.
+    if failed && let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    Ok(stream)
 }
 
 /// Connects to a target within `timeout`, trying each resolved address.
@@ -106,19 +132,9 @@ pub async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream
     let attempt = async {
         match target {
             Target::Addr(a) => connect_to(*a).await,
-            Target::Host(h, p) => {
-                let mut last = io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{h} resolved to no address"),
-                );
-                for a in tokio::net::lookup_host((h.as_str(), *p)).await? {
-                    match connect_to(a).await {
-                        Ok(s) => return Ok(s),
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
-            }
+            // Boxed: a name's lookup is a large future, and only backends
+            // given by name pay for it.
+            Target::Host(h, p) => Box::pin(connect_host(h, *p)).await,
         }
     };
     tokio::time::timeout(timeout, attempt)
@@ -129,6 +145,21 @@ pub async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream
                 format!("no answer within {}", format_duration(timeout)),
             ))
         })
+}
+
+/// Connects to each address `host` resolves to in turn.
+async fn connect_host(h: &str, p: u16) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{h} resolved to no address"),
+    );
+    for a in tokio::net::lookup_host((h, p)).await? {
+        match connect_to(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A writer whose every write fails with the OS error it holds, to test
@@ -158,5 +189,29 @@ impl tokio::io::AsyncWrite for FailingWriter {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connect's outcome is read from readiness: a refused connect is
+    /// an error with its OS code, an accepted one a usable stream.
+    #[tokio::test]
+    async fn a_connect_tells_refused_from_accepted() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = l.local_addr().unwrap();
+        let s = connect_to(open).await.unwrap();
+        let (mut peer, _) = l.accept().await.unwrap();
+        s.try_write(b"x").unwrap();
+        let mut got = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"x");
+        drop(l);
+        let e = connect_to(open).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::{ConnGuard, ConnInfo, ConnectFailure, Skip};
+use crate::backend::{ConnGuard, ConnectFailure, Skip};
 use crate::events::Reason;
 use crate::net;
 use crate::proxy_header::{self, ReadError};
@@ -89,8 +89,16 @@ pub async fn accept_loop(
         };
         let (service, shared, closing) = (service.clone(), shared.clone(), closing.clone());
         tracker.spawn(
-            async move { handle(client, peer, header, &closing, &service, &shared, permit).await }
-                .instrument(span),
+            handle(
+                client,
+                peer,
+                header.is_some(),
+                closing,
+                service,
+                shared,
+                permit,
+            )
+            .instrument(span),
         );
     }
 }
@@ -131,65 +139,107 @@ struct Endpoints {
     local: Option<SocketAddr>,
 }
 
-/// One client's life. The permit is held to the end, whatever the end is.
-/// With `header` (the service's `accept_proxy`), the client's PROXY header
-/// is taken off first, within that time, or until `closing` (the accept
-/// loop's child of `shared.closing`) is cancelled.
-async fn handle(
+/// One client's life, the connection task's whole future. The permit is
+/// held to the end, whatever the end is. The setup (the PROXY header, the
+/// backend connect) runs boxed: its state is most of a kilobyte and lasts
+/// a round trip, while an idle connection keeps this future for hours, and
+/// unboxed every connection's task would be sized for the setup.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in the future"
+)]
+fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
-    header: Option<Duration>,
+    header: bool,
+    closing: CancellationToken,
+    service: Arc<Service>,
+    shared: Arc<Shared>,
+    permit: Permit,
+) -> impl Future<Output = ()> {
+    // An async block, not an async fn: that would keep a second copy of
+    // its arguments in the future.
+    async move {
+        let outcome = Box::pin(setup(
+            &mut client,
+            peer,
+            header,
+            &closing,
+            &service,
+            &shared,
+        ))
+        .await;
+        let (counter, refusal) = match outcome {
+            Ok((server, guard)) => {
+                shared.stats.established.fetch_add(1, Ordering::Relaxed);
+                relay(&client, &server, &guard, &shared).await;
+                // The sockets close before the slots are given back, so a
+                // drain that ends has nothing left open.
+                drop((client, server));
+                // Since the slot was taken, before the connect.
+                let age = guard.info().started.elapsed();
+                drop(guard);
+                drop(permit);
+                service.counts.ended(age);
+                return;
+            }
+            Err(Refused::NoBackend) => {
+                warn!("no backend took the connection; closing client");
+                (&shared.stats.rejected_no_backend, Some(Reason::NoBackend))
+            }
+            Err(Refused::Full) => {
+                // Not a warning: every backend full is a steady state under
+                // load, and a line per client would flood the log. The count
+                // and the once-a-second `refused` event tell it.
+                debug!("every backend is at its max_connections; closing client");
+                (
+                    &shared.stats.rejected_backend_full,
+                    Some(Reason::BackendFull),
+                )
+            }
+            Err(Refused::Shortage) => (&shared.stats.rejected_resources, Some(Reason::Resources)),
+            Err(Refused::ProxyHeader) => (
+                &shared.stats.rejected_proxy_header,
+                Some(Reason::ProxyHeader),
+            ),
+            Err(Refused::Abandoned) => (&shared.stats.abandoned, None),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(why) = refusal {
+            service.counts.refused(why);
+        }
+        drop(permit);
+    }
+}
+
+/// Takes the client's PROXY header off first when `header` (the
+/// service's `accept_proxy` when the client came) says so, within the
+/// service's `proxy_header_timeout`, or until `closing` (the accept loop's
+/// child of `shared.closing`) is cancelled; then connects to a backend.
+async fn setup(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    header: bool,
     closing: &CancellationToken,
     service: &Service,
     shared: &Shared,
-    _permit: Permit,
-) {
-    let stats = &shared.stats;
+) -> Result<(TcpStream, ConnGuard), Refused> {
+    // The timeout as it is now: the accept loop decided whether.
+    let limit = service
+        .accept_proxy()
+        .unwrap_or(crate::config::PROXY_HEADER_TIMEOUT);
     let ends = match header {
-        None => Ok(Endpoints {
+        false => Endpoints {
             client: peer,
             local: None,
-        }),
-        Some(limit) => tokio::select! {
-            r = take_proxy_header(&mut client, peer, limit, service) => r,
+        },
+        true => tokio::select! {
+            r = take_proxy_header(client, peer, limit, service) => r?,
             // The end of the shutdown grace period: no backend holds it yet.
-            _ = closing.cancelled() => Err(Refused::Abandoned),
+            _ = closing.cancelled() => return Err(Refused::Abandoned),
         },
     };
-    let settings = shared.conn_settings();
-    let outcome = match ends {
-        Ok(ends) => connect(&client, ends, service, shared, settings).await,
-        Err(refused) => Err(refused),
-    };
-    let (counter, refusal) = match outcome {
-        Ok((server, guard)) => {
-            stats.established.fetch_add(1, Ordering::Relaxed);
-            // Since the slot was taken, before the connect: `started` is
-            // kept for the idle time already.
-            let started = guard.info().started;
-            relay(client, server, guard, settings).await;
-            service.counts.ended(started.elapsed());
-            return;
-        }
-        Err(Refused::NoBackend) => {
-            warn!("no backend took the connection; closing client");
-            (&stats.rejected_no_backend, Some(Reason::NoBackend))
-        }
-        Err(Refused::Full) => {
-            // Not a warning: every backend full is a steady state under
-            // load, and a line per client would flood the log. The count
-            // and the once-a-second `refused` event tell it.
-            debug!("every backend is at its max_connections; closing client");
-            (&stats.rejected_backend_full, Some(Reason::BackendFull))
-        }
-        Err(Refused::Shortage) => (&stats.rejected_resources, Some(Reason::Resources)),
-        Err(Refused::ProxyHeader) => (&stats.rejected_proxy_header, Some(Reason::ProxyHeader)),
-        Err(Refused::Abandoned) => (&stats.abandoned, None),
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
-    if let Some(why) = refusal {
-        service.counts.refused(why);
-    }
+    connect(client, ends, service, shared, shared.conn_settings()).await
 }
 
 /// Connects to the first backend in the pick's order that answers. Until
@@ -376,31 +426,32 @@ async fn take_proxy_header(
     Err(Refused::ProxyHeader)
 }
 
-/// Splices until both sides are done, the connection is closed by the admin
-/// or shutdown, or it stays idle too long. The guard drops at the end.
-async fn relay(client: TcpStream, server: TcpStream, guard: ConnGuard, settings: ConnSettings) {
-    let info = guard.info();
-    tokio::select! {
-        r = crate::splice::splice(&client, &server, info, guard.backend(), settings.zero_copy) => match r {
-            Ok(()) => debug!(bytes_in = info.bytes_in.load(Ordering::Relaxed), bytes_out = info.bytes_out.load(Ordering::Relaxed), "closed"),
-            Err(e) => debug!(error = %e, "closed on error"),
-        },
-        _ = info.cancel.cancelled() => debug!("closed by admin or shutdown"),
-        _ = idle_expired(info, settings.idle_timeout) => debug!("closed after idle timeout"),
-    }
-}
-
-/// Resolves when the connection has moved no byte for `limit`.
-async fn idle_expired(info: &ConnInfo, limit: Option<Duration>) {
-    let Some(limit) = limit else {
-        return std::future::pending().await;
-    };
-    loop {
-        let idle = info.idle();
-        if idle >= limit {
-            return;
+/// Splices until both sides are done, or the connection is closed by the
+/// admin, the idle timeout's sweep or shutdown.
+/// No timer of its own: an idle connection keeps only this future.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in the future"
+)]
+fn relay<'a>(
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    guard: &'a ConnGuard,
+    shared: &'a Shared,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        let info = guard.info();
+        let zero_copy = shared.conn_settings().zero_copy;
+        tokio::select! {
+            r = crate::splice::splice(client, server, info, guard.backend(), zero_copy) => match r {
+                Ok(()) => debug!(bytes_in = info.bytes_in.load(Ordering::Relaxed), bytes_out = info.bytes_out.load(Ordering::Relaxed), "closed"),
+                Err(e) => debug!(error = %e, "closed on error"),
+            },
+            _ = info.cancel.cancelled() => match shared.conn_settings().idle_timeout {
+                Some(limit) if info.timed_out(limit) => debug!("closed after idle timeout"),
+                _ => debug!("closed by admin or shutdown"),
+            },
         }
-        tokio::time::sleep(limit - idle).await;
     }
 }
 
@@ -435,11 +486,21 @@ mod tests {
             let config = crate::config::Config::parse("t", &text).unwrap();
             let shared = Shared::new(config, &[a], &Default::default());
             let permit = shared.limit.try_acquire().unwrap();
-            let header = Some(Duration::from_secs(5));
+            let header = true;
             let closing = shared.closing.child_token();
-            let f = super::handle(c, a, header, &closing, &shared.services[0], &shared, permit);
+            let service = shared.services[0].clone();
+            // As the accept loop spawns it.
+            let f = TaskTracker::new().track_future(
+                handle(c, a, header, closing, service, shared.clone(), permit)
+                    .instrument(tracing::Span::none()),
+            );
             let size = std::mem::size_of_val(&f);
-            assert!(size <= 2048, "a connection's future is {size} bytes");
+            // tokio's task cell (104 bytes besides the future) is aligned
+            // to 128 bytes: up to 664 bytes the cell is 768.
+            assert!(
+                size <= 664,
+                "a connection's future is {size} bytes, its task cell past 768"
+            );
         });
     }
 
@@ -451,30 +512,26 @@ mod tests {
         let a = l.local_addr().unwrap();
         let text = format!(
             "[[service]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\naccept_proxy = true\n\
+             proxy_header_timeout = \"300s\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[[backend]]\nname = \"b\"\naddress = \"{a}\"\n"
         );
         let config = crate::config::Config::parse("t", &text).unwrap();
-        let shared = Arc::new(Shared::new(config, &[a], &Default::default()));
+        let shared = Shared::new(config, &[a], &Default::default());
         let _c = TcpStream::connect(a).await.unwrap();
         let (s, peer) = l.accept().await.unwrap();
         let permit = shared.limit.try_acquire().unwrap();
         let closing = shared.closing.child_token();
-        let conn = {
-            let (shared, closing) = (shared.clone(), closing.clone());
-            tokio::spawn(async move {
-                let header = Some(Duration::from_secs(300));
-                handle(
-                    s,
-                    peer,
-                    header,
-                    &closing,
-                    &shared.services[0],
-                    &shared,
-                    permit,
-                )
-                .await
-            })
-        };
+        let header = true;
+        let service = shared.services[0].clone();
+        let conn = tokio::spawn(handle(
+            s,
+            peer,
+            header,
+            closing,
+            service,
+            shared.clone(),
+            permit,
+        ));
         shared.closing.cancel();
         conn.await.unwrap();
         assert_eq!(shared.stats.abandoned.load(Ordering::Relaxed), 1);

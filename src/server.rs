@@ -394,6 +394,7 @@ impl Sluice {
             }
         }
         shared.tasks.spawn(trim_pools());
+        shared.tasks.spawn(idle_timeouts(shared.clone()));
         shared.tasks.spawn(flush_refusals(shared.clone()));
         // Before any client: the other instances count this one, and it
         // has the states they agreed on.
@@ -892,6 +893,31 @@ async fn trim_pools() {
         let freed = crate::splice::trim_pools();
         if freed > 0 {
             tracing::debug!(freed, "idle buffers and pipes freed");
+        }
+    }
+}
+
+/// Closes, for the idle timeout, the connections that moved no byte for
+/// that long: one sweep over the connection tables instead of a timer in
+/// every connection. A sweep runs every quarter of the timeout (at most a
+/// second apart), so a connection closes within that much of it; the
+/// timeout is read each time, so a reload applies to the next sweep.
+async fn idle_timeouts(shared: Arc<Shared>) {
+    const MOST: std::time::Duration = std::time::Duration::from_secs(1);
+    const LEAST: std::time::Duration = std::time::Duration::from_millis(10);
+    loop {
+        let limit = shared.conn_settings().idle_timeout;
+        tokio::time::sleep(limit.map_or(MOST, |l| (l / 4).clamp(LEAST, MOST))).await;
+        let Some(limit) = shared.conn_settings().idle_timeout else {
+            continue;
+        };
+        let closed: usize = shared
+            .backends()
+            .iter()
+            .map(|b| b.close_timed_out(limit))
+            .sum();
+        if closed > 0 {
+            tracing::debug!(closed, "connections closed after the idle timeout");
         }
     }
 }

@@ -21,9 +21,11 @@
 //! `MSG_MORE` and leave with the FIN in one segment: one packet fewer each
 //! way for every reply that ends a connection.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -96,26 +98,28 @@ impl Drop for Buf {
 /// Moves bytes both ways until both directions have ended. Returns the
 /// first error of either direction, which ends the whole connection.
 /// `zero_copy` allows bulk flows to move to `splice(2)`.
-pub async fn splice(
-    client: &TcpStream,
-    server: &TcpStream,
-    info: &ConnInfo,
-    backend: &Backend,
+pub fn splice<'a>(
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    info: &'a ConnInfo,
+    backend: &'a Backend,
     zero_copy: bool,
-) -> io::Result<()> {
-    let zero_copy = zero_copy && cfg!(target_os = "linux");
-    let one_done = AtomicBool::new(false);
+) -> impl Future<Output = io::Result<()>> + 'a {
     let ends = Ends {
         info,
         backend,
-        zero_copy,
-        one_done: &one_done,
+        zero_copy: zero_copy && cfg!(target_os = "linux"),
+        one_done: AtomicBool::new(false),
     };
-    tokio::try_join!(
-        one_way(client, server, &ends, true),
-        one_way(server, client, &ends, false)
-    )?;
-    Ok(())
+    // Async blocks, not async fns, here and in `one_way`: an async fn
+    // keeps a second copy of its arguments in every idle connection.
+    async move {
+        tokio::try_join!(
+            one_way(client, server, &ends, true),
+            one_way(server, client, &ends, false)
+        )?;
+        Ok(())
+    }
 }
 
 /// What both directions of one connection share.
@@ -124,60 +128,90 @@ struct Ends<'a> {
     backend: &'a Backend,
     zero_copy: bool,
     /// Set by the first direction to reach end of stream.
-    one_done: &'a AtomicBool,
+    one_done: AtomicBool,
 }
 
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    ends: &Ends<'_>,
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in the future"
+)]
+fn one_way<'a>(
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    ends: &'a Ends<'a>,
     to_backend: bool,
-) -> io::Result<()> {
-    let mut zero_copy = false;
-    let mut size = SMALL;
-    loop {
-        let ready = from.ready(Interest::READABLE).await?;
-        let spliced = zero_copy;
-        let (moved, ended) = if zero_copy {
-            match pipe::transfer(from, to).await? {
-                pipe::Moved::Bytes(n) => (n, false),
-                pipe::Moved::Unsupported => {
-                    zero_copy = false;
-                    continue;
+) -> impl Future<Output = io::Result<()>> + 'a {
+    async move {
+        let mut zero_copy = false;
+        let mut size = SMALL;
+        loop {
+            let fin_in = readable(from).await?;
+            let spliced = zero_copy;
+            let (moved, ended) = if zero_copy {
+                match pipe::transfer(from, to).await? {
+                    pipe::Moved::Bytes(n) => (n, false),
+                    pipe::Moved::Unsupported => {
+                        zero_copy = false;
+                        continue;
+                    }
                 }
+            } else {
+                // Readiness from before the read: with the FIN already in, a
+                // short read may have taken the stream's last bytes.
+                let (n, ended) = copy_once(from, to, size, fin_in).await?;
+                // A full small buffer means a bulk flow: splice from now on,
+                // or copy through large buffers where splicing is off.
+                if size == SMALL && n == Some(SMALL) {
+                    zero_copy = ends.zero_copy;
+                    size = LARGE;
+                }
+                (n, ended)
+            };
+            let Some(n) = moved else { continue };
+            if n > 0 {
+                ends.info.record(ends.backend, to_backend, n, spliced);
             }
-        } else {
-            // Readiness from before the read: with the FIN already in, a
-            // short read may have taken the stream's last bytes.
-            let (n, ended) = copy_once(from, to, size, ready.is_read_closed()).await?;
-            // A full small buffer means a bulk flow: splice from now on,
-            // or copy through large buffers where splicing is off.
-            if size == SMALL && n == Some(SMALL) {
-                zero_copy = ends.zero_copy;
-                size = LARGE;
-            }
-            (n, ended)
-        };
-        let Some(n) = moved else { continue };
-        if n > 0 {
-            ends.info.record(ends.backend, to_backend, n, spliced);
-        }
-        if n == 0 || ended {
-            // The peer finished sending: pass the FIN on. When the
-            // other direction has ended too, the close that follows
-            // sends it, one syscall fewer.
-            if ends.one_done.swap(true, Ordering::SeqCst) {
+            if n == 0 || ended {
+                // The peer finished sending: pass the FIN on. When the
+                // other direction has ended too, the close that follows
+                // sends it, one syscall fewer.
+                if ends.one_done.swap(true, Ordering::SeqCst) {
+                    return Ok(());
+                }
+                // The other side may already be gone, which ends nothing here.
+                match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Err(e) => return Err(e),
+                }
                 return Ok(());
             }
-            // The other side may already be gone, which ends nothing here.
-            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                Err(e) => return Err(e),
-            }
-            return Ok(());
         }
     }
+}
+
+/// Waits until `s` is readable, and says whether the peer's FIN is in.
+/// The wait keeps no waiter in the connection's future, as tokio's
+/// `ready()` would (a list node of 136 bytes, held by every idle
+/// connection): `poll_read_ready` wakes through the socket's one reader
+/// slot, which this direction alone uses. The bits are then read by a
+/// `ready()` polled once in place, which is ready at once.
+fn readable(s: &TcpStream) -> impl Future<Output = io::Result<bool>> + '_ {
+    std::future::poll_fn(move |cx| {
+        std::task::ready!(s.poll_read_ready(cx))?;
+        let bits = std::pin::pin!(s.ready(Interest::READABLE));
+        Poll::Ready(match bits.poll(cx) {
+            Poll::Ready(r) => r.map(|r| r.is_read_closed()),
+            // Cleared meanwhile: the FIN, if in, is found by the next read.
+            Poll::Pending => Ok(false),
+        })
+    })
+}
+
+/// Waits until `s` is writable, through its one writer slot (see
+/// `readable`): the other direction is the only writer.
+fn writable(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| s.poll_write_ready(cx))
 }
 
 /// One read into a pooled buffer and the write of all of it. `None` when
@@ -192,45 +226,51 @@ async fn one_way(
 /// join the write, and if it finds an error (a reset also raises the
 /// FIN's readiness) the bytes already read are written before it is
 /// returned, as they would have been without the look ahead.
-async fn copy_once(
-    from: &TcpStream,
-    to: &TcpStream,
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in the future"
+)]
+fn copy_once<'a>(
+    from: &'a TcpStream,
+    to: &'a TcpStream,
     size: usize,
     fin_in: bool,
-) -> io::Result<(Option<usize>, bool)> {
-    let mut buf = Buf::take(size);
-    let mut n = match read_some(from, buf.bytes())? {
-        Some(n) => n,
-        None => return Ok((None, false)),
-    };
-    let mut ended = false;
-    let mut failed = None;
-    if fin_in && n > 0 && n < size {
-        // A plain recv, outside tokio's readiness: whatever it returns, the
-        // stream is past its FIN, and the next round's readiness is still
-        // set by it.
-        match recv(from, &mut buf.bytes()[n..]) {
-            Ok(0) => ended = true,
-            Ok(m) => n += m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => failed = Some(e),
+) -> impl Future<Output = io::Result<(Option<usize>, bool)>> + 'a {
+    async move {
+        let mut buf = Buf::take(size);
+        let mut n = match read_some(from, buf.bytes())? {
+            Some(n) => n,
+            None => return Ok((None, false)),
+        };
+        let mut ended = false;
+        let mut failed = None;
+        if fin_in && n > 0 && n < size {
+            // A plain recv, outside tokio's readiness: whatever it returns, the
+            // stream is past its FIN, and the next round's readiness is still
+            // set by it.
+            match recv(from, &mut buf.bytes()[n..]) {
+                Ok(0) => ended = true,
+                Ok(m) => n += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => failed = Some(e),
+            }
         }
-    }
-    let flags = SEND_FLAGS | if ended { SEND_MORE } else { 0 };
-    let mut off = 0;
-    while off < n {
-        to.writable().await?;
-        let chunk = &buf.bytes()[off..n];
-        match to.try_io(Interest::WRITABLE, || send(to, chunk, flags)) {
-            Ok(w) => off += w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        let flags = SEND_FLAGS | if ended { SEND_MORE } else { 0 };
+        let mut off = 0;
+        while off < n {
+            writable(to).await?;
+            let chunk = &buf.bytes()[off..n];
+            match to.try_io(Interest::WRITABLE, || send(to, chunk, flags)) {
+                Ok(w) => off += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok((Some(n), ended))
     }
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    Ok((Some(n), ended))
 }
 
 /// One read; `None` when there was nothing to read. A short read leaves a
@@ -382,52 +422,61 @@ mod pipe {
     }
 
     /// Moves what `from` has, up to a pipe's worth, to `to`.
-    pub async fn transfer(from: &TcpStream, to: &TcpStream) -> io::Result<Moved> {
-        // Out of descriptors for a pipe: copy instead of failing the connection.
-        let Ok(pipe) = Pipe::take() else {
-            return Ok(Moved::Unsupported);
-        };
-        // The pipe is empty, so only the socket can make this block.
-        let n = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
-        }) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pipe.give_back();
-                return Ok(Moved::Bytes(None));
-            }
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                ) =>
-            {
-                pipe.give_back();
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps a second copy of its arguments in the future"
+    )]
+    pub fn transfer<'a>(
+        from: &'a TcpStream,
+        to: &'a TcpStream,
+    ) -> impl Future<Output = io::Result<Moved>> + 'a {
+        async move {
+            // Out of descriptors for a pipe: copy instead of failing the connection.
+            let Ok(pipe) = Pipe::take() else {
                 return Ok(Moved::Unsupported);
-            }
-            Err(e) => {
-                pipe.give_back();
-                return Err(e);
-            }
-        };
-        // No readiness shortcut here: a short splice does not mean the
-        // socket is empty (each packet takes a pipe slot, and the slots can
-        // run out first), so the next round finds out with EAGAIN.
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            // The pipe holds data, so only the socket can make this block.
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
+            };
+            // The pipe is empty, so only the socket can make this block.
+            let n = match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
             }) {
-                Ok(w) => left -= w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // A pipe with data left in it is dropped, not pooled.
-                Err(e) => return Err(e),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pipe.give_back();
+                    return Ok(Moved::Bytes(None));
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    pipe.give_back();
+                    return Ok(Moved::Unsupported);
+                }
+                Err(e) => {
+                    pipe.give_back();
+                    return Err(e);
+                }
+            };
+            // No readiness shortcut here: a short splice does not mean the
+            // socket is empty (each packet takes a pipe slot, and the slots can
+            // run out first), so the next round finds out with EAGAIN.
+            let mut left = n;
+            while left > 0 {
+                super::writable(to).await?;
+                // The pipe holds data, so only the socket can make this block.
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
+                }) {
+                    Ok(w) => left -= w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // A pipe with data left in it is dropped, not pooled.
+                    Err(e) => return Err(e),
+                }
             }
+            pipe.give_back();
+            Ok(Moved::Bytes(Some(n)))
         }
-        pipe.give_back();
-        Ok(Moved::Bytes(Some(n)))
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
+use atomic_waker::AtomicWaker;
 
 use super::Backend;
 
@@ -28,8 +28,50 @@ pub struct ConnInfo {
     pub bytes_in: AtomicU64,
     /// Bytes from the backend to the client.
     pub bytes_out: AtomicU64,
-    /// Cancelled to close this connection (stop, force, idle close, shutdown).
-    pub cancel: CancellationToken,
+    /// Set once the backend connect succeeded: only then can the idle
+    /// timeout close it.
+    connected: AtomicBool,
+    /// Cancelled to close this connection (stop, force, idle close, idle
+    /// timeout, shutdown).
+    pub cancel: Closer,
+}
+
+/// The signal that closes one connection. Its only waiter is the
+/// connection's own task, so an atomic waker serves: a cancellation token
+/// would allocate a tree node per connection, and its wait would keep a
+/// list node in every idle connection's future.
+#[derive(Debug, Default)]
+pub struct Closer {
+    closed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Closer {
+    /// Closes the connection; its task wakes to end it.
+    pub fn cancel(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once `cancel` was called. Polled by one task only.
+    pub fn cancelled(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.is_cancelled() {
+                return std::task::Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Checked again: a cancel between the two saw no waker.
+            if self.is_cancelled() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
 }
 
 impl ConnInfo {
@@ -58,6 +100,12 @@ impl ConnInfo {
     /// for the backend to answer what the client last sent.
     pub fn closable_when_idle(&self, d: Duration) -> bool {
         self.idle() >= d && !self.awaiting_reply.load(Ordering::Relaxed)
+    }
+
+    /// Whether the idle timeout `limit` has run out: connected, and silent
+    /// that long. A connect still pending is the connect timeout's.
+    pub fn timed_out(&self, limit: Duration) -> bool {
+        self.connected.load(Ordering::Relaxed) && self.idle() >= limit
     }
 
     /// How long no byte has moved in either direction.
@@ -119,7 +167,8 @@ impl Backend {
             awaiting_reply: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            cancel: CancellationToken::new(),
+            connected: AtomicBool::new(false),
+            cancel: Closer::default(),
         });
         self.conns.insert(info.id, info.clone());
         let guard = ConnGuard {
@@ -154,6 +203,7 @@ impl ConnGuard {
 
     /// Counts the connection as made, once the backend connect succeeded.
     pub fn established(&self) {
+        self.info.connected.store(true, Ordering::Relaxed);
         self.backend
             .total_connections
             .fetch_add(1, Ordering::Relaxed);

@@ -616,6 +616,18 @@ impl Backend {
         self.healthy.store(up, Ordering::SeqCst);
     }
 
+    /// Closes the connections that were silent for the idle timeout
+    /// `limit`; returns how many. The server sweeps every backend with
+    /// it, so an idle connection keeps no timer of its own.
+    pub fn close_timed_out(&self, limit: Duration) -> usize {
+        let mut n = 0;
+        for c in self.conns.iter().filter(|c| c.timed_out(limit)) {
+            c.cancel.cancel();
+            n += 1;
+        }
+        n
+    }
+
     /// Closes every connection of this backend, the previous process's
     /// too; returns how many of this process's.
     pub fn close_all(&self) -> usize {
@@ -785,6 +797,39 @@ mod tests {
         drop(g2);
         assert_eq!(b.state(), State::Drained);
         assert_eq!(b.live(), 0);
+    }
+
+    /// The idle timeout's sweep closes a connection that is connected and
+    /// silent, never one whose backend connect is still pending: that one
+    /// is the connect timeout's.
+    #[test]
+    fn the_idle_sweep_spares_a_pending_connect() {
+        let b = backend();
+        let pending = acquire(&b).unwrap();
+        let open = acquire(&b).unwrap();
+        open.established();
+        assert_eq!(b.close_timed_out(Duration::ZERO), 1);
+        assert!(open.info().cancel.is_cancelled());
+        assert!(!pending.info().cancel.is_cancelled());
+        assert_eq!(
+            b.close_timed_out(Duration::from_secs(3600)),
+            0,
+            "silent for less than that"
+        );
+    }
+
+    /// A close reaches a connection's task whether it waits already or
+    /// polls after the close.
+    #[tokio::test]
+    async fn a_close_wakes_its_connection() {
+        let b = backend();
+        let g = acquire(&b).unwrap();
+        let info = g.info().clone();
+        let waiter = tokio::spawn(async move { info.cancel.cancelled().await });
+        tokio::task::yield_now().await;
+        g.info().cancel.cancel();
+        waiter.await.unwrap();
+        g.info().cancel.cancelled().await;
     }
 
     #[test]
