@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Correctness smoke for uring-probe, each engine in turn, and the io_uring
-# one again with only 4 provided buffers (about 10 s each): HTTP through
+# one again with only 4 provided buffers and its shutdowns through the
+# ring (about 10 s each): HTTP through
 # nginx, a byte-exact bulk transfer both ways (once with a late reader, so
 # the proxy must hold back), a half-closed client, a backend that refuses,
 # and no descriptor left behind once the load has stopped. Exits 1 on the
@@ -153,9 +154,10 @@ for m in $MODES; do
   check_mode "$m"
   if [[ $m == uring ]]; then
     # Again with fewer buffers than one direction may queue, so that
-    # receives run the ring dry (ENOBUFS) and must be re-armed.
-    log "uring with 4 provided buffers"
-    check_mode uring --buffers 4
+    # receives run the ring dry (ENOBUFS) and must be re-armed; and with
+    # the shutdown through the ring.
+    log "uring with 4 provided buffers and --shutdown ring"
+    check_mode uring --buffers 4 --shutdown ring
   fi
 done
 log "PASS: $MODES"

@@ -4,7 +4,7 @@
 //! else. It exists to find io_uring's ceiling before wiring io_uring into
 //! sluice (see benches/README.md).
 //!
-//!   uring-probe --mode uring|epoll [--buf-size BYTES] [--buffers N]
+//!   uring-probe --mode uring|epoll [--buf-size BYTES] [--buffers N] [--shutdown syscall|ring]
 //!       --listen ADDR --backend ADDR [--backend ADDR ...]
 //!       [--listen ADDR --backend ADDR ...]
 //!
@@ -40,9 +40,11 @@ struct Args {
     buf_size: usize,
     /// Provided buffers in the io_uring buffer ring (a power of two).
     buffers: u16,
+    /// io_uring: shutdown through the ring, not as a system call.
+    ring_shutdown: bool,
 }
 
-const USAGE: &str = "usage: uring-probe --mode uring|epoll [--buf-size BYTES] [--buffers N] \
+const USAGE: &str = "usage: uring-probe --mode uring|epoll [--buf-size BYTES] [--buffers N] [--shutdown syscall|ring] \
 --listen ADDR --backend ADDR [--backend ADDR ...] [--listen ADDR --backend ADDR ...]";
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -50,6 +52,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut groups: Vec<Group> = Vec::new();
     let mut buf_size = 16 * 1024;
     let mut buffers: u16 = 1024;
+    let mut ring_shutdown = false;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
@@ -86,6 +89,13 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                     .filter(|n: &u16| n.is_power_of_two() && *n <= 32768)
                     .ok_or("--buffers: a power of two up to 32768")?
             }
+            "--shutdown" => {
+                ring_shutdown = match value()?.as_str() {
+                    "ring" => true,
+                    "syscall" => false,
+                    other => return Err(format!("--shutdown {other}: not ring or syscall")),
+                }
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -102,6 +112,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         groups,
         buf_size,
         buffers,
+        ring_shutdown,
     })
 }
 
@@ -128,7 +139,12 @@ fn main() -> ExitCode {
         }
     };
     let result = match args.mode {
-        Mode::Uring => uring::run(&args.groups, args.buf_size as u32, args.buffers),
+        Mode::Uring => uring::run(
+            &args.groups,
+            args.buf_size as u32,
+            args.buffers,
+            args.ring_shutdown,
+        ),
         Mode::Epoll => epoll::run(args.groups, args.buf_size),
     };
     match result {

@@ -13,10 +13,13 @@
 //! - Backpressure: a direction holding `QUEUE_CAP` buffers has its receive
 //!   cancelled, and re-armed once a send frees one; a receive that ran the
 //!   ring dry (ENOBUFS) waits until buffers come back.
-//! - EOF on one side becomes `Shutdown(SHUT_WR)` on the other once its
-//!   queue is sent; when both directions are shut, both sockets are closed
-//!   through the ring. On an error, every request still in flight on the
-//!   two sockets is cancelled and both are closed.
+//! - EOF on one side becomes `shutdown(SHUT_WR)` on the other once its
+//!   queue is sent: a system call by default, since the kernel hands every
+//!   `IORING_OP_SHUTDOWN` to an io-wq worker thread (a switch to another
+//!   thread per shutdown; `--shutdown ring` measures it). When both
+//!   directions are shut, both sockets are closed through the ring. On an
+//!   error, every request still in flight on the two sockets is cancelled
+//!   and both are closed.
 //! - Submission is batched: everything queued while handling a batch of
 //!   completions goes to the kernel in the next loop's one
 //!   `submit_and_wait`.
@@ -241,9 +244,12 @@ struct Proxy {
     timer_armed: bool,
     /// The retry delay for paused accepts; boxed so its address holds.
     retry: Box<Timespec>,
+    /// Shutdown through the ring rather than as a system call: the kernel
+    /// always hands IORING_OP_SHUTDOWN to an io-wq worker thread.
+    ring_shutdown: bool,
 }
 
-pub fn run(groups: &[Group], buf_size: u32, buffers: u16) -> io::Result<()> {
+pub fn run(groups: &[Group], buf_size: u32, buffers: u16, ring_shutdown: bool) -> io::Result<()> {
     // One thread submits, and completions are only wanted when it asks
     // for them: let the kernel run their work in that thread's wait.
     let ring = IoUring::builder()
@@ -276,6 +282,7 @@ pub fn run(groups: &[Group], buf_size: u32, buffers: u16) -> io::Result<()> {
         paused: Vec::new(),
         timer_armed: false,
         retry: Box::new(Timespec::new().sec(1)),
+        ring_shutdown,
     };
     for li in 0..p.listeners.len() {
         p.arm_accept(li);
@@ -531,12 +538,23 @@ impl Proxy {
         if dr.head == NONE {
             if dr.eof && dr.shut == Shut::No {
                 dr.shut = Shut::Sent;
-                c.ops += 1;
-                self.push(
-                    opcode::Shutdown::new(Fd(to), libc::SHUT_WR)
-                        .build()
-                        .user_data(ud(K_SHUTDOWN, slot, d)),
-                );
+                if self.ring_shutdown {
+                    c.ops += 1;
+                    self.push(
+                        opcode::Shutdown::new(Fd(to), libc::SHUT_WR)
+                            .build()
+                            .user_data(ud(K_SHUTDOWN, slot, d)),
+                    );
+                } else {
+                    // SAFETY: plain system call on a descriptor we own.
+                    let res = match unsafe { libc::shutdown(to, libc::SHUT_WR) } {
+                        0 => 0,
+                        _ => -io::Error::last_os_error()
+                            .raw_os_error()
+                            .unwrap_or(libc::EIO),
+                    };
+                    self.shut_done(slot, d, res);
+                }
             }
             return;
         }
@@ -583,8 +601,12 @@ impl Proxy {
     }
 
     fn on_shutdown(&mut self, slot: usize, d: usize, res: i32) {
+        self.conns[slot].ops -= 1;
+        self.shut_done(slot, d, res);
+    }
+
+    fn shut_done(&mut self, slot: usize, d: usize, res: i32) {
         let c = &mut self.conns[slot];
-        c.ops -= 1;
         if c.state != State::Relaying {
             self.release_if_done(slot);
             return;
