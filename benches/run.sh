@@ -11,9 +11,11 @@
 # Knobs (environment): DURATION (s per wrk run), IPERF_TIME (s per iperf3
 # run), WARMUP (s of wrk before the keep-alive run, 0 = none), CONNS (wrk
 # connections), IDLE_CONNS, PROXY_CPU, LOAD_CPU, TARGETS (space-separated
-# subset of: sluice haproxy haproxy_splice nginx direct), KEEP_WORK=1 keeps
-# the temp dir with every log, RESULTS_DIR (benches/results) where the
-# tables go.
+# subset of: sluice haproxy haproxy_splice nginx direct uring epoll_min; the
+# last two, the io_uring probe's two engines, only when named), PROBE_ARGS
+# (extra uring-probe arguments, such as --buf-size 65536), KEEP_WORK=1
+# keeps the temp dir with every log, RESULTS_DIR (benches/results) where
+# the tables go.
 #
 # Exit status: 0 when the table was written (failed cells are explained in
 # its notes); 1 on a harness error (build failed, a backend would not start,
@@ -25,6 +27,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/benches"
 RESULTS=${RESULTS_DIR:-"$BENCH/results"}
 SLUICE="$ROOT/target/release/sluice"
+PROBE="$BENCH/uring/target/release/uring-probe"
 RATE_GEN="$ROOT/target/release/examples/rate"
 
 QUICK=${QUICK:-0}
@@ -69,11 +72,15 @@ LOAD_CPU=${LOAD_CPU:-0}
 TARGETS=${TARGETS:-"sluice haproxy haproxy_splice nginx direct"}
 NGINX_STREAM_MODULE=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so}
 
+PROBE_ARGS=${PROBE_ARGS:-}
 declare -A LABEL=(
   [sluice]="sluice" [haproxy]="HAProxy" [haproxy_splice]="HAProxy splice"
   [nginx]="nginx stream" [direct]="direct"
+  [uring]="io_uring probe" [epoll_min]="epoll probe"
 )
-ALL_TARGETS=(sluice haproxy haproxy_splice nginx direct)
+# uring and epoll_min: benches/uring's minimal proxy on its two engines,
+# to measure io_uring's ceiling; run only when TARGETS names them.
+ALL_TARGETS=(sluice haproxy haproxy_splice nginx direct uring epoll_min)
 
 declare -A R=()      # R[target:metric] = value, or a word such as skipped
 NOTES=()
@@ -206,6 +213,13 @@ if ! (cd "$ROOT" && cargo build --release && cargo build --release --example rat
   die "cargo build --release failed"
 fi
 [[ -x $SLUICE ]] || die "$SLUICE missing after the build"
+if [[ " $TARGETS " == *" uring "* || " $TARGETS " == *" epoll_min "* ]]; then
+  log "building uring-probe (cargo build --release --manifest-path benches/uring/Cargo.toml)"
+  if ! cargo build --release --manifest-path "$BENCH/uring/Cargo.toml" >"$WORK/build-probe.log" 2>&1; then
+    tail -n 30 "$WORK/build-probe.log" >&2
+    die "building uring-probe failed"
+  fi
+fi
 
 # ---------------------------------------------------------------- machine
 
@@ -459,6 +473,22 @@ EOF
   [[ -n $PROXY_PID ]] || { log "nginx stream worker did not appear"; return 1; }
 }
 
+# start_probe TARGET ENGINE: uring-probe --mode ENGINE, one process and one
+# thread for all three listeners, so the cap and the pinning hold all of it.
+start_probe() {
+  local dir="$WORK/probe-$1.$RUN"
+  mkdir -p "$dir"
+  proxy_ports
+  PROXY_LOG="$dir/stderr.log"
+  # shellcheck disable=SC2086 # PROBE_ARGS is a list of arguments
+  start "$PROXY_CPU" "$PROXY_LOG" "$PROBE" --mode "$2" $PROBE_ARGS \
+    --listen "127.0.0.1:$P_WEB" --backend "127.0.0.1:${BE_WEB1:-9}" --backend "127.0.0.1:${BE_WEB2:-9}" \
+    --listen "127.0.0.1:$P_BULK" --backend "127.0.0.1:${BE_IPERF:-9}" \
+    --listen "127.0.0.1:$P_IDLE" --backend "127.0.0.1:$BE_HOLD"
+  PROXY_MAIN=$PID PROXY_PID=$PID
+  wait_proxy "${LABEL[$1]}"
+}
+
 start_target() { # target
   RUN=$((RUN + 1))
   PROXY_PID="" PROXY_MAIN="" PROXY_LOG=""
@@ -467,6 +497,8 @@ start_target() { # target
     haproxy) start_haproxy 0 ;;
     haproxy_splice) start_haproxy 1 ;;
     nginx) start_nginx_stream ;;
+    uring) start_probe uring uring ;;
+    epoll_min) start_probe epoll_min epoll ;;
     direct)
       P_WEB=$BE_WEB1 P_BULK=$BE_IPERF P_IDLE=""
       return 0
@@ -810,12 +842,17 @@ record_overflows() { # target
 
 # scan_log TARGET: reports warnings and errors the proxy logged.
 scan_log() {
-  local t=$1 n logs
-  logs=$(ls "$WORK"/sluice.*/stderr.log 2>/dev/null || true)
-  [[ $t == sluice && -n $logs ]] || return 0
-  n=$(cat $logs | grep -c -E 'WARN|ERROR|panick' || true)
+  local t=$1 n logs pat='WARN|ERROR|panick'
+  case $t in
+    sluice) logs=$(ls "$WORK"/sluice.*/stderr.log 2>/dev/null || true) ;;
+    # The probe writes only when something failed.
+    uring | epoll_min) logs=$(ls "$WORK"/probe-"$t".*/stderr.log 2>/dev/null || true) pat=. ;;
+    *) return 0 ;;
+  esac
+  [[ -n $logs ]] || return 0
+  n=$(cat $logs | grep -c -E "$pat" || true)
   if ((n > 0)); then
-    note "sluice logged $n WARN/ERROR lines; the most frequent: $(cat $logs | grep -E 'WARN|ERROR|panick' | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.Z-]* *//' -e 's/client=[0-9.:]*//g' | sort | uniq -c | sort -rn | head -n 3 | tr -s ' ' | tr '\n' ';')"
+    note "${LABEL[$t]} logged $n WARN/ERROR lines; the most frequent: $(cat $logs | grep -E "$pat" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9T:.Z-]* *//' -e 's/client=[0-9.:]*//g' | sort | uniq -c | sort -rn | head -n 3 | tr -s ' ' | tr '\n' ';')"
   fi
 }
 
@@ -853,6 +890,7 @@ done
 # sluice's when HAProxy did not run), the same for every proxy.
 RATE_BASE=${R[haproxy:rps]:-} RATE_FROM="HAProxy's"
 [[ $RATE_BASE =~ ^[0-9.]+$ ]] || RATE_BASE=${R[sluice:rps]:-} RATE_FROM="sluice's"
+[[ $RATE_BASE =~ ^[0-9.]+$ ]] || RATE_BASE=${R[epoll_min:rps]:-} RATE_FROM="the epoll probe's"
 FIXED_RATE="" LATE=""
 if [[ $RATE_BASE =~ ^[0-9.]+$ ]]; then
   FIXED_RATE=$(awk -v r="$RATE_BASE" 'BEGIN {printf "%d", r * 0.7}')
@@ -889,6 +927,17 @@ ROWS=(
   "idle|RSS per idle connection, KiB ↓ ($IDLE_N conns)"
 )
 
+# Columns: the five usual targets always, so tables compare run to run,
+# then each probe engine that ran; ratio columns as numerator:denominator.
+COLS=(sluice haproxy haproxy_splice nginx direct)
+RATIOS=(sluice:haproxy sluice:haproxy_splice sluice:direct)
+for t in uring epoll_min; do
+  [[ " ${SELECTED[*]} " == *" $t "* ]] && COLS+=("$t")
+done
+if [[ " ${SELECTED[*]} " == *" uring "* && " ${SELECTED[*]} " == *" epoll_min "* ]]; then
+  RATIOS+=(uring:epoll_min)
+fi
+
 mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
 [[ -n $CAP ]] && mode="capped at $CAP% of one CPU, median of $ROUNDS alternating rounds (lowest–highest in brackets)"
 [[ $QUICK == 1 ]] && mode="QUICK=1, $ROUNDS round(s)"
@@ -904,6 +953,9 @@ mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
   echo "| run | $mode: wrk -t1 -c$CONNS ${DURATION} s per run (${WARMUP} s warm-up), iperf3 ${IPERF_TIME} s per run, $IDLE_N idle connections |"
   echo "| load average | $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end (other work on the machine skews the numbers) |"
   echo "| sluice settings | ${SLUICE_CONFIG_EXTRA:-defaults} (with one CPU: one worker) |"
+  if [[ " ${COLS[*]} " == *" uring "* || " ${COLS[*]} " == *" epoll_min "* ]]; then
+    echo "| probe | benches/uring (uring-probe), one thread; defaults: 16 KiB reads, 1,024 provided buffers, shutdown as a system call${PROBE_ARGS:+; arguments: $PROBE_ARGS} |"
+  fi
   echo "| pinning | proxy alone on CPU $PROXY_CPU (taskset -c $PROXY_CPU, one thread/worker); backends, wrk, iperf3 and idle client on CPU $LOAD_CPU |"
   if [[ -n $CAP ]]; then
     th=""
@@ -911,12 +963,16 @@ mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
     echo "| CPU cap | each proxy in a cgroup with a quota of $CAP% of one CPU ($((CAP * CAP_PERIOD_US / 100)) µs per $((CAP_PERIOD_US / 1000)) ms); periods it was throttled in the load runs: ${th%, } (throttling in every run means the cap, not the load side, set the pace) |"
   fi
   echo
-  echo "| metric | sluice | HAProxy | HAProxy splice | nginx stream | direct | sluice ÷ HAProxy | sluice ÷ HAProxy splice | sluice ÷ direct |"
-  echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+  hdr="| metric " sep="|---"
+  for t in "${COLS[@]}"; do hdr+="| ${LABEL[$t]} " sep+="|--:"; done
+  for r in "${RATIOS[@]}"; do hdr+="| ${LABEL[${r%:*}]} ÷ ${LABEL[${r#*:}]} " sep+="|--:"; done
+  echo "$hdr|"
+  echo "$sep|"
+  blank=$(printf '| %.0s' "${RATIOS[@]}")
   for row in "${ROWS[@]}"; do
     m=${row%%|*}
     line="| ${row#*|} "
-    for t in "${ALL_TARGETS[@]}"; do
+    for t in "${COLS[@]}"; do
       if [[ -n ${SPREAD[$t:$m]:-} && " rps cps p99 gbps1 gbps4 " == *" $m "* ]]; then
         line+="| ${R[$t:$m]:-—} (${SPREAD[$t:$m]}) "
       else
@@ -925,22 +981,22 @@ mode="full, median of $ROUNDS rounds (lowest–highest in brackets)"
     done
     if [[ $m == busy || $m == busyc ]]; then
       line="| ${row#*|} "
-      for t in "${ALL_TARGETS[@]}"; do
+      for t in "${COLS[@]}"; do
         line+="| ${R[$t:p$m]:-—} / ${R[$t:l$m]:-—} "
       done
-      line+="| | | |"
+      line+="$blank|"
     elif [[ $m == errs ]]; then
-      line+="| | | |"
+      line+="$blank|"
     else
-      for t in haproxy haproxy_splice direct; do
-        line+="| $(ratio "${R[sluice:$m]:-}" "${R[$t:$m]:-}") "
+      for r in "${RATIOS[@]}"; do
+        line+="| $(ratio "${R[${r%:*}:$m]:-}" "${R[${r#*:}:$m]:-}") "
       done
       line+="|"
     fi
     echo "$line"
   done
   echo
-  echo "↑ higher is better, ↓ lower is better; a ratio is sluice's value divided by the peer's."
+  echo "↑ higher is better, ↓ lower is better; a ratio is the first-named value divided by the second's."
   echo "Direct is wrk or iperf3 straight to one backend, with no proxy: the limit of this machine."
   echo "The fixed-rate rows send requests on a schedule (examples/rate.rs, $CONNS keep-alive connections) at 70% of $RATE_FROM keep-alive requests/s in this run, and count each latency from when the request was due; a single run each, not a median. How late requests left their connection (p99; a connection sends its next request only after the last reply, so a stalled proxy makes them late, and direct shows the generator's own precision): ${LATE%, }."
   echo "CPU busy % shows which side limits a row: a load core near 100% means wrk and the backends, not the proxy, set the pace."
