@@ -352,6 +352,41 @@ async fn idle_timeout_closes_silent_connections() {
     lb.shutdown().await;
 }
 
+/// The idle timeout is one sweep over the connection tables: it closes
+/// the silent connection and spares one that talks more often than the
+/// timeout, and a reload that sets it applies to connections already open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_spares_talkers_and_a_reload_applies_it_to_live_connections() {
+    let a = Echo::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, config("", "", &[("a", a.addr)])).unwrap();
+    let lb = Sluice::from_file(&path).await;
+    let (mut silent, _) = lb.connect().await;
+    let (mut talker, _) = lb.connect().await;
+    std::fs::write(
+        &path,
+        config("idle_timeout = \"400ms\"", "", &[("a", a.addr)]),
+    )
+    .unwrap();
+    assert_eq!(lb.post("/reload").await.0, 200);
+    // The talker speaks every 50 ms until the silent one is closed.
+    let closed = closed_by_peer(&mut silent);
+    tokio::pin!(closed);
+    loop {
+        tokio::select! {
+            c = &mut closed => {
+                assert!(c, "the silent connection was closed within the deadline");
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => echo(&mut talker, b"x").await,
+        }
+    }
+    echo(&mut talker, b"still here").await;
+    assert_eq!(lb.live("a").await, 1, "the talker is still counted");
+    lb.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_runtime_layouts_serve_and_count_exactly() {
     for layout in [
