@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
-use crate::api::ConnView;
+use crate::api::{ConnKey, ConnView};
 use crate::backend::State;
 
 /// The descriptor number the new process finds its end of the pair at.
@@ -58,13 +58,34 @@ pub enum SocketKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    /// New to old: it accepts on every socket now.
-    Ready { pid: u32, version: String },
+    /// New to old: it accepts on every socket now. `held_changes`: it
+    /// reads [`Message::HeldChanges`]; a sluice from before them sends
+    /// no such field, and is sent whole reports only.
+    Ready {
+        pid: u32,
+        version: String,
+        #[serde(default)]
+        held_changes: bool,
+    },
     /// New to old: it cannot take over, and why.
     Failed { error: String },
-    /// Old to new: the connections it still holds, by backend name.
+    /// Old to new: the connections it still holds, by backend name, the
+    /// whole of them. The first report is one, and every report to a new
+    /// process that did not say it reads `HeldChanges`.
     Held {
         backends: HashMap<String, Vec<ConnView>>,
+    },
+    /// Old to new: what changed since the last report, by backend name:
+    /// the connections that ended, by identity (`[pid, id]`, which also
+    /// names those relayed from an older process), and the new ones
+    /// whole. Sent only to a process that said it reads them: one that
+    /// skipped it would miss a new connection, and could end a drain that
+    /// the old process still holds open.
+    HeldChanges {
+        #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+        gone: HashMap<String, Vec<ConnKey>>,
+        #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+        new: HashMap<String, Vec<ConnView>>,
     },
     /// New to old: close its connections of `backend`; those idle for
     /// `idle_ms` (and not waiting for a reply) only, when given.

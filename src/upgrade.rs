@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ConnView, UpgradeView};
+use crate::api::{ConnKey, ConnView, UpgradeView};
 use crate::backend::CloseElsewhere;
 use crate::handover::{self, Message, Offer, SocketKind};
 use crate::state::Shared;
@@ -160,7 +160,11 @@ impl Upgrader {
             let mut lines = BufReader::new(read).lines();
             match lines.next_line().await {
                 Ok(Some(line)) => match serde_json::from_str::<Message>(&line) {
-                    Ok(Message::Ready { pid, version }) => Ok((pid, version, lines, write)),
+                    Ok(Message::Ready {
+                        pid,
+                        version,
+                        held_changes,
+                    }) => Ok((pid, version, held_changes, lines, write)),
                     Ok(Message::Failed { error }) => {
                         Err(format!("the new process refused: {error}"))
                     }
@@ -176,7 +180,7 @@ impl Upgrader {
                 crate::config::format_duration(READY_DEADLINE)
             )),
         };
-        let (pid, new_version, lines, write) = match outcome {
+        let (pid, new_version, held_changes, lines, write) = match outcome {
             Ok(ok) => ok,
             Err(why) => {
                 // How it ended, if it ended by itself; else it is stopped.
@@ -200,9 +204,10 @@ impl Upgrader {
         // before anything else can change here.
         self.shared.stop_saving();
         self.handed_over.cancel();
+        let reporter = Reporter::new(held_changes);
         self.shared
             .tasks
-            .spawn(report_held(self.shared.clone(), lines, write));
+            .spawn(report_held(self.shared.clone(), reporter, lines, write));
         Ok(UpgradeView {
             old_pid: std::process::id(),
             old_version: version(),
@@ -306,26 +311,18 @@ fn spawn(
 /// still held here; closes those it asks to close.
 async fn report_held(
     shared: Arc<Shared>,
+    mut reporter: Reporter,
     mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     mut write: tokio::net::unix::OwnedWriteHalf,
 ) {
     let mut every = tokio::time::interval(REPORT_EVERY);
-    let mut last = None;
     loop {
         tokio::select! {
             _ = every.tick() => {
-                let held = held(&shared);
-                // Sent when the set of connections changes, not their ages.
-                let ids: HashMap<String, Vec<u64>> = held
-                    .iter()
-                    .map(|(b, rows)| (b.clone(), rows.iter().map(|c| c.id).collect()))
-                    .collect();
-                if last.as_ref() != Some(&ids) {
-                    let line = Message::Held { backends: held }.line();
-                    if write.write_all(line.as_bytes()).await.is_err() {
+                if let Some(report) = reporter.next(&shared) {
+                    if write.write_all(report.line().as_bytes()).await.is_err() {
                         return;
                     }
-                    last = Some(ids);
                 }
             }
             line = lines.next_line() => match line {
@@ -346,25 +343,159 @@ async fn report_held(
     }
 }
 
-/// The connections by backend name that the new process must count: this
+/// Identities of held connections by backend name, each list sorted; a
+/// backend with none is absent.
+type Keys = HashMap<String, Vec<ConnKey>>;
+
+/// Decides each tick what the old process tells the new one: the whole
+/// set first, then only what changed, and nothing while nothing did. A
+/// tick costs the identities of the held connections, a sort and a merge;
+/// views are built only for the connections the report names.
+#[derive(Debug)]
+struct Reporter {
+    /// Whether the new process reads `HeldChanges`; if not, every change
+    /// is sent as a whole report, as a sluice before them expects.
+    held_changes: bool,
+    /// The identities the last report left the new process with.
+    last: Option<Keys>,
+}
+
+impl Reporter {
+    fn new(held_changes: bool) -> Reporter {
+        Reporter {
+            held_changes,
+            last: None,
+        }
+    }
+
+    /// The report for this tick, if one is due.
+    fn next(&mut self, shared: &Shared) -> Option<Message> {
+        let now = held_keys(shared);
+        let report = match &self.last {
+            Some(last) => {
+                let changes = diff(last, &now);
+                if changes.is_empty() {
+                    return None;
+                }
+                if self.held_changes {
+                    Message::HeldChanges {
+                        gone: changes.gone,
+                        new: views(shared, &changes.new),
+                    }
+                } else {
+                    Message::Held {
+                        backends: views(shared, &now),
+                    }
+                }
+            }
+            None => Message::Held {
+                backends: views(shared, &now),
+            },
+        };
+        self.last = Some(now);
+        Some(report)
+    }
+}
+
+/// The identities of the connections the new process must count: this
 /// process's, and those of the process before it, if that one still runs
-/// (upgrades may follow each other faster than connections end).
-fn held(shared: &Shared) -> HashMap<String, Vec<ConnView>> {
+/// (upgrades may follow each other faster than connections end). Every
+/// backend is looked at, not only those counted busy: a count may lag
+/// the rows it is taken from.
+fn held_keys(shared: &Shared) -> Keys {
     let pid = std::process::id();
-    shared
-        .backends()
-        .iter()
-        .filter(|b| b.live() + b.elsewhere() > 0)
-        .map(|b| {
-            let mut rows: Vec<ConnView> = b
-                .connections()
-                .iter()
-                .map(|c| ConnView::of(c, pid))
-                .collect();
-            rows.extend(shared.previous_connections(&b.name));
-            (b.name.clone(), rows)
-        })
-        .collect()
+    let mut held = Keys::new();
+    for b in shared.backends().iter() {
+        let mut keys: Vec<ConnKey> = b.connection_ids().map(|id| (pid, id)).collect();
+        shared.previous_keys(&b.name, &mut keys);
+        if !keys.is_empty() {
+            keys.sort_unstable();
+            held.insert(b.name.clone(), keys);
+        }
+    }
+    held
+}
+
+/// What changed between two sets of identities, by backend name.
+#[derive(Debug, Default, PartialEq)]
+struct Changes {
+    gone: Keys,
+    new: Keys,
+}
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        self.gone.is_empty() && self.new.is_empty()
+    }
+}
+
+/// The identities in `last` and not in `now` (gone), and the reverse
+/// (new), per backend; one merge of two sorted lists each.
+fn diff(last: &Keys, now: &Keys) -> Changes {
+    let mut changes = Changes::default();
+    let none = Vec::new();
+    let names = last
+        .keys()
+        .chain(now.keys().filter(|b| !last.contains_key(*b)));
+    for b in names {
+        let (was, is) = (last.get(b).unwrap_or(&none), now.get(b).unwrap_or(&none));
+        if was == is {
+            continue;
+        }
+        let (mut gone, mut new) = (Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        while i < was.len() && j < is.len() {
+            match was[i].cmp(&is[j]) {
+                std::cmp::Ordering::Less => {
+                    gone.push(was[i]);
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    new.push(is[j]);
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        gone.extend_from_slice(&was[i..]);
+        new.extend_from_slice(&is[j..]);
+        if !gone.is_empty() {
+            changes.gone.insert(b.clone(), gone);
+        }
+        if !new.is_empty() {
+            changes.new.insert(b.clone(), new);
+        }
+    }
+    changes
+}
+
+/// The views of the connections `keys` names: this process's from its
+/// tables, the older process's as it reported them. One that ended since
+/// its identity was taken is left out; the next report names it gone,
+/// which the new process ignores for a row it never had.
+fn views(shared: &Shared, keys: &Keys) -> HashMap<String, Vec<ConnView>> {
+    let pid = std::process::id();
+    let mut out = HashMap::new();
+    for (name, keys) in keys {
+        let Some(b) = shared.backend(name) else {
+            continue;
+        };
+        let (mine, relayed): (Vec<ConnKey>, Vec<ConnKey>) =
+            keys.iter().partition(|(p, _)| *p == pid);
+        let mut rows: Vec<ConnView> = mine
+            .iter()
+            .filter_map(|&(_, id)| b.connection(id))
+            .map(|c| ConnView::of(&c, pid))
+            .collect();
+        rows.extend(shared.previous_views(name, &relayed));
+        if !rows.is_empty() {
+            out.insert(name.clone(), rows);
+        }
+    }
+    out
 }
 
 /// The new process's side: what it took, and its line to the old one.
@@ -410,6 +541,7 @@ impl TakeOver {
         let ready = Message::Ready {
             pid: std::process::id(),
             version: version(),
+            held_changes: true,
         }
         .line();
         let (close_tx, mut close_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -445,12 +577,20 @@ impl TakeOver {
         shared.tasks.spawn(async move {
             let mut lines = BufReader::new(read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(Message::Held { backends }) = serde_json::from_str(&line) {
-                    follow.previous_holds(backends);
-                }
+                take_report(&follow, &line);
             }
             follow.previous_exited();
         });
         Ok(())
+    }
+}
+
+/// Applies one line of the old process's reports to what this process
+/// counts of it; a line it cannot read changes nothing.
+fn take_report(shared: &Shared, line: &str) {
+    match serde_json::from_str(line) {
+        Ok(Message::Held { backends }) => shared.previous_holds(backends),
+        Ok(Message::HeldChanges { gone, new }) => shared.previous_changes(gone, new),
+        _ => {}
     }
 }

@@ -471,6 +471,18 @@ impl Backend {
         v
     }
 
+    /// The ids of the live connections, in no order: what an upgrade's
+    /// report compares from one tick to the next, without a view or a
+    /// copy of any connection.
+    pub fn connection_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.conns.iter().map(|e| *e.key())
+    }
+
+    /// The live connection `id`, if it is still live.
+    pub fn connection(&self, id: u64) -> Option<Arc<ConnInfo>> {
+        self.conns.get(&id).map(|e| e.value().clone())
+    }
+
     /// One page of the live connections: those with an id above `after`,
     /// at most `limit` in ascending id order, and whether more follow.
     /// One walk of the table with `O(limit)` memory; nothing is sorted
