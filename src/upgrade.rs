@@ -370,6 +370,12 @@ impl Reporter {
 
     /// The report for this tick, if one is due.
     fn next(&mut self, shared: &Shared) -> Option<Message> {
+        // Until the process before this one has reported, what it holds is
+        // unknown; the new process counts a connection everywhere until
+        // this one's first report, so that report waits.
+        if !shared.previous_known() {
+            return None;
+        }
         let now = held_keys(shared);
         let report = match &self.last {
             Some(last) => {

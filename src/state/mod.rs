@@ -222,6 +222,10 @@ struct Previous {
     /// Its connections by backend name and identity, as its reports left
     /// them: a full report replaces them, a report of changes edits them.
     held: HashMap<String, BTreeMap<ConnKey, HeldRow>>,
+    /// Whether it has reported at all: until then what it holds is
+    /// unknown, and this process must not tell a successor of its own
+    /// that it holds nothing there.
+    reported: bool,
     exited_ms: Option<u64>,
 }
 
@@ -262,6 +266,7 @@ impl Shared {
             pid,
             version,
             held: HashMap::new(),
+            reported: false,
             exited_ms: None,
         });
     }
@@ -291,6 +296,7 @@ impl Shared {
                     (b, rows)
                 })
                 .collect();
+            p.reported = true;
             p.counts()
         };
         self.set_elsewhere_from(&counts);
@@ -324,6 +330,7 @@ impl Shared {
                     rows.insert(view.key(), HeldRow { view, at });
                 }
             }
+            p.reported = true;
             p.counts()
         };
         self.set_elsewhere_from(&counts);
@@ -335,6 +342,14 @@ impl Shared {
         for b in self.backends().iter() {
             b.set_elsewhere(counts.get(&b.name).copied().unwrap_or(0));
         }
+    }
+
+    /// Whether what the previous process holds is known: there is none,
+    /// it has reported, or it has exited.
+    pub fn previous_known(&self) -> bool {
+        let p = self.previous.lock().expect("previous lock");
+        p.as_ref()
+            .is_none_or(|p| p.reported || p.exited_ms.is_some())
     }
 
     /// The previous process is gone, and so are its connections.
