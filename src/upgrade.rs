@@ -319,10 +319,10 @@ async fn report_held(
     loop {
         tokio::select! {
             _ = every.tick() => {
-                if let Some(report) = reporter.next(&shared) {
-                    if write.write_all(report.line().as_bytes()).await.is_err() {
-                        return;
-                    }
+                if let Some(report) = reporter.next(&shared)
+                    && write.write_all(report.line().as_bytes()).await.is_err()
+                {
+                    return;
                 }
             }
             line = lines.next_line() => match line {
@@ -347,10 +347,15 @@ async fn report_held(
 /// backend with none is absent.
 type Keys = HashMap<String, Vec<ConnKey>>;
 
+/// A quiet tick walks no table, but one in `WALK_EVERY` walks anyway:
+/// see [`Marks`].
+const WALK_EVERY: u32 = 10;
+
 /// Decides each tick what the old process tells the new one: the whole
 /// set first, then only what changed, and nothing while nothing did. A
-/// tick costs the identities of the held connections, a sort and a merge;
-/// views are built only for the connections the report names.
+/// tick that finds its [`Marks`] unmoved costs a few loads per backend; one
+/// that walks costs the identities of the held connections, a sort and a
+/// merge. Views are built only for the connections a report names.
 #[derive(Debug)]
 struct Reporter {
     /// Whether the new process reads `HeldChanges`; if not, every change
@@ -358,6 +363,25 @@ struct Reporter {
     held_changes: bool,
     /// The identities the last report left the new process with.
     last: Option<Keys>,
+    /// What the last walk saw.
+    marks: Option<Marks>,
+    /// Ticks since the last walk.
+    quiet: u32,
+}
+
+/// What moves when the held set changes, read without walking a table.
+/// A new connection takes an id; one that ends leaves its backend's table
+/// smaller; a report of the older process counts in `previous`. The one
+/// change they can miss: a connection that took its id before a walk and
+/// entered its table after it, while another of that backend ended. The
+/// counts then still hold, only an identity is stale, and the walk every
+/// [`WALK_EVERY`] ticks sets it right.
+#[derive(Debug, PartialEq)]
+struct Marks {
+    ids_given: u64,
+    previous: u64,
+    /// This process's connections by backend name, where there are any.
+    mine: HashMap<String, usize>,
 }
 
 impl Reporter {
@@ -365,6 +389,8 @@ impl Reporter {
         Reporter {
             held_changes,
             last: None,
+            marks: None,
+            quiet: 0,
         }
     }
 
@@ -373,10 +399,34 @@ impl Reporter {
         // Until the process before this one has reported, what it holds is
         // unknown; the new process counts a connection everywhere until
         // this one's first report, so that report waits.
-        if !shared.previous_known() {
-            return None;
+        let previous = shared.previous_reports()?;
+        // Read before the walk, so that what changes during it moves them.
+        let ids_given = crate::backend::ids_given();
+        if self.quiet + 1 < WALK_EVERY
+            && let Some(marks) = &self.marks
+        {
+            let now = Marks {
+                ids_given,
+                previous,
+                mine: shared
+                    .backends()
+                    .iter()
+                    .map(|b| (b.name.clone(), b.connection_count()))
+                    .filter(|(_, n)| *n > 0)
+                    .collect(),
+            };
+            if now == *marks {
+                self.quiet += 1;
+                return None;
+            }
         }
-        let now = held_keys(shared);
+        self.quiet = 0;
+        let (now, mine) = held_keys(shared);
+        self.marks = Some(Marks {
+            ids_given,
+            previous,
+            mine,
+        });
         let report = match &self.last {
             Some(last) => {
                 let changes = diff(last, &now);
@@ -405,21 +455,50 @@ impl Reporter {
 
 /// The identities of the connections the new process must count: this
 /// process's, and those of the process before it, if that one still runs
-/// (upgrades may follow each other faster than connections end). Every
-/// backend is looked at, not only those counted busy: a count may lag
-/// the rows it is taken from.
-fn held_keys(shared: &Shared) -> Keys {
+/// (upgrades may follow each other faster than connections end); and how
+/// many of each backend's are this process's. Every backend is looked
+/// at, not only those counted busy: a count may lag the rows it is taken
+/// from.
+fn held_keys(shared: &Shared) -> (Keys, HashMap<String, usize>) {
     let pid = std::process::id();
-    let mut held = Keys::new();
+    let (mut held, mut mine) = (Keys::new(), HashMap::new());
+    let mut ids = Vec::new();
+    let mut relayed = Vec::new();
     for b in shared.backends().iter() {
-        let mut keys: Vec<ConnKey> = b.connection_ids().map(|id| (pid, id)).collect();
-        shared.previous_keys(&b.name, &mut keys);
-        if !keys.is_empty() {
-            keys.sort_unstable();
-            held.insert(b.name.clone(), keys);
+        ids.clear();
+        ids.extend(b.connection_ids());
+        // Ids alone sort faster than pairs; the relayed ones come sorted.
+        ids.sort_unstable();
+        relayed.clear();
+        shared.previous_keys(&b.name, &mut relayed);
+        if ids.is_empty() && relayed.is_empty() {
+            continue;
+        }
+        if !ids.is_empty() {
+            mine.insert(b.name.clone(), ids.len());
+        }
+        let ours = ids.iter().map(|&id| (pid, id));
+        held.insert(b.name.clone(), merge(ours, relayed.iter().copied()));
+    }
+    (held, mine)
+}
+
+/// Two sorted lists of identities as one.
+fn merge(a: impl Iterator<Item = ConnKey>, b: impl Iterator<Item = ConnKey>) -> Vec<ConnKey> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    let mut out = Vec::with_capacity(a.size_hint().0 + b.size_hint().0);
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x <= y => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(k) => out.push(k),
+            None => return out,
         }
     }
-    held
 }
 
 /// What changed between two sets of identities, by backend name.

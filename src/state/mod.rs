@@ -222,10 +222,10 @@ struct Previous {
     /// Its connections by backend name and identity, as its reports left
     /// them: a full report replaces them, a report of changes edits them.
     held: HashMap<String, BTreeMap<ConnKey, HeldRow>>,
-    /// Whether it has reported at all: until then what it holds is
-    /// unknown, and this process must not tell a successor of its own
-    /// that it holds nothing there.
-    reported: bool,
+    /// Reports taken, and its exit: 0 until it has reported, when what it
+    /// holds is unknown and this process must not tell a successor of its
+    /// own that it holds nothing there.
+    reports: u64,
     exited_ms: Option<u64>,
 }
 
@@ -266,7 +266,7 @@ impl Shared {
             pid,
             version,
             held: HashMap::new(),
-            reported: false,
+            reports: 0,
             exited_ms: None,
         });
     }
@@ -285,8 +285,7 @@ impl Shared {
                         .into_iter()
                         .map(|mut view| {
                             // A sluice from before rows named their process
-                            // sends none: its rows are taken as its own, so
-                            // that equal ids do not fold into one.
+                            // sends no pid: its rows are shown as its own.
                             if view.pid == 0 {
                                 view.pid = p.pid;
                             }
@@ -296,7 +295,7 @@ impl Shared {
                     (b, rows)
                 })
                 .collect();
-            p.reported = true;
+            p.reports += 1;
             p.counts()
         };
         self.set_elsewhere_from(&counts);
@@ -330,7 +329,7 @@ impl Shared {
                     rows.insert(view.key(), HeldRow { view, at });
                 }
             }
-            p.reported = true;
+            p.reports += 1;
             p.counts()
         };
         self.set_elsewhere_from(&counts);
@@ -344,12 +343,15 @@ impl Shared {
         }
     }
 
-    /// Whether what the previous process holds is known: there is none,
-    /// it has reported, or it has exited.
-    pub fn previous_known(&self) -> bool {
+    /// How many times what the previous process holds has changed here
+    /// (0 without one): it moves with every report. `None` while that is
+    /// unknown: it has neither reported nor exited.
+    pub fn previous_reports(&self) -> Option<u64> {
         let p = self.previous.lock().expect("previous lock");
-        p.as_ref()
-            .is_none_or(|p| p.reported || p.exited_ms.is_some())
+        match &*p {
+            None => Some(0),
+            Some(p) => (p.reports > 0).then_some(p.reports),
+        }
     }
 
     /// The previous process is gone, and so are its connections.
@@ -360,6 +362,7 @@ impl Shared {
         }
         if let Some(p) = &mut *self.previous.lock().expect("previous lock") {
             p.held.clear();
+            p.reports += 1;
             p.exited_ms = Some(crate::health::unix_ms());
             tracing::info!(pid = p.pid, "the previous sluice process has exited");
         }
