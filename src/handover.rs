@@ -228,4 +228,75 @@ mod tests {
         assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
         assert_eq!(serde_json::from_str::<Message>(&line).unwrap(), m);
     }
+
+    /// The messages as a sluice from before `HeldChanges` reads them.
+    mod before {
+        use super::*;
+
+        #[derive(Debug, Deserialize, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum Message {
+            Ready {
+                pid: u32,
+                version: String,
+            },
+            Failed {
+                error: String,
+            },
+            Held {
+                backends: HashMap<String, Vec<ConnView>>,
+            },
+            Close {
+                backend: String,
+                idle_ms: Option<u64>,
+            },
+        }
+    }
+
+    #[test]
+    fn a_sluice_from_before_held_changes_and_this_one_understand_each_other() {
+        // A new process of this version says it reads changes; one from
+        // before reads its Ready all the same.
+        let ready = Message::Ready {
+            pid: 7,
+            version: "0.2.0".into(),
+            held_changes: true,
+        };
+        let read: before::Message = serde_json::from_str(&ready.line()).unwrap();
+        assert_eq!(
+            read,
+            before::Message::Ready {
+                pid: 7,
+                version: "0.2.0".into()
+            }
+        );
+        // One from before does not say it: it is sent whole reports.
+        let old = r#"{"type":"ready","pid":7,"version":"0.1.0"}"#;
+        assert!(matches!(
+            serde_json::from_str(old).unwrap(),
+            Message::Ready {
+                held_changes: false,
+                ..
+            }
+        ));
+        // A whole report of one from before reads here.
+        let held = r#"{"type":"held","backends":{"a":[{"id":1,"client":"1.2.3.4:5","service":"web","age_ms":1,"idle_ms":1,"bytes_in":0,"bytes_out":0,"pid":9}]}}"#;
+        assert!(matches!(
+            serde_json::from_str(held).unwrap(),
+            Message::Held { backends } if backends["a"][0].key() == (9, 1)
+        ));
+        // A report of changes is not one it could read, which is why it is
+        // never sent one.
+        let changes = Message::HeldChanges {
+            gone: [("a".to_string(), vec![(9, 1)])].into(),
+            new: HashMap::new(),
+        };
+        let line = changes.line();
+        assert_eq!(
+            line,
+            "{\"type\":\"held_changes\",\"gone\":{\"a\":[[9,1]]}}\n"
+        );
+        assert!(serde_json::from_str::<before::Message>(&line).is_err());
+        assert_eq!(serde_json::from_str::<Message>(&line).unwrap(), changes);
+    }
 }
