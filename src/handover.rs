@@ -6,8 +6,24 @@
 //! accept queues travel with the sockets and are never closed. Then both
 //! sides speak in [`Message`]s, one JSON line each: the new process says it
 //! is `Ready` (or why it `Failed`); the old one stops accepting and reports
-//! the connections it still `Held` until it exits; the new one asks it to
+//! the connections it still holds until it exits; the new one asks it to
 //! `Close` some of them when an admin stops or forces a backend.
+//!
+//! The report is checked every 100 ms and sent only when the set of held
+//! connections changed. The first is `Held`, every connection's view by
+//! backend; after it `HeldChanges` carries only the difference, by
+//! backend: the connections that ended by identity (`[pid, id]`, the
+//! process that holds it and its id there, unique also for those relayed
+//! from an older process), and the new ones whole:
+//!
+//! ```text
+//! {"type":"held_changes","gone":{"web1":[[4121,17],[4121,18]]},"new":{"web2":[{"id":3,"pid":4000,...}]}}
+//! ```
+//!
+//! A sluice from before `HeldChanges` would skip such a line and so miss
+//! a new connection, which could end a drain the old process still holds
+//! open. So `Ready` says `held_changes: true`; one without it is sent a
+//! whole `Held` on every change, as before, and a new process takes either.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut, Read};
