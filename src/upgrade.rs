@@ -384,6 +384,26 @@ struct Marks {
     mine: HashMap<String, usize>,
 }
 
+impl Marks {
+    /// Whether nothing moved since the walk these were taken at; a few
+    /// loads per backend, and no allocation.
+    fn still(&self, ids_given: u64, previous: u64, shared: &Shared) -> bool {
+        if (ids_given, previous) != (self.ids_given, self.previous) {
+            return false;
+        }
+        let mut busy = 0;
+        for b in shared.backends().iter() {
+            let n = b.connection_count();
+            if self.mine.get(&b.name).copied().unwrap_or(0) != n {
+                return false;
+            }
+            busy += usize::from(n > 0);
+        }
+        // A backend that had some and has since left the list moved too.
+        busy == self.mine.len()
+    }
+}
+
 impl Reporter {
     fn new(held_changes: bool) -> Reporter {
         Reporter {
@@ -403,22 +423,13 @@ impl Reporter {
         // Read before the walk, so that what changes during it moves them.
         let ids_given = crate::backend::ids_given();
         if self.quiet + 1 < WALK_EVERY
-            && let Some(marks) = &self.marks
+            && self
+                .marks
+                .as_ref()
+                .is_some_and(|m| m.still(ids_given, previous, shared))
         {
-            let now = Marks {
-                ids_given,
-                previous,
-                mine: shared
-                    .backends()
-                    .iter()
-                    .map(|b| (b.name.clone(), b.connection_count()))
-                    .filter(|(_, n)| *n > 0)
-                    .collect(),
-            };
-            if now == *marks {
-                self.quiet += 1;
-                return None;
-            }
+            self.quiet += 1;
+            return None;
         }
         self.quiet = 0;
         let (now, mine) = held_keys(shared);
