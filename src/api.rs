@@ -112,7 +112,18 @@ pub struct ConnView {
     pub pid: u32,
 }
 
+/// What identifies a connection across processes: the pid of the sluice
+/// that holds it and its id there. Ids are unique within a process, and
+/// processes alive at the same time never share a pid, so the pair stays
+/// unique over a chain of upgrades, each relaying the one before it.
+pub type ConnKey = (u32, u64);
+
 impl ConnView {
+    /// Its identity ([`ConnKey`]).
+    pub fn key(&self) -> ConnKey {
+        (self.pid, self.id)
+    }
+
     pub fn of(c: &ConnInfo, pid: u32) -> ConnView {
         ConnView {
             id: c.id,

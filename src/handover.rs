@@ -6,8 +6,24 @@
 //! accept queues travel with the sockets and are never closed. Then both
 //! sides speak in [`Message`]s, one JSON line each: the new process says it
 //! is `Ready` (or why it `Failed`); the old one stops accepting and reports
-//! the connections it still `Held` until it exits; the new one asks it to
+//! the connections it still holds until it exits; the new one asks it to
 //! `Close` some of them when an admin stops or forces a backend.
+//!
+//! The report is checked every 100 ms and sent only when the set of held
+//! connections changed. The first is `Held`, every connection's view by
+//! backend; after it `HeldChanges` carries only the difference, by
+//! backend: the connections that ended by identity (`[pid, id]`, the
+//! process that holds it and its id there, unique also for those relayed
+//! from an older process), and the new ones whole:
+//!
+//! ```text
+//! {"type":"held_changes","gone":{"web1":[[4121,17],[4121,18]]},"new":{"web2":[{"id":3,"pid":4000,...}]}}
+//! ```
+//!
+//! A sluice from before `HeldChanges` would skip such a line and so miss
+//! a new connection, which could end a drain the old process still holds
+//! open. So `Ready` says `held_changes: true`; one without it is sent a
+//! whole `Held` on every change, as before, and a new process takes either.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut, Read};
@@ -17,7 +33,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
-use crate::api::ConnView;
+use crate::api::{ConnKey, ConnView};
 use crate::backend::State;
 
 /// The descriptor number the new process finds its end of the pair at.
@@ -58,13 +74,34 @@ pub enum SocketKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    /// New to old: it accepts on every socket now.
-    Ready { pid: u32, version: String },
+    /// New to old: it accepts on every socket now. `held_changes`: it
+    /// reads [`Message::HeldChanges`]; a sluice from before them sends
+    /// no such field, and is sent whole reports only.
+    Ready {
+        pid: u32,
+        version: String,
+        #[serde(default)]
+        held_changes: bool,
+    },
     /// New to old: it cannot take over, and why.
     Failed { error: String },
-    /// Old to new: the connections it still holds, by backend name.
+    /// Old to new: the connections it still holds, by backend name, the
+    /// whole of them. The first report is one, and every report to a new
+    /// process that did not say it reads `HeldChanges`.
     Held {
         backends: HashMap<String, Vec<ConnView>>,
+    },
+    /// Old to new: what changed since the last report, by backend name:
+    /// the connections that ended, by identity (`[pid, id]`, which also
+    /// names those relayed from an older process), and the new ones
+    /// whole. Sent only to a process that said it reads them: one that
+    /// skipped it would miss a new connection, and could end a drain that
+    /// the old process still holds open.
+    HeldChanges {
+        #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+        gone: HashMap<String, Vec<ConnKey>>,
+        #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+        new: HashMap<String, Vec<ConnView>>,
     },
     /// New to old: close its connections of `backend`; those idle for
     /// `idle_ms` (and not waiting for a reply) only, when given.
@@ -206,5 +243,76 @@ mod tests {
         let line = m.line();
         assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
         assert_eq!(serde_json::from_str::<Message>(&line).unwrap(), m);
+    }
+
+    /// The messages as a sluice from before `HeldChanges` reads them.
+    mod before {
+        use super::*;
+
+        #[derive(Debug, Deserialize, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum Message {
+            Ready {
+                pid: u32,
+                version: String,
+            },
+            Failed {
+                error: String,
+            },
+            Held {
+                backends: HashMap<String, Vec<ConnView>>,
+            },
+            Close {
+                backend: String,
+                idle_ms: Option<u64>,
+            },
+        }
+    }
+
+    #[test]
+    fn a_sluice_from_before_held_changes_and_this_one_understand_each_other() {
+        // A new process of this version says it reads changes; one from
+        // before reads its Ready all the same.
+        let ready = Message::Ready {
+            pid: 7,
+            version: "0.2.0".into(),
+            held_changes: true,
+        };
+        let read: before::Message = serde_json::from_str(&ready.line()).unwrap();
+        assert_eq!(
+            read,
+            before::Message::Ready {
+                pid: 7,
+                version: "0.2.0".into()
+            }
+        );
+        // One from before does not say it: it is sent whole reports.
+        let old = r#"{"type":"ready","pid":7,"version":"0.1.0"}"#;
+        assert!(matches!(
+            serde_json::from_str(old).unwrap(),
+            Message::Ready {
+                held_changes: false,
+                ..
+            }
+        ));
+        // A whole report of one from before reads here.
+        let held = r#"{"type":"held","backends":{"a":[{"id":1,"client":"1.2.3.4:5","service":"web","age_ms":1,"idle_ms":1,"bytes_in":0,"bytes_out":0,"pid":9}]}}"#;
+        assert!(matches!(
+            serde_json::from_str(held).unwrap(),
+            Message::Held { backends } if backends["a"][0].key() == (9, 1)
+        ));
+        // A report of changes is not one it could read, which is why it is
+        // never sent one.
+        let changes = Message::HeldChanges {
+            gone: [("a".to_string(), vec![(9, 1)])].into(),
+            new: HashMap::new(),
+        };
+        let line = changes.line();
+        assert_eq!(
+            line,
+            "{\"type\":\"held_changes\",\"gone\":{\"a\":[[9,1]]}}\n"
+        );
+        assert!(serde_json::from_str::<before::Message>(&line).is_err());
+        assert_eq!(serde_json::from_str::<Message>(&line).unwrap(), changes);
     }
 }

@@ -31,7 +31,7 @@ use crate::config::{BackendAddress, ProxyVersion};
 use crate::events::{Bus, Kind};
 use crate::health::{Event, Health, Rules, unix_ms};
 
-pub use conn::{ConnGuard, ConnInfo, Skip};
+pub use conn::{ConnGuard, ConnInfo, Skip, ids_given};
 pub use drain::{Drain, DrainPolicy};
 pub use page::{Pager, page_of};
 pub use ramp::now_ms;
@@ -469,6 +469,24 @@ impl Backend {
         let mut v: Vec<_> = self.conns.iter().map(|e| e.value().clone()).collect();
         v.sort_by_key(|c| c.id);
         v
+    }
+
+    /// The ids of the live connections, in no order: what an upgrade's
+    /// report compares from one tick to the next, without a view or a
+    /// copy of any connection.
+    pub fn connection_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.conns.iter().map(|e| *e.key())
+    }
+
+    /// How many connections its table holds: what
+    /// [`Backend::connection_ids`] would yield, without the walk.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The live connection `id`, if it is still live.
+    pub fn connection(&self, id: u64) -> Option<Arc<ConnInfo>> {
+        self.conns.get(&id).map(|e| e.value().clone())
     }
 
     /// One page of the live connections: those with an id above `after`,

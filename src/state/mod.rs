@@ -15,17 +15,17 @@ mod reload;
 mod shortage;
 mod throttle;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ConnView, PreviousView};
+use crate::api::{ConnKey, ConnView, PreviousView};
 use crate::backend::{Backend, State};
 use crate::config::Config;
 use crate::events::{Bus, Refusals};
@@ -215,13 +215,48 @@ pub struct Shared {
 }
 
 /// The process this one took over from by an upgrade.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Previous {
     pid: u32,
     version: String,
-    /// Its connections by backend name, as it last reported them.
-    held: HashMap<String, Vec<ConnView>>,
+    /// Its connections by backend name and identity, as its reports left
+    /// them: a full report replaces them, a report of changes edits them.
+    held: HashMap<String, BTreeMap<ConnKey, HeldRow>>,
+    /// Reports taken, and its exit: 0 until it has reported, when what it
+    /// holds is unknown and this process must not tell a successor of its
+    /// own that it holds nothing there.
+    reports: u64,
     exited_ms: Option<u64>,
+}
+
+/// One connection of the previous process, as reported, and when.
+#[derive(Debug)]
+struct HeldRow {
+    view: ConnView,
+    at: Instant,
+}
+
+impl HeldRow {
+    /// The view with its age counted on since the report: a row is sent
+    /// once, not every time another changes. Idle time and bytes are as
+    /// reported, since they depend on traffic this process does not see.
+    fn view(&self) -> ConnView {
+        let mut v = self.view.clone();
+        v.age_ms = v
+            .age_ms
+            .saturating_add(self.at.elapsed().as_millis() as u64);
+        v
+    }
+}
+
+impl Previous {
+    /// Each backend's count of rows, for the drains.
+    fn counts(&self) -> HashMap<String, usize> {
+        self.held
+            .iter()
+            .map(|(b, rows)| (b.clone(), rows.len()))
+            .collect()
+    }
 }
 
 impl Shared {
@@ -231,18 +266,91 @@ impl Shared {
             pid,
             version,
             held: HashMap::new(),
+            reports: 0,
             exited_ms: None,
         });
     }
 
-    /// What the previous process reports it still holds: every backend's
-    /// drain counts it.
+    /// What the previous process reports it still holds, the whole of it:
+    /// every backend's drain counts it.
     pub fn previous_holds(&self, held: HashMap<String, Vec<ConnView>>) {
+        let at = Instant::now();
+        let counts = {
+            let mut p = self.previous.lock().expect("previous lock");
+            let Some(p) = p.as_mut() else { return };
+            p.held = held
+                .into_iter()
+                .map(|(b, views)| {
+                    let rows = views
+                        .into_iter()
+                        .map(|mut view| {
+                            // A sluice from before rows named their process
+                            // sends no pid: its rows are shown as its own.
+                            if view.pid == 0 {
+                                view.pid = p.pid;
+                            }
+                            (view.key(), HeldRow { view, at })
+                        })
+                        .collect();
+                    (b, rows)
+                })
+                .collect();
+            p.reports += 1;
+            p.counts()
+        };
+        self.set_elsewhere_from(&counts);
+    }
+
+    /// What changed in what the previous process holds since its last
+    /// report: the rows `gone`, by identity, and the `new` ones, by
+    /// backend. The result is what a full report would have said.
+    pub fn previous_changes(
+        &self,
+        gone: HashMap<String, Vec<ConnKey>>,
+        new: HashMap<String, Vec<ConnView>>,
+    ) {
+        let at = Instant::now();
+        let counts = {
+            let mut p = self.previous.lock().expect("previous lock");
+            let Some(p) = p.as_mut() else { return };
+            for (b, keys) in gone {
+                if let Some(rows) = p.held.get_mut(&b) {
+                    for k in keys {
+                        rows.remove(&k);
+                    }
+                    if rows.is_empty() {
+                        p.held.remove(&b);
+                    }
+                }
+            }
+            for (b, views) in new.into_iter().filter(|(_, v)| !v.is_empty()) {
+                let rows = p.held.entry(b).or_default();
+                for view in views {
+                    rows.insert(view.key(), HeldRow { view, at });
+                }
+            }
+            p.reports += 1;
+            p.counts()
+        };
+        self.set_elsewhere_from(&counts);
+    }
+
+    /// Sets every backend's count of the previous process's connections;
+    /// outside the lock, since a count of 0 may complete a drain.
+    fn set_elsewhere_from(&self, counts: &HashMap<String, usize>) {
         for b in self.backends().iter() {
-            b.set_elsewhere(held.get(&b.name).map_or(0, Vec::len));
+            b.set_elsewhere(counts.get(&b.name).copied().unwrap_or(0));
         }
-        if let Some(p) = &mut *self.previous.lock().expect("previous lock") {
-            p.held = held;
+    }
+
+    /// How many times what the previous process holds has changed here
+    /// (0 without one): it moves with every report. `None` while that is
+    /// unknown: it has neither reported nor exited.
+    pub fn previous_reports(&self) -> Option<u64> {
+        let p = self.previous.lock().expect("previous lock");
+        match &*p {
+            None => Some(0),
+            Some(p) => (p.reports > 0).then_some(p.reports),
         }
     }
 
@@ -254,6 +362,7 @@ impl Shared {
         }
         if let Some(p) = &mut *self.previous.lock().expect("previous lock") {
             p.held.clear();
+            p.reports += 1;
             p.exited_ms = Some(crate::health::unix_ms());
             tracing::info!(pid = p.pid, "the previous sluice process has exited");
         }
@@ -266,7 +375,7 @@ impl Shared {
         p.as_ref().map(|p| PreviousView {
             pid: p.pid,
             version: p.version.clone(),
-            connections: p.held.values().map(Vec::len).sum(),
+            connections: p.held.values().map(BTreeMap::len).sum(),
             exited_ms: p.exited_ms,
         })
     }
@@ -303,23 +412,42 @@ impl Shared {
     pub fn previous_connections_page(
         &self,
         backend: &str,
-        after: Option<(u32, u64)>,
+        after: Option<ConnKey>,
         limit: usize,
     ) -> (Vec<ConnView>, bool) {
+        use std::ops::Bound::{Excluded, Unbounded};
         let p = self.previous.lock().expect("previous lock");
-        let mut pager = crate::backend::Pager::new(after, limit);
-        for c in p.iter().flat_map(|p| p.held.get(backend)).flatten() {
-            pager.offer((c.pid, c.id), || c.clone());
-        }
-        pager.finish()
+        let Some(rows) = p.as_ref().and_then(|p| p.held.get(backend)) else {
+            return (Vec::new(), false);
+        };
+        let mut from = match after {
+            Some(a) => rows.range((Excluded(a), Unbounded)),
+            None => rows.range(..),
+        };
+        let page = from.by_ref().take(limit).map(|(_, r)| r.view()).collect();
+        (page, from.next().is_some())
     }
 
-    /// The previous process's connections of `backend`.
-    pub fn previous_connections(&self, backend: &str) -> Vec<ConnView> {
+    /// Appends the identities of the previous process's connections of
+    /// `backend` to `out`, in order: what this process relays to its own
+    /// successor, compared tick to tick without a view.
+    pub fn previous_keys(&self, backend: &str, out: &mut Vec<ConnKey>) {
         let p = self.previous.lock().expect("previous lock");
-        p.as_ref()
-            .and_then(|p| p.held.get(backend).cloned())
-            .unwrap_or_default()
+        if let Some(rows) = p.as_ref().and_then(|p| p.held.get(backend)) {
+            out.extend(rows.keys().copied());
+        }
+    }
+
+    /// The views of those of `keys` the previous process still holds on
+    /// `backend`.
+    pub fn previous_views(&self, backend: &str, keys: &[ConnKey]) -> Vec<ConnView> {
+        let p = self.previous.lock().expect("previous lock");
+        let Some(rows) = p.as_ref().and_then(|p| p.held.get(backend)) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|k| rows.get(k).map(HeldRow::view))
+            .collect()
     }
 }
 
