@@ -95,11 +95,20 @@ pub fn is_shortage(e: &io::Error) -> bool {
 /// readiness epoll already gave, so a connect that succeeded costs no
 /// `getsockopt(SO_ERROR)`.
 async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
+    // Non-blocking from the start where the platform allows it (close on
+    // exec socket2 sets by itself): one system call fewer per connect.
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(a),
-        socket2::Type::STREAM.nonblocking().cloexec(),
+        socket2::Type::STREAM.nonblocking(),
         None,
     )?;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let socket = {
+        let s = socket2::Socket::new(socket2::Domain::for_address(a), socket2::Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        s
+    };
     // Fewer options than on the listener, each one a syscall per connect:
     // the kernel's probe interval and count stand for the backend side.
     socket.set_tcp_nodelay(true)?;
@@ -120,9 +129,16 @@ async fn connect_to(a: SocketAddr) -> io::Result<TcpStream> {
         }))
     })
     .await?;
-    // A failed connect raises EPOLLERR; only then is its error fetched.
-    if failed && let Some(e) = stream.take_error()? {
-        return Err(e);
+    // A failed connect raises EPOLLERR and EPOLLHUP; only then is its
+    // error fetched. A socket shut both ways with no error to tell is no
+    // connection either: the next backend is tried.
+    if failed {
+        return Err(stream.take_error()?.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connect ended without a connection",
+            )
+        }));
     }
     Ok(stream)
 }

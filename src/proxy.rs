@@ -302,7 +302,7 @@ async fn connect(
                 // Recorded once, for the backend it ended on: a span keeps
                 // every value recorded, so one per attempt would list them all.
                 tracing::Span::current().record("backend", backend.name.as_str());
-                guard.established();
+                guard.established(settings.idle_timeout);
                 debug!("connected");
                 return Ok((server, guard));
             }
@@ -447,9 +447,10 @@ fn relay<'a>(
                 Ok(()) => debug!(bytes_in = info.bytes_in.load(Ordering::Relaxed), bytes_out = info.bytes_out.load(Ordering::Relaxed), "closed"),
                 Err(e) => debug!(error = %e, "closed on error"),
             },
-            _ = info.cancel.cancelled() => match shared.conn_settings().idle_timeout {
-                Some(limit) if info.timed_out(limit) => debug!("closed after idle timeout"),
-                _ => debug!("closed by admin or shutdown"),
+            _ = info.cancel.cancelled() => if info.cancel.timed_out() {
+                debug!("closed after idle timeout")
+            } else {
+                debug!("closed by admin or shutdown")
             },
         }
     }

@@ -354,22 +354,23 @@ async fn idle_timeout_closes_silent_connections() {
 
 /// The idle timeout is one sweep over the connection tables: it closes
 /// the silent connection and spares one that talks more often than the
-/// timeout, and a reload that sets it applies to connections already open.
+/// timeout. Each connection keeps the timeout it started with, so a
+/// reload that sets one cuts no live connection, even one silent for
+/// longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_timeout_spares_talkers_and_a_reload_applies_it_to_live_connections() {
+async fn idle_timeout_spares_talkers_and_connections_from_before_a_reload() {
     let a = Echo::start("a").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.toml");
-    std::fs::write(&path, config("", "", &[("a", a.addr)])).unwrap();
+    let grace = "shutdown_grace = \"100ms\"\n";
+    std::fs::write(&path, config(grace, "", &[("a", a.addr)])).unwrap();
     let lb = Sluice::from_file(&path).await;
+    let (mut before, _) = lb.connect().await;
+    let timeout = format!("{grace}idle_timeout = \"400ms\"");
+    std::fs::write(&path, config(&timeout, "", &[("a", a.addr)])).unwrap();
+    assert_eq!(lb.post("/reload").await.0, 200);
     let (mut silent, _) = lb.connect().await;
     let (mut talker, _) = lb.connect().await;
-    std::fs::write(
-        &path,
-        config("idle_timeout = \"400ms\"", "", &[("a", a.addr)]),
-    )
-    .unwrap();
-    assert_eq!(lb.post("/reload").await.0, 200);
     // The talker speaks every 50 ms until the silent one is closed.
     let closed = closed_by_peer(&mut silent);
     tokio::pin!(closed);
@@ -383,7 +384,13 @@ async fn idle_timeout_spares_talkers_and_a_reload_applies_it_to_live_connections
         }
     }
     echo(&mut talker, b"still here").await;
-    assert_eq!(lb.live("a").await, 1, "the talker is still counted");
+    // Silent for longer than the silent one, and still open.
+    echo(&mut before, b"from before the reload").await;
+    assert_eq!(
+        lb.live("a").await,
+        2,
+        "the talker and the first are counted"
+    );
     lb.shutdown().await;
 }
 

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
@@ -35,33 +35,66 @@ pub struct ConnInfo {
     pub bytes_in: AtomicU64,
     /// Bytes from the backend to the client.
     pub bytes_out: AtomicU64,
-    /// Set once the backend connect succeeded: only then can the idle
-    /// timeout close it.
-    connected: AtomicBool,
+    /// The idle timeout in force when the backend connect succeeded, in
+    /// milliseconds; 0 for none, and until then (a connect still pending
+    /// is the connect timeout's). Kept per connection, so that a reload
+    /// closes no live connection.
+    idle_limit_ms: AtomicU32,
     /// Cancelled to close this connection (stop, force, idle close, idle
     /// timeout, shutdown).
     pub cancel: Closer,
 }
 
-/// The signal that closes one connection. Its only waiter is the
-/// connection's own task, so an atomic waker serves: a cancellation token
-/// would allocate a tree node per connection, and its wait would keep a
-/// list node in every idle connection's future.
+/// Whether any connection was ever given an idle timeout: until then the
+/// sweep has nothing to look for.
+static IDLE_LIMITS: AtomicBool = AtomicBool::new(false);
+
+/// Whether the idle-timeout sweep may find anything.
+pub fn idle_limits_in_use() -> bool {
+    IDLE_LIMITS.load(Ordering::Relaxed)
+}
+
+/// The signal that closes one connection, and why. Its only waiter is
+/// the connection's own task, so an atomic waker serves: a cancellation
+/// token would allocate a tree node per connection, and its wait would
+/// keep a list node in every idle connection's future.
 #[derive(Debug, Default)]
 pub struct Closer {
-    closed: AtomicBool,
+    /// `OPEN`, `CLOSED` or `TIMED_OUT`; the first close sets it.
+    state: AtomicU8,
     waker: AtomicWaker,
 }
 
+const OPEN: u8 = 0;
+const CLOSED: u8 = 1;
+const TIMED_OUT: u8 = 2;
+
 impl Closer {
-    /// Closes the connection; its task wakes to end it.
+    /// Closes the connection (stop, force, idle close, shutdown); its task
+    /// wakes to end it.
     pub fn cancel(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        self.close(CLOSED);
+    }
+
+    /// Closes the connection for its idle timeout.
+    fn time_out(&self) {
+        self.close(TIMED_OUT);
+    }
+
+    fn close(&self, why: u8) {
+        let _ = self
+            .state
+            .compare_exchange(OPEN, why, Ordering::SeqCst, Ordering::SeqCst);
         self.waker.wake();
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        self.state.load(Ordering::SeqCst) != OPEN
+    }
+
+    /// Whether the idle timeout was what closed it.
+    pub fn timed_out(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == TIMED_OUT
     }
 
     /// Resolves once `cancel` was called. Polled by one task only.
@@ -109,10 +142,21 @@ impl ConnInfo {
         self.idle() >= d && !self.awaiting_reply.load(Ordering::Relaxed)
     }
 
-    /// Whether the idle timeout `limit` has run out: connected, and silent
-    /// that long. A connect still pending is the connect timeout's.
-    pub fn timed_out(&self, limit: Duration) -> bool {
-        self.connected.load(Ordering::Relaxed) && self.idle() >= limit
+    /// Closes it if its idle timeout ran out by `now`: connected, still
+    /// open, and silent that long. Returns whether it did. One clock read
+    /// serves a whole sweep.
+    pub fn time_out_if_silent(&self, now: Instant) -> bool {
+        let limit = self.idle_limit_ms.load(Ordering::Relaxed);
+        if limit == 0 || self.cancel.is_cancelled() {
+            return false;
+        }
+        let age = now.saturating_duration_since(self.started).as_millis() as u64;
+        let silent = age.saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
+        if silent < u64::from(limit) {
+            return false;
+        }
+        self.cancel.time_out();
+        true
     }
 
     /// How long no byte has moved in either direction.
@@ -174,7 +218,7 @@ impl Backend {
             awaiting_reply: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
+            idle_limit_ms: AtomicU32::new(0),
             cancel: Closer::default(),
         });
         self.conns.insert(info.id, info.clone());
@@ -208,9 +252,14 @@ impl ConnGuard {
         &self.backend
     }
 
-    /// Counts the connection as made, once the backend connect succeeded.
-    pub fn established(&self) {
-        self.info.connected.store(true, Ordering::Relaxed);
+    /// Counts the connection as made, once the backend connect succeeded,
+    /// and gives it the idle timeout now in force.
+    pub fn established(&self, idle_timeout: Option<Duration>) {
+        if let Some(limit) = idle_timeout {
+            let ms = limit.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+            self.info.idle_limit_ms.store(ms, Ordering::Relaxed);
+            IDLE_LIMITS.store(true, Ordering::Relaxed);
+        }
         self.backend
             .total_connections
             .fetch_add(1, Ordering::Relaxed);

@@ -31,7 +31,7 @@ use crate::config::{BackendAddress, ProxyVersion};
 use crate::events::{Bus, Kind};
 use crate::health::{Event, Health, Rules, unix_ms};
 
-pub use conn::{ConnGuard, ConnInfo, Skip, ids_given};
+pub use conn::{ConnGuard, ConnInfo, Skip, idle_limits_in_use, ids_given};
 pub use drain::{Drain, DrainPolicy};
 pub use page::{Pager, page_of};
 pub use ramp::now_ms;
@@ -634,16 +634,14 @@ impl Backend {
         self.healthy.store(up, Ordering::SeqCst);
     }
 
-    /// Closes the connections that were silent for the idle timeout
-    /// `limit`; returns how many. The server sweeps every backend with
-    /// it, so an idle connection keeps no timer of its own.
-    pub fn close_timed_out(&self, limit: Duration) -> usize {
-        let mut n = 0;
-        for c in self.conns.iter().filter(|c| c.timed_out(limit)) {
-            c.cancel.cancel();
-            n += 1;
-        }
-        n
+    /// Closes the connections whose idle timeout ran out by `now`;
+    /// returns how many. The server sweeps every backend with it, so an
+    /// idle connection keeps no timer of its own.
+    pub fn close_timed_out(&self, now: std::time::Instant) -> usize {
+        self.conns
+            .iter()
+            .filter(|c| c.time_out_if_silent(now))
+            .count()
     }
 
     /// Closes every connection of this backend, the previous process's
@@ -818,22 +816,34 @@ mod tests {
     }
 
     /// The idle timeout's sweep closes a connection that is connected and
-    /// silent, never one whose backend connect is still pending: that one
-    /// is the connect timeout's.
+    /// silent past its own timeout, once, and never one whose backend
+    /// connect is still pending (that one is the connect timeout's) or
+    /// one that started without a timeout.
     #[test]
-    fn the_idle_sweep_spares_a_pending_connect() {
+    fn the_idle_sweep_closes_only_the_connected_and_silent() {
         let b = backend();
         let pending = acquire(&b).unwrap();
+        let untimed = acquire(&b).unwrap();
+        untimed.established(None);
         let open = acquire(&b).unwrap();
-        open.established();
-        assert_eq!(b.close_timed_out(Duration::ZERO), 1);
-        assert!(open.info().cancel.is_cancelled());
-        assert!(!pending.info().cancel.is_cancelled());
+        open.established(Some(Duration::from_millis(50)));
+        let later = std::time::Instant::now() + Duration::from_secs(1);
         assert_eq!(
-            b.close_timed_out(Duration::from_secs(3600)),
+            b.close_timed_out(std::time::Instant::now()),
             0,
-            "silent for less than that"
+            "not silent long enough yet"
         );
+        assert_eq!(b.close_timed_out(later), 1);
+        assert!(open.info().cancel.timed_out());
+        assert!(!pending.info().cancel.is_cancelled());
+        assert!(!untimed.info().cancel.is_cancelled());
+        assert_eq!(b.close_timed_out(later), 0, "closed once, counted once");
+        // An admin's close first is not an idle timeout.
+        let stopped = acquire(&b).unwrap();
+        stopped.established(Some(Duration::from_millis(50)));
+        stopped.info().cancel.cancel();
+        assert_eq!(b.close_timed_out(later), 0);
+        assert!(!stopped.info().cancel.timed_out());
     }
 
     /// A close reaches a connection's task whether it waits already or
