@@ -7,8 +7,30 @@
 #
 # Needs rustup with a nightly toolchain; installs cargo-fuzz, and a C++
 # compiler for libFuzzer, when missing.
+#
+#   bash fuzz/run.sh --check-lock    only check that fuzz/Cargo.lock is
+#                                    current (seconds; scripts/test.sh runs
+#                                    it first, so a stale lock fails at once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# cargo fuzz has no --locked: refuse if fuzz/Cargo.lock is stale.
+check_lock() {
+  local err
+  err="$(mktemp)"
+  if ! cargo +nightly metadata --locked --format-version 1 \
+    --manifest-path fuzz/Cargo.toml >/dev/null 2>"$err"; then
+    cat "$err" >&2
+    rm -f "$err"
+    echo "fuzz: fuzz/Cargo.lock does not match fuzz/Cargo.toml; refresh it: (cd fuzz && cargo +nightly metadata --format-version 1 >/dev/null)" >&2
+    return 1
+  fi
+  rm -f "$err"
+}
+if [[ "${1:-}" == --check-lock ]]; then
+  check_lock
+  exit
+fi
 
 seconds="${FUZZ_SECONDS:-60}"
 targets=(config admin proxy_header)
@@ -33,13 +55,7 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# cargo fuzz has no --locked: refuse here if fuzz/Cargo.lock is stale.
-cargo +nightly metadata --locked --format-version 1 \
-  --manifest-path fuzz/Cargo.toml >/dev/null 2>"$work/metadata" || {
-  cat "$work/metadata" >&2
-  echo "fuzz: fuzz/Cargo.lock does not match fuzz/Cargo.toml" >&2
-  exit 1
-}
+check_lock
 
 failed=0
 for t in "${targets[@]}"; do

@@ -56,6 +56,12 @@ fi
 # link test (tests/netns.rs) drops packets with nftables instead.
 modprobe sch_netem 2>/dev/null || true
 
+# A stale fuzz/Cargo.lock (the fuzz crate builds sluice, so a new
+# dependency changes it) fails now, not after every test has run.
+if [ "${SKIP_FUZZ:-0}" != 1 ] && rustup run nightly rustc --version >/dev/null 2>&1; then
+  bash fuzz/run.sh --check-lock
+fi
+
 # Cluster mode is a feature (its etcd client needs protoc to build): the
 # tests run with it, and the default build, which README's run command
 # makes, must still compile.
