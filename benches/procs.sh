@@ -74,3 +74,38 @@ start() {
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
+
+# start_nginx_http CPU DIR BODY: a one-worker nginx in DIR on a free
+# loopback port that answers every request 200 with BODY and a newline,
+# keeping connections alive for as long as a benchmark runs; sets PORT
+# and PID. The caller waits for it to listen. NOFILE, when set, raises
+# its descriptor limit.
+start_nginx_http() {
+  local cpu=$1 dir=$2 body=$3
+  mkdir -p "$dir/tmp"
+  PORT=$(free_port)
+  cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+${NOFILE:+worker_rlimit_nofile $NOFILE;}
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    server {
+        listen 127.0.0.1:$PORT backlog=4096;
+        location / { return 200 "$body\n"; }
+    }
+}
+EOF
+  start "$cpu" "$dir/stderr.log" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
+}

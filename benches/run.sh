@@ -245,32 +245,7 @@ BE_WEB1="" BE_WEB2="" BE_IPERF="" BE_HOLD=""
 
 start_nginx_backend() { # name -> sets PORT
   local name=$1 dir="$WORK/$1"
-  mkdir -p "$dir/tmp"
-  PORT=$(free_port)
-  cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile $NOFILE;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 75s;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    server {
-        listen 127.0.0.1:$PORT backlog=4096;
-        location / { return 200 "$name\n"; }
-    }
-}
-EOF
-  start "$LOAD_CPU" "$dir/stderr.log" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
+  start_nginx_http "$LOAD_CPU" "$dir" "$name"
   wait_listen "$PORT" "$PID" "nginx backend $name" || {
     cat "$dir/stderr.log" "$dir/error.log" >&2 2>/dev/null || true
     die "nginx backend $name did not start"

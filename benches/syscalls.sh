@@ -40,20 +40,8 @@ wait_port() { # port
   return 1
 }
 
-BE=$(free_port)
-mkdir -p "$WORK/nginx/logs"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $WORK/nginx/logs/error.log;
-pid $WORK/nginx/nginx.pid;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:$BE; location / { return 200 "hello"; } }
-}
-EOF
-start 1 "$WORK/nginx.log" nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx"
+start_nginx_http 1 "$WORK/nginx" hello
+BE=$PORT
 wait_port "$BE"
 
 # count TARGET: prints "syscall per-connection" lines, most first.

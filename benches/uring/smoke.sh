@@ -45,30 +45,7 @@ wait_listen() { # port pid what
 }
 
 start_nginx() { # name -> PORT
-  local dir="$WORK/$1"
-  mkdir -p "$dir/tmp"
-  PORT=$(free_port)
-  cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    server {
-        listen 127.0.0.1:$PORT backlog=4096;
-        location / { return 200 "$1\n"; }
-    }
-}
-EOF
-  start 0-1 "$dir/stderr.log" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
+  start_nginx_http 0-1 "$WORK/$1" "$1"
   wait_listen "$PORT" "$PID" "nginx $1"
 }
 
